@@ -1,0 +1,11 @@
+"""distopt: a distributed-first optimizer layer for PyTorch (FSDP2, DTensor, DCP)."""
+
+from .algos import REGISTRY as ALGORITHMS
+from .algos import Algorithm
+from .constructors import ADOPT, SGD, AdamW, Adam, AdEMAMix, LaProp, Lion, NAdam, RMSprop
+from .optimizer import DistributedOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "SGD", "NAdam", "RMSprop", "Lion",
+           "LaProp", "ADOPT", "AdEMAMix"]

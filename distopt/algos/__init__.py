@@ -1,0 +1,36 @@
+"""Algorithms as pure maths on tensors, and the registry that maps their names to them."""
+
+from __future__ import annotations
+
+from .adam import Adam, AdamW
+from .ademamix import AdEMAMix
+from .adopt import ADOPT
+from .base import ELEMENTWISE, Algorithm
+from .laprop import LaProp
+from .lion import Lion
+from .nadam import NAdam
+from .rmsprop import RMSprop
+from .sgd import SGD
+
+#: Built-in algorithms by name; a name is the lowercase class name.
+REGISTRY: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix)
+}
+
+
+def resolve(algorithm: str | Algorithm) -> Algorithm:
+    """Turn a name or an algorithm object into an algorithm object; unknown names list the known ones."""
+    if isinstance(algorithm, Algorithm):
+        return algorithm
+    if isinstance(algorithm, type) and issubclass(algorithm, Algorithm):
+        return algorithm()
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a name or an Algorithm object, got {algorithm!r}")
+    cls = REGISTRY.get(algorithm.lower())
+    if cls is None:
+        raise ValueError(f"unknown algorithm {algorithm!r}; known algorithms: {', '.join(sorted(REGISTRY))}")
+    return cls()
+
+
+__all__ = ["Algorithm", "ELEMENTWISE", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
+           "LaProp", "ADOPT", "AdEMAMix"]

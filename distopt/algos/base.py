@@ -1,0 +1,117 @@
+"""The contract every algorithm follows: pure maths on the tensors it is given.
+
+An algorithm is a stateless object with two functions, in the spirit of optax's ``(init, update)`` pair:
+
+* ``init(param, hp)`` returns the per-parameter state as a dict of tensors;
+* ``update(param, grad, state, hp)`` updates ``param`` and ``state`` in place.
+
+The tensors are whatever the caller hands in: a whole parameter in one process, or one rank's local shard of a
+DTensor. Elementwise algorithms cannot tell the difference, which is why they never communicate. ``hp`` is the
+live param-group dict, so schedulers that edit ``group["lr"]`` take effect at the next step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+ELEMENTWISE = "elementwise"
+
+
+class Algorithm:
+    """Base class of all algorithms. Subclasses set ``name``, ``hyperparameters`` and implement the maths."""
+
+    name: ClassVar[str]
+    #: Hyperparameter names and their defaults. Every group of this algorithm holds all of these keys.
+    hyperparameters: ClassVar[dict[str, Any]]
+    #: ``"elementwise"`` algorithms run on local shards with no communication.
+    kind: ClassVar[str] = ELEMENTWISE
+    #: State entries that are per-parameter scalars (counters), not tensors shaped like the parameter.
+    scalar_state: ClassVar[tuple[str, ...]] = ("step",)
+
+    def check(self, hp: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the first invalid hyperparameter."""
+        check_nonnegative(self.name, hp, "lr")
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def apply(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        """Run :meth:`update`; complex tensors are updated through their real views, as torch.optim does."""
+        if torch.is_complex(param):
+            param = torch.view_as_real(param)
+            grad = torch.view_as_real(grad)
+            state = {k: (torch.view_as_real(v) if torch.is_complex(v) else v) for k, v in state.items()}
+        self.update(param, grad, state, hp)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def new_step_counter() -> Tensor:
+    """A float32 scalar on the CPU, as torch.optim keeps ``state["step"]`` (no device sync to read it)."""
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def zeros_like(param: Tensor) -> Tensor:
+    return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation helpers: every message names the algorithm, the hyperparameter and the offending value.
+
+
+def _as_number(algo: str, key: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{algo}: {key} must be a number or a 1-element tensor, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{algo}: {key} must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{algo}: invalid {key}={value!r} (NaN)")
+    return float(value)
+
+
+def check_nonnegative(algo: str, hp: Mapping[str, Any], key: str) -> None:
+    if _as_number(algo, key, hp[key]) < 0.0:
+        raise ValueError(f"{algo}: invalid {key}={hp[key]!r} (must be >= 0)")
+
+
+def check_unit_interval(algo: str, hp: Mapping[str, Any], key: str, *, closed: bool = False) -> None:
+    """``0 <= hp[key] < 1`` (or ``<= 1`` when ``closed``)."""
+    value = _as_number(algo, key, hp[key])
+    upper_ok = value <= 1.0 if closed else value < 1.0
+    if not (0.0 <= value and upper_ok):
+        bound = "[0, 1]" if closed else "[0, 1)"
+        raise ValueError(f"{algo}: invalid {key}={hp[key]!r} (must be in {bound})")
+
+
+def check_betas(algo: str, hp: Mapping[str, Any], count: int = 2, key: str = "betas") -> None:
+    betas = hp[key]
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"{algo}: {key} must be a tuple of {count} numbers, got {betas!r}")
+    for i, beta in enumerate(betas):
+        value = _as_number(algo, f"{key}[{i}]", beta)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{algo}: invalid {key}[{i}]={beta!r} (must be in [0, 1))")
+
+
+def check_bool(algo: str, hp: Mapping[str, Any], *keys: str) -> None:
+    for key in keys:
+        if not isinstance(hp[key], bool):
+            raise ValueError(f"{algo}: {key} must be a bool, got {hp[key]!r}")
+
+
+def check_optional_positive_int(algo: str, hp: Mapping[str, Any], key: str) -> None:
+    value = hp[key]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{algo}: invalid {key}={value!r} (must be None or a positive int)")

@@ -1,0 +1,44 @@
+"""Lion: EvoLved Sign Momentum. Chen et al., "Symbolic Discovery of Optimization Algorithms",
+https://arxiv.org/abs/2302.06675 (Algorithm 2, with decoupled weight decay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
+
+
+class Lion(Algorithm):
+    """Lion. State per parameter: ``step`` and ``exp_avg`` (the momentum ``m`` of the paper).
+
+    ``c = b1 m + (1 - b1) g``;  ``p -= lr (sign(c) + wd p)``;  ``m = b2 m + (1 - b2) g``.
+    """
+
+    name = "lion"
+    hyperparameters = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False}
+
+    def check(self, hp: Mapping[str, Any]) -> None:
+        super().check(hp)
+        check_betas(self.name, hp)
+        check_nonnegative(self.name, hp, "weight_decay")
+        check_bool(self.name, hp, "maximize")
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"step": new_step_counter(), "exp_avg": zeros_like(param)}
+
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        lr, weight_decay = hp["lr"], hp["weight_decay"]
+        beta1, beta2 = hp["betas"]
+        if hp["maximize"]:
+            grad = -grad
+        state["step"] += 1
+        exp_avg = state["exp_avg"]
+        direction = exp_avg.lerp(grad, 1 - beta1).sign_()
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(direction, alpha=-lr)
+        exp_avg.lerp_(grad, 1 - beta2)

@@ -1,0 +1,61 @@
+"""RMSprop, plain or centered, with optional momentum, matching torch.optim.RMSprop.
+
+Hinton, Lecture 6e of "Neural Networks for Machine Learning"; centered variant: Graves,
+https://arxiv.org/abs/1308.0850.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .base import Algorithm, check_bool, check_nonnegative, new_step_counter, zeros_like
+
+
+class RMSprop(Algorithm):
+    """RMSprop. State per parameter: ``step``, ``square_avg``, and ``momentum_buffer`` / ``grad_avg`` when used."""
+
+    name = "rmsprop"
+    hyperparameters = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
+                       "centered": False, "maximize": False}
+
+    def check(self, hp: Mapping[str, Any]) -> None:
+        super().check(hp)
+        for key in ("eps", "momentum", "weight_decay", "alpha"):
+            check_nonnegative(self.name, hp, key)
+        check_bool(self.name, hp, "centered", "maximize")
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        state = {"step": new_step_counter(), "square_avg": zeros_like(param)}
+        if hp["momentum"] > 0:
+            state["momentum_buffer"] = zeros_like(param)
+        if hp["centered"]:
+            state["grad_avg"] = zeros_like(param)
+        return state
+
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        lr, alpha, eps, weight_decay, momentum = hp["lr"], hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"]
+        if hp["maximize"]:
+            grad = -grad
+        state["step"] += 1
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+
+        square_avg = state["square_avg"]
+        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+        if hp["centered"]:
+            grad_avg = state["grad_avg"]
+            grad_avg.lerp_(grad, 1 - alpha)
+            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        else:
+            avg = square_avg.sqrt()
+        avg = avg.add_(eps)
+
+        if momentum > 0:
+            buf = state["momentum_buffer"]
+            buf.mul_(momentum).addcdiv_(grad, avg)
+            param.add_(buf, alpha=-lr)
+        else:
+            param.addcdiv_(grad, avg, value=-lr)

@@ -1,0 +1,110 @@
+"""Thin constructors: each is a :class:`DistributedOptimizer` whose default algorithm is fixed.
+
+The five torch.optim look-alikes keep every keyword of their torch.optim namesake, with its default. The
+implementation switches of torch.optim (``foreach``, ``fused``, ``capturable``, ``differentiable``) are accepted
+so that code written for torch.optim runs unchanged; distopt always runs its own per-shard kernel, so ``foreach``
+only selects between equivalent torch kernels there and is ignored here, and the switches that would change
+semantics (``capturable``, ``differentiable``, ``fused=True``) raise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .optimizer import DistributedOptimizer
+
+
+def _check_switches(foreach: Any = None, fused: Any = None, capturable: bool = False,
+                    differentiable: bool = False) -> None:
+    if foreach not in (None, True, False):
+        raise ValueError(f"foreach must be None or a bool, got {foreach!r}")
+    for key, value in (("fused", fused), ("capturable", capturable), ("differentiable", differentiable)):
+        if value:
+            raise ValueError(f"{key}=True is not supported by distopt: its step is not differentiable and not "
+                             "CUDA-graph capturable, and it runs its own kernels instead of torch's fused ones")
+
+
+class AdamW(DistributedOptimizer):
+    """AdamW (https://arxiv.org/abs/1711.05101), the defaults and results of ``torch.optim.AdamW``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        _check_switches(foreach, fused, capturable, differentiable)
+        super().__init__(params, "adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)
+
+
+class Adam(DistributedOptimizer):
+    """Adam (https://arxiv.org/abs/1412.6980), the defaults and results of ``torch.optim.Adam``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        _check_switches(foreach, fused, capturable, differentiable)
+        super().__init__(params, "adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+
+
+class SGD(DistributedOptimizer):
+    """SGD with momentum, dampening and Nesterov momentum, the defaults and results of ``torch.optim.SGD``."""
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        _check_switches(foreach, fused, False, differentiable)
+        super().__init__(params, "sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, maximize=maximize)
+
+
+class NAdam(DistributedOptimizer):
+    """NAdam (https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ), defaults and results of ``torch.optim.NAdam``."""
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False):
+        _check_switches(foreach, None, capturable, differentiable)
+        super().__init__(params, "nadam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         maximize=maximize)
+
+
+class RMSprop(DistributedOptimizer):
+    """RMSprop, plain or centered, the defaults and results of ``torch.optim.RMSprop``."""
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        _check_switches(foreach, None, capturable, differentiable)
+        super().__init__(params, "rmsprop", lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered, maximize=maximize)
+
+
+class Lion(DistributedOptimizer):
+    """Lion, sign momentum (Chen et al. 2023, https://arxiv.org/abs/2302.06675)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False):
+        super().__init__(params, "lion", lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+
+
+class LaProp(DistributedOptimizer):
+    """LaProp, momentum after normalisation (Ziyin et al. 2020, https://arxiv.org/abs/2002.04839)."""
+
+    def __init__(self, params, lr=4e-4, betas=(0.8, 0.99), eps=1e-15, weight_decay=0.0, *, maximize=False):
+        super().__init__(params, "laprop", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize)
+
+
+class ADOPT(DistributedOptimizer):
+    """ADOPT, Adam converging for any beta2 (Taniguchi et al. 2024, https://arxiv.org/abs/2411.02853)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False,
+                 clip=True, *, maximize=False):
+        super().__init__(params, "adopt", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         decouple=decouple, clip=clip, maximize=maximize)
+
+
+class AdEMAMix(DistributedOptimizer):
+    """AdEMAMix, a mixture of two gradient EMAs (Pagliardini et al. 2024, https://arxiv.org/abs/2409.03137)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None,
+                 alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False):
+        super().__init__(params, "ademamix", lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
+                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay, maximize=maximize)

@@ -1,0 +1,191 @@
+"""The facade: a ``torch.optim.Optimizer`` whose param groups each name an algorithm.
+
+It orchestrates and does no maths: it resolves each group's algorithm, builds state in the parameter's layout
+(DTensor state for DTensor parameters), and hands local views to the algorithm's pure update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import algos
+from .algos import Algorithm
+from .sharding import layout
+
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """One optimizer for plain tensors, FSDP2 (``fully_shard``) parameters and DTensor parameters.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs (as from ``model.named_parameters()``), or of
+            param-group dicts. A group may set ``"algorithm"`` (a name such as ``"sgd"`` or an
+            :class:`~distopt.algos.Algorithm` object) and any hyperparameter of that algorithm.
+        algorithm: the default algorithm of groups that do not name one.
+        **hyperparameters: defaults for every group whose algorithm has a hyperparameter of that name; the
+            algorithm's own defaults fill in the rest. A name that no group's algorithm knows is a ``TypeError``.
+
+    Elementwise algorithms update each rank's local shard in place and never communicate.
+    """
+
+    def __init__(self, params: Iterable[Any], algorithm: str | Algorithm = "adamw", **hyperparameters: Any):
+        self._algorithms: dict[str, Algorithm] = {}
+        self._default_algorithm = self._register(algos.resolve(algorithm))
+        self._overrides = dict(hyperparameters)
+        defaults = {**self._default_algorithm.hyperparameters, **self._overrides}
+        unknown_to_default = set(self._overrides) - set(self._default_algorithm.hyperparameters)
+        if not unknown_to_default:
+            self._default_algorithm.check(defaults)
+        super().__init__(params, {**defaults, "algorithm": self._default_algorithm.name})
+        known = set(chain.from_iterable(a.hyperparameters for a in self._algorithms.values()))
+        unknown = sorted(set(self._overrides) - known)
+        if unknown:
+            raise TypeError(f"unexpected hyperparameter(s) {', '.join(map(repr, unknown))}: no param group's "
+                            f"algorithm ({', '.join(sorted(self._algorithms))}) has them")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Param groups
+
+    def _register(self, algorithm: Algorithm) -> Algorithm:
+        known = self._algorithms.setdefault(algorithm.name, algorithm)
+        if type(known) is not type(algorithm):
+            raise ValueError(f"two different algorithms share the name {algorithm.name!r}: {known!r} and "
+                             f"{algorithm!r}")
+        return known
+
+    def algorithm_of(self, group: dict[str, Any]) -> Algorithm:
+        """The algorithm object that runs ``group``."""
+        return self._algorithms[group["algorithm"]]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as ``torch.optim.Optimizer.add_param_group`` does, with its algorithm's defaults."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        group = param_group
+        _split_names(group)
+        algorithm = self._register(algos.resolve(group.get("algorithm", self._default_algorithm)))
+        group["algorithm"] = algorithm.name
+        for key, default in algorithm.hyperparameters.items():
+            group.setdefault(key, self._overrides.get(key, default))
+        algorithm.check(group)
+        self._check_params(group, len(self.param_groups))
+        self.param_groups.append(group)
+
+    def _check_params(self, group: dict[str, Any], index: int) -> None:
+        seen: dict[Tensor, str] = {}
+        for other_index, other in enumerate(self.param_groups):
+            if ("param_names" in other) != ("param_names" in group):
+                raise ValueError("all param groups must be given with names or all without: group "
+                                 f"{index} {'has' if 'param_names' in group else 'lacks'} names, group "
+                                 f"{other_index} does not agree")
+            for i, p in enumerate(other["params"]):
+                seen[p] = _describe(other, other_index, i)
+        for i, p in enumerate(group["params"]):
+            name = _describe(group, index, i)
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but {name} is a {torch.typename(p)}")
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError(f"can't optimize a non-leaf Tensor: {name} is the output of an operation; pass "
+                                 "the leaf parameter (or a .detach().requires_grad_() copy)")
+            if p in seen:
+                raise ValueError(f"the same tensor is given twice: {name} is also {seen[p]}")
+            seen[p] = name
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; parameters whose ``grad`` is None are skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, group in enumerate(self.param_groups):
+            algorithm = self.algorithm_of(group)
+            for i, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                name = _describe(group, group_index, i)
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{algorithm.name} does not support sparse gradients, but {name} has one")
+                state = self.state[param]
+                if not state:
+                    state.update(self._init_state(algorithm, param, group))
+                grad = layout.local_grad(param, param.grad, name)
+                local_state = {key: layout.local(value) for key, value in state.items()}
+                algorithm.apply(layout.local(param), grad, local_state, group)
+        return loss
+
+    @staticmethod
+    def _init_state(algorithm: Algorithm, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = algorithm.init(layout.local(param), group)
+        return {key: value if key in algorithm.scalar_state else layout.like_param(param, value)
+                for key, value in state.items()}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`; each group must have been saved with the same algorithm."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for index, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            theirs = saved.get("algorithm", mine["algorithm"])
+            if theirs != mine["algorithm"]:
+                raise ValueError(f"param group {index} runs {mine['algorithm']!r} but the state dict holds state "
+                                 f"of {theirs!r}")
+        # torch casts every non-"step" state tensor to the parameter's dtype; counters such as NAdam's mu_product
+        # must stay float32 scalars, so they are restored from the saved values afterwards.
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        counters = {}
+        for saved_id, param, group in zip(saved_ids, params, self._groups_by_param()):
+            saved_state = state_dict["state"].get(saved_id, {})
+            scalar_keys = self.algorithm_of(group).scalar_state
+            counters[param] = {k: v.detach().clone() for k, v in saved_state.items() if k in scalar_keys}
+        super().load_state_dict(state_dict)
+        for param, values in counters.items():
+            self.state[param].update(values)
+
+    def _groups_by_param(self) -> Iterable[dict[str, Any]]:
+        for group in self.param_groups:
+            for _ in group["params"]:
+                yield group
+
+
+def _split_names(group: dict[str, Any]) -> None:
+    """Normalise ``group["params"]`` to a list of tensors, moving ``(name, tensor)`` names to ``param_names``."""
+    params = group["params"]
+    if isinstance(params, Tensor):
+        params = [params]
+    elif isinstance(params, set):
+        raise TypeError("optimizer parameters must be an ordered collection; the order of a set changes between "
+                        "runs. Use a list.")
+    params = list(params)
+    named = [isinstance(p, tuple) for p in params]
+    if any(named) and not all(named):
+        raise ValueError("either all or none of a group's params must be (name, tensor) pairs")
+    if params and all(named):
+        for entry in params:
+            if len(entry) != 2 or not isinstance(entry[0], str):
+                raise ValueError(f"a named parameter must be a (str, Tensor) pair, got {entry!r:.80}")
+        group["param_names"] = [name for name, _ in params]
+        params = [tensor for _, tensor in params]
+    group["params"] = params
+
+
+def _describe(group: dict[str, Any], group_index: int, index: int) -> str:
+    names = group.get("param_names")
+    if names is not None:
+        return repr(names[index])
+    p = group["params"][index]
+    shape = tuple(p.shape) if isinstance(p, Tensor) else "?"
+    return f"param_groups[{group_index}]['params'][{index}] (shape {shape})"

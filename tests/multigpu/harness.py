@@ -1,0 +1,176 @@
+"""Spawn W processes joined in one process group (gloo on CPU, NCCL where W GPUs exist) and run test functions.
+
+A :class:`RankPool` keeps its processes and process group alive between calls, so a test module pays for process
+start-up and ``init_process_group`` once per world size instead of once per test. Rendezvous goes through a file in a
+private temporary directory, so concurrent pytest-xdist workers never clash on a port.
+
+A call fails when any rank raises (the message carries that rank's traceback), when a rank process dies, or when the
+call runs past its timeout (a hang, such as a collective that some rank never joins). After a failure the pool is
+torn down, because its ranks may be stuck in a collective, and the next call starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: Wall-clock limit of one call; a hang turns into a failure after this.
+DEFAULT_TIMEOUT_S = 180.0
+#: How long the other ranks get to report after one rank failed, before the pool is killed.
+FAILURE_GRACE_S = 5.0
+
+
+class RankFailure(AssertionError):
+    """One or more ranks raised, died or did not finish in time."""
+
+
+def backend_available(backend: str, world_size: int) -> bool:
+    if backend == "gloo":
+        return dist.is_gloo_available()
+    if backend == "nccl":
+        return dist.is_nccl_available() and torch.cuda.device_count() >= world_size
+    return False
+
+
+def device() -> torch.device:
+    """The device that the calling rank's tensors belong on."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks: Any, results: Any, parent: int) -> None:
+    # Two cores are shared by up to four ranks: more intra-op threads would only contend.
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=90))
+    while True:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test process is gone: do not linger
+                break
+            continue
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - every failure must reach the test with its traceback
+            results.put((rank, False, traceback.format_exc()))
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class RankPool:
+    """W worker processes in one process group, running functions sent to them."""
+
+    def __init__(self, world_size: int, backend: str = "gloo"):
+        if not backend_available(backend, world_size):
+            raise RuntimeError(f"backend {backend} is not available for {world_size} ranks")
+        self.world_size, self.backend = world_size, backend
+        self._dir = tempfile.mkdtemp(prefix="distopt-pg-")
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        init_file = os.path.join(self._dir, "rendezvous")
+        self._procs = [ctx.Process(target=_worker, daemon=True, name=f"rank{rank}",
+                                   args=(rank, world_size, backend, init_file, self._tasks[rank], self._results,
+                                         os.getpid()))
+                       for rank in range(world_size)]
+        for proc in self._procs:
+            proc.start()
+        self.alive = True
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> list:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results, in rank order."""
+        if not self.alive:
+            raise RuntimeError("this pool was closed after a failure")
+        for task_queue in self._tasks:
+            task_queue.put((fn, args, kwargs))
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        deadline = time.monotonic() + timeout
+        failed_at = None
+        while len(outcomes) < self.world_size:
+            now = time.monotonic()
+            if failed_at is not None and now > failed_at + FAILURE_GRACE_S:
+                break
+            if now > deadline:
+                break
+            try:
+                rank, ok, payload = self._results.get(timeout=0.2)
+                outcomes[rank] = (ok, payload)
+                if not ok and failed_at is None:
+                    failed_at = time.monotonic()
+            except queue.Empty:
+                dead = [p for p in self._procs if p.exitcode is not None]
+                if dead and failed_at is None:
+                    failed_at = time.monotonic()
+        failures = {rank: payload for rank, (ok, payload) in outcomes.items() if not ok}
+        if not failures and len(outcomes) == self.world_size:
+            return [outcomes[rank][1] for rank in range(self.world_size)]
+        self.close(force=True)
+        raise RankFailure(self._explain(fn, failures, outcomes, timeout))
+
+    def _explain(self, fn, failures, outcomes, timeout) -> str:
+        name = getattr(fn, "__qualname__", repr(fn))
+        lines = [f"{name} failed on {self.world_size} {self.backend} ranks"]
+        for rank, tb in sorted(failures.items()):
+            lines.append(f"--- rank {rank} raised:\n{tb}")
+        missing = [rank for rank in range(self.world_size) if rank not in outcomes]
+        if missing:
+            dead = {i: p.exitcode for i, p in enumerate(self._procs) if p.exitcode not in (None, 0) and i in missing}
+            if dead:
+                lines.append(f"--- ranks that died: {dead} (rank: exit code)")
+            reason = "stopped waiting after another rank failed" if failures else f"timed out after {timeout:.0f} s"
+            lines.append(f"--- ranks that did not finish ({reason}): {missing}")
+        return "\n".join(lines)
+
+    def close(self, force: bool = False) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        if not force:
+            for task_queue in self._tasks:
+                task_queue.put(None)
+            for proc in self._procs:
+                proc.join(timeout=10)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class Pools:
+    """Pools by (world size, backend), made on first use and rebuilt after a failure."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[int, str], RankPool] = {}
+
+    def run(self, world_size: int, fn: Callable[..., Any], *args: Any, backend: str = "gloo",
+            timeout: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> list:
+        key = (world_size, backend)
+        pool = self._pools.get(key)
+        if pool is None or not pool.alive:
+            pool = self._pools[key] = RankPool(world_size, backend)
+        return pool.run(fn, *args, timeout=timeout, **kwargs)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

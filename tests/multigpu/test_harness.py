@@ -1,0 +1,63 @@
+"""The harness itself: a failing rank fails the test with its traceback, and a hang becomes a timeout."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from .harness import RankFailure, RankPool
+
+
+def _rank_and_sum():
+    t = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+def _raise_on_rank_one():
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate failure on rank 1")
+    return "ok"
+
+
+def _rank_zero_waits_in_a_collective_nobody_joins():
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return "done"
+
+
+def _sleep_forever():
+    time.sleep(3600)
+
+
+def test_every_rank_runs_and_communicates(pools):
+    results = pools.run(3, _rank_and_sum)
+    assert results == [(0, 6.0), (1, 6.0), (2, 6.0)]
+
+
+def test_failing_rank_fails_with_its_traceback():
+    pool = RankPool(2)
+    try:
+        with pytest.raises(RankFailure) as info:
+            pool.run(_raise_on_rank_one, timeout=60)
+        message = str(info.value)
+        assert "rank 1 raised" in message and "deliberate failure on rank 1" in message
+        assert "_raise_on_rank_one" in message  # the rank's own traceback, not just the exception text
+        assert not pool.alive
+    finally:
+        pool.close(force=True)
+
+
+@pytest.mark.parametrize("fn", [_rank_zero_waits_in_a_collective_nobody_joins, _sleep_forever])
+def test_hang_becomes_a_timeout_failure(fn):
+    pool = RankPool(2)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="timed out after 4 s"):
+            pool.run(fn, timeout=4)
+        assert time.monotonic() - start < 30
+    finally:
+        pool.close(force=True)
