@@ -34,6 +34,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm = "adamw", **hyperparameters: Any):
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("optimizer parameters must be an ordered collection; the order of a set changes "
+                            "between runs. Use a list.")
         self._algorithms: dict[str, Algorithm] = {}
         self._default_algorithm = self._register(algos.resolve(algorithm))
         self._overrides = dict(hyperparameters)

@@ -23,15 +23,12 @@ def alpha_at(step: int, alpha: float, warmup: int | None) -> float:
 
 
 def beta3_at(step: int, beta1: float, beta3: float, warmup: int | None) -> float:
-    """Warm-up of beta3 from beta1 that is linear in the EMA's half-life, as in the paper (Sec. 3)."""
-    if warmup is None or step >= warmup:
+    """Warm-up of beta3 from beta1, linear in the EMA's half-life (the paper's closed form, Sec. 3)."""
+    if warmup is None or step >= warmup or beta1 <= 0.0 or beta3 <= 0.0:
         return beta3
-
-    def half_life(beta: float) -> float:
-        return math.log(0.5) / math.log(beta + 1e-8) - 1
-
     a = step / warmup
-    return math.pow(0.5, 1 / ((1 - a) * half_life(beta1) + a * half_life(beta3) + 1))
+    log1, log3 = math.log(beta1), math.log(beta3)
+    return min(math.exp(log1 * log3 / ((1 - a) * log3 + a * log1)), beta3)
 
 
 class AdEMAMix(Algorithm):

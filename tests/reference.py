@@ -1,0 +1,141 @@
+"""Independent references: torch.optim configurations, and loops written straight from each paper.
+
+The loops below share no code with distopt. They are written in the papers' notation, out of place, and are
+meant to be run in float64 so that they serve as the ground truth for the maths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+                    "nadam": torch.optim.NAdam, "rmsprop": torch.optim.RMSprop}
+
+# Configurations beyond torch's own (common_optimizers) that exercise every hyperparameter at least once.
+_EXTRA = {
+    "adam": [{"betas": (0.8, 0.95), "eps": 1e-6}, {"amsgrad": True}, {"weight_decay": 0.1,
+             "decoupled_weight_decay": True}, {"lr": torch.tensor(0.01)}],
+    "adamw": [{"betas": (0.5, 0.9), "weight_decay": 0.0}, {"amsgrad": True, "maximize": True, "eps": 1e-3}],
+    "sgd": [{"momentum": 0.5, "nesterov": True}, {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01,
+            "maximize": True}],
+    "nadam": [{"betas": (0.8, 0.95), "eps": 1e-4}, {"weight_decay": 0.1, "decoupled_weight_decay": True,
+              "maximize": True}],
+    "rmsprop": [{"alpha": 0.9, "eps": 1e-4}, {"momentum": 0.9}, {"centered": True, "alpha": 0.5}],
+}
+
+
+def torch_configs(name: str) -> list[tuple[str, dict]]:
+    """torch's own configurations of an optimizer (from common_optimizers), plus ours; implementation switches
+    (foreach, fused, capturable, differentiable) are dropped because they select kernels, not maths."""
+    from torch.testing._internal.common_optimizers import optim_db
+
+    info = next(i for i in optim_db if i.optim_cls is TORCH_OPTIMIZERS[name])
+    configs = []
+    for entry in info.optim_inputs_func(device="cpu", dtype=torch.float32):
+        kwargs = {k: v for k, v in entry.kwargs.items()
+                  if k not in ("foreach", "fused", "capturable", "differentiable")}
+        configs.append((f"torch:{entry.desc}", kwargs))
+    configs += [(f"extra:{i}", kwargs) for i, kwargs in enumerate(_EXTRA[name])]
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference loops from the papers. Each takes the initial parameter and a list of gradients (maximize: ascent)
+# and returns the parameter after every step.
+
+def lion(p, grads, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+    """Chen et al. 2023, Algorithm 2."""
+    b1, b2 = betas
+    m = torch.zeros_like(p)
+    out = []
+    for g in grads:
+        g = -g if maximize else g
+        c = b1 * m + (1 - b1) * g
+        p = p - lr * (torch.sign(c) + weight_decay * p)
+        m = b2 * m + (1 - b2) * g
+        out.append(p)
+    return out
+
+
+def laprop(p, grads, lr=4e-4, betas=(0.8, 0.99), eps=1e-15, weight_decay=0.0, maximize=False):
+    """Ziyin et al. 2020, Algorithm 1 with bias correction; weight decay decoupled."""
+    mu, nu = betas
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        g = -g if maximize else g
+        v = nu * v + (1 - nu) * g * g
+        m = mu * m + (1 - mu) * g / (torch.sqrt(v / (1 - nu**t)) + eps)
+        p = p - lr * weight_decay * p - lr * m / (1 - mu**t)
+        out.append(p)
+    return out
+
+
+def adopt(p, grads, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False, clip=True,
+          maximize=False):
+    """Taniguchi et al. 2024, Algorithm 2 (clipped; clip=False gives Algorithm 1)."""
+    b1, b2 = betas
+    m = torch.zeros_like(p)
+    v = None
+    out = []
+    for t, g in enumerate(grads):
+        g = -g if maximize else g
+        if t == 0:
+            v = g * g
+            out.append(p)
+            continue
+        if weight_decay:
+            if decouple:
+                p = p - lr * weight_decay * p
+            else:
+                g = g + weight_decay * p
+        normed = g / torch.maximum(torch.sqrt(v), torch.full_like(v, eps))
+        if clip:
+            normed = normed.clamp(-t**0.25, t**0.25)
+        m = b1 * m + (1 - b1) * normed
+        p = p - lr * m
+        v = b2 * v + (1 - b2) * g * g
+        out.append(p)
+    return out
+
+
+def ademamix(p, grads, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
+             eps=1e-8, weight_decay=0.0, maximize=False):
+    """Pagliardini et al. 2024, Algorithm 1 with the schedulers of Section 3."""
+    b1, b2, b3_final = betas
+    m1, m2, v = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        g = -g if maximize else g
+        a = alpha if alpha_warmup is None else min(t * alpha / alpha_warmup, alpha)
+        if beta3_warmup is None:
+            b3 = b3_final
+        else:
+            x = t / beta3_warmup
+            b3 = min(math.exp(math.log(b1) * math.log(b3_final)
+                              / ((1 - x) * math.log(b3_final) + x * math.log(b1))), b3_final)
+        m1 = b1 * m1 + (1 - b1) * g
+        m2 = b3 * m2 + (1 - b3) * g
+        v = b2 * v + (1 - b2) * g * g
+        m1_hat, v_hat = m1 / (1 - b1**t), v / (1 - b2**t)
+        p = p - lr * ((m1_hat + a * m2) / (torch.sqrt(v_hat) + eps) + weight_decay * p)
+        out.append(p)
+    return out
+
+
+PAPER_LOOPS = {"lion": lion, "laprop": laprop, "adopt": adopt, "ademamix": ademamix}
+
+PAPER_CONFIGS = {
+    "lion": [{}, {"lr": 1e-2, "betas": (0.95, 0.98), "weight_decay": 0.1}, {"maximize": True, "lr": 1e-3}],
+    "laprop": [{}, {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}, {"maximize": True}],
+    "adopt": [{}, {"lr": 1e-2, "weight_decay": 0.1}, {"weight_decay": 0.1, "decouple": True, "betas": (0.5, 0.99)},
+              {"clip": False, "eps": 1e-3, "maximize": True}],
+    "ademamix": [{}, {"alpha": 5.0, "beta3_warmup": 6, "alpha_warmup": 4, "weight_decay": 0.1},
+                 {"betas": (0.8, 0.99, 0.999), "eps": 1e-6, "maximize": True}],
+}
+
+#: float64 implementation vs float64 reference loop: the two differ only in operation order (in-place lerp and
+#: addcmul versus the papers' out-of-place form), i.e. a few ulps per step, far below this bound.
+PAPER_TOLERANCE = {"rtol": 1e-10, "atol": 1e-12}
