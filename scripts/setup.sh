@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up, sourced by the other scripts: `setup_python [test]`.
+# Keeps a torch that is already installed. Where there is none, installs the CPU wheel of torch 2.13.0, never a
+# CUDA build: a plain `pip install torch` would pull several GB of CUDA packages.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+TORCH_CPU="torch==2.13.0+cpu"
+TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2")
+
+setup_python() {
+  if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: no torch found; installing $TORCH_CPU (CPU build)"
+    "$PYTHON" -m pip install --quiet "$TORCH_CPU" \
+      || "$PYTHON" -m pip install --quiet "$TORCH_CPU" --index-url https://download.pytorch.org/whl/cpu
+  fi
+  if [ "${1:-}" = "test" ]; then
+    if ! "$PYTHON" -c "import pytest, xdist, expecttest" >/dev/null 2>&1; then
+      echo "setup: installing test tools: ${TEST_DEPS[*]}"
+      # torch is already satisfied here, so pip resolves nothing toward a CUDA build.
+      "$PYTHON" -m pip install --quiet "${TEST_DEPS[@]}"
+    fi
+  fi
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job: set up if needed, then train a small model with FSDP2 + distopt on 2 gloo ranks (CPU).
+# Extra arguments go to launch/train.py, e.g. `bash scripts/train.sh --algorithm lion --steps 100`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup.sh"
+setup_python
+NPROC="${NPROC:-2}"
+cd "$ROOT"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m torch.distributed.run --standalone \
+  --nproc-per-node "$NPROC" launch/train.py "$@"
