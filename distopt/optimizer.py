@@ -114,13 +114,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for i, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                name = _describe(group, group_index, i)
                 if param.grad.is_sparse:
-                    raise RuntimeError(f"{algorithm.name} does not support sparse gradients, but {name} has one")
+                    raise RuntimeError(f"{algorithm.name} does not support sparse gradients, but "
+                                       f"{_describe(group, group_index, i)} has one")
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(algorithm, param, group))
-                grad = layout.local_grad(param, param.grad, name)
+                try:
+                    grad = layout.local_grad(param, param.grad)
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"parameter {_describe(group, group_index, i)}: {error}") from None
                 local_state = {key: layout.local(value) for key, value in state.items()}
                 algorithm.apply(layout.local(param), grad, local_state, group)
         return loss

@@ -5,4 +5,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 setup_python test
 cd "$ROOT"
-exec "$PYTHON" -m pytest -n "${WORKERS:-2}" tests "$@"
+exec "$PYTHON" -m pytest -n "${WORKERS:-2}" "$@"  # no path given: pyproject's testpaths (tests/)

@@ -19,7 +19,7 @@ def local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def local_grad(param: Tensor, grad: Tensor, name: str) -> Tensor:
+def local_grad(param: Tensor, grad: Tensor) -> Tensor:
     """This rank's part of ``grad``, laid out as ``param`` is.
 
     FSDP2 and DTensor autograd give the gradient the parameter's placements, so this is a plain view. A gradient
@@ -28,14 +28,14 @@ def local_grad(param: Tensor, grad: Tensor, name: str) -> Tensor:
     """
     if isinstance(param, DTensor):
         if not isinstance(grad, DTensor):
-            raise TypeError(f"parameter {name} is a DTensor but its gradient is a plain tensor")
+            raise TypeError("the parameter is a DTensor but its gradient is a plain tensor")
         if grad.device_mesh != param.device_mesh:
-            raise ValueError(f"parameter {name}: the gradient's device mesh differs from the parameter's")
+            raise ValueError("the gradient's device mesh differs from the parameter's")
         if grad.placements != param.placements:
             grad = grad.redistribute(param.device_mesh, param.placements)
         return grad.to_local()
     if isinstance(grad, DTensor):
-        raise TypeError(f"parameter {name} is a plain tensor but its gradient is a DTensor")
+        raise TypeError("the parameter is a plain tensor but its gradient is a DTensor")
     return grad
 
 

@@ -246,3 +246,37 @@ def _state_dict_round_trip(name):
 @pytest.mark.parametrize("name", sorted(distopt.ALGORITHMS))
 def test_fsdp_state_dict_round_trip_continues_bitwise(ranks, name):
     assert ranks(3, _state_dict_round_trip, name) == [[]] * 3
+
+
+def _gradient_layouts():
+    """A gradient laid out unlike its parameter is redistributed; a plain gradient on a DTensor is an error."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = mesh_for("fsdp")
+    world, dev = dist.get_world_size(), device()
+    torch.manual_seed(0)
+    reference = torch.randn(6, 4, device=dev, requires_grad=True)
+    ours = torch.nn.Parameter(distribute_tensor(reference.detach().clone(), mesh, [Replicate()], src_data_rank=None))
+    opt = distopt.AdamW([("w", ours)])
+    ref_opt = torch.optim.AdamW([reference], foreach=False)
+    partial = torch.randn(6, 4, device=dev) * (dist.get_rank() + 1)
+    total = partial.clone()
+    dist.all_reduce(total)
+    ours.grad = DTensor.from_local(partial, mesh, [Partial()], run_check=False)
+    reference.grad = total
+    opt.step()
+    ref_opt.step()
+    same = torch.equal(ours.to_local(), reference.detach())
+    ours.grad = torch.zeros(6, 4, device=dev)
+    try:
+        opt.step()
+        message = None
+    except TypeError as error:
+        message = str(error)
+    return same, message, world
+
+
+def test_gradient_layouts(ranks):
+    for same, message, _ in ranks(2, _gradient_layouts):
+        assert same
+        assert message == "parameter 'w': the parameter is a DTensor but its gradient is a plain tensor"
