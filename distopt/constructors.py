@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .algos.muon import NS_COEFFICIENTS
 from .optimizer import DistributedOptimizer
+from .owner import DEFAULT_BUCKET_BYTES
+from .routing import is_embedding_or_head, split_groups
 
 
 def _check_switches(foreach: Any = None, fused: Any = None, capturable: bool = False,
@@ -108,3 +111,24 @@ class AdEMAMix(DistributedOptimizer):
                  alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False):
         super().__init__(params, "ademamix", lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
                          alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay, maximize=maximize)
+
+
+class Muon(DistributedOptimizer):
+    """Muon on owner ranks, with the hyperparameters and defaults of ``torch.optim.Muon``
+    (https://kellerjordan.github.io/posts/muon/), and AdamW for the parameters Muon should not take.
+
+    ``adamw_predicate(name, param)`` picks the parameters that go to AdamW (with the ``adamw_*`` hyperparameters);
+    the default, :func:`distopt.routing.is_embedding_or_head`, takes every parameter with fewer than two dimensions
+    and, by name, embeddings and output heads. Pass ``model.named_parameters()`` so that names are known. Groups that
+    set ``"algorithm"`` themselves are left alone.
+    """
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=None, *, adamw_lr=1e-3,
+                 adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_weight_decay=1e-2,
+                 adamw_predicate=is_embedding_or_head, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        elementwise = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
+        super().__init__(split_groups(params, adamw_predicate, elementwise), "muon", lr=lr,
+                         weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                         process_group=process_group, bucket_bytes=bucket_bytes)

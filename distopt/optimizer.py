@@ -14,8 +14,10 @@ import torch
 from torch import Tensor
 
 from . import algos
-from .algos import Algorithm
+from .algos import MATRIX, Algorithm
+from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute
 from .sharding import layout
+from .sharding.plan import Plan
 
 
 
@@ -27,13 +29,22 @@ class DistributedOptimizer(torch.optim.Optimizer):
             param-group dicts. A group may set ``"algorithm"`` (a name such as ``"sgd"`` or an
             :class:`~distopt.algos.Algorithm` object) and any hyperparameter of that algorithm.
         algorithm: the default algorithm of groups that do not name one.
+        process_group: the ranks that share the matrix algorithms' work (default: the whole job). Plain tensors in
+            a multi-rank job are taken to be replicated over it (DDP-style).
+        bucket_bytes: payload bound of one bucket of the owner exchange (whole matrices in the wire dtype).
         **hyperparameters: defaults for every group whose algorithm has a hyperparameter of that name; the
             algorithm's own defaults fill in the rest. A name that no group's algorithm knows is a ``TypeError``.
 
-    Elementwise algorithms update each rank's local shard in place and never communicate.
+    Elementwise algorithms update each rank's local shard in place and never communicate. Matrix algorithms (Muon)
+    run each matrix on one owner rank chosen by :attr:`plan`; building the plan is a collective, so every rank
+    constructs the optimizer (and calls ``add_param_group``) together, as with FSDP.
     """
 
-    def __init__(self, params: Iterable[Any], algorithm: str | Algorithm = "adamw", **hyperparameters: Any):
+    def __init__(self, params: Iterable[Any], algorithm: str | Algorithm = "adamw", *, process_group=None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, **hyperparameters: Any):
+        self._process_group, self._bucket_bytes = process_group, bucket_bytes
+        self._owner: OwnerRoute | None = None
+        self._ready = False
         if isinstance(params, (set, frozenset)):
             raise TypeError("optimizer parameters must be an ordered collection; the order of a set changes "
                             "between runs. Use a list.")
@@ -50,6 +61,27 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"unexpected hyperparameter(s) {', '.join(map(repr, unknown))}: no param group's "
                             f"algorithm ({', '.join(sorted(self._algorithms))}) has them")
+        self._ready = True
+        self._build_owner_route()
+
+    @property
+    def plan(self) -> Plan | None:
+        """Who owns which matrix (``print(opt.plan)`` shows owners, cost and bytes per rank, imbalance); None when
+        no group runs a matrix algorithm."""
+        return self._owner.plan if self._owner is not None else None
+
+    def _build_owner_route(self) -> None:
+        entries, index = [], 0
+        has_matrix_group = False
+        for group in self.param_groups:
+            algorithm = self.algorithm_of(group)
+            names = group.get("param_names")
+            for i, param in enumerate(group["params"]):
+                if algorithm.kind == MATRIX:
+                    entries.append(MatrixEntry(param, names[i] if names else f"params[{index}]", group, algorithm))
+                index += 1
+            has_matrix_group |= algorithm.kind == MATRIX
+        self._owner = OwnerRoute(entries, self._process_group, self._bucket_bytes) if has_matrix_group else None
 
     # ------------------------------------------------------------------------------------------------------------
     # Param groups
@@ -76,13 +108,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for key, default in algorithm.hyperparameters.items():
             group.setdefault(key, self._overrides.get(key, default))
         algorithm.check(group)
-        self._check_params(group, len(self.param_groups))
+        self._check_params(group, len(self.param_groups), algorithm)
         self.param_groups.append(group)
+        if self._ready and algorithm.kind == MATRIX:
+            self._build_owner_route()  # a new set of matrices: plan again (a collective, on every rank)
 
-    def _check_params(self, group: dict[str, Any], index: int) -> None:
+    def _check_params(self, group: dict[str, Any], index: int, algorithm: Algorithm) -> None:
         seen: dict[Tensor, str] = {}
         for other_index, other in enumerate(self.param_groups):
-            if ("param_names" in other) != ("param_names" in group):
+            # An empty group (say, a matrix group on a model without matrices) has no names to disagree on.
+            if group["params"] and other["params"] and ("param_names" in other) != ("param_names" in group):
                 raise ValueError("all param groups must be given with names or all without: group "
                                  f"{index} {'has' if 'param_names' in group else 'lacks'} names, group "
                                  f"{other_index} does not agree")
@@ -97,6 +132,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                                  "the leaf parameter (or a .detach().requires_grad_() copy)")
             if p in seen:
                 raise ValueError(f"the same tensor is given twice: {name} is also {seen[p]}")
+            if algorithm.kind == MATRIX:
+                algorithm.check_param(tuple(p.shape), name)
             seen[p] = name
 
     # ------------------------------------------------------------------------------------------------------------
@@ -111,6 +148,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
             algorithm = self.algorithm_of(group)
+            if algorithm.kind == MATRIX:
+                self._check_grads(group, group_index, algorithm)
+                continue
             for i, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
@@ -126,7 +166,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     raise type(error)(f"parameter {_describe(group, group_index, i)}: {error}") from None
                 local_state = {key: layout.local(value) for key, value in state.items()}
                 algorithm.apply(layout.local(param), grad, local_state, group)
+        if self._owner is not None:
+            self._owner.step(self._matrix_state)
         return loss
+
+    def _check_grads(self, group: dict[str, Any], group_index: int, algorithm: Algorithm) -> None:
+        for i, param in enumerate(group["params"]):
+            if param.grad is not None and param.grad.is_sparse:
+                raise RuntimeError(f"{algorithm.name} does not support sparse gradients, but "
+                                   f"{_describe(group, group_index, i)} has one")
+
+    def _matrix_state(self, entry: MatrixEntry) -> dict[str, Tensor]:
+        state = self.state[entry.param]
+        if not state:
+            state.update(self._init_state(entry.algorithm, entry.param, entry.group))
+        return state
 
     @staticmethod
     def _init_state(algorithm: Algorithm, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:

@@ -95,7 +95,7 @@ def test_unknown_hyperparameter_is_a_type_error():
 
 def test_algorithm_names_are_lowercase_class_names():
     assert set(distopt.ALGORITHMS) == {"adamw", "adam", "sgd", "nadam", "rmsprop", "lion", "laprop", "adopt",
-                                       "ademamix"}
+                                       "ademamix", "muon"}
     for name, cls in distopt.ALGORITHMS.items():
         assert cls.__name__.lower() == name
 
@@ -181,7 +181,7 @@ def test_params_without_grad_are_skipped():
     assert torch.equal(b, before) and b not in opt.state and a in opt.state
 
 
-@pytest.mark.parametrize("name", sorted(distopt.ALGORITHMS))
+@pytest.mark.parametrize("name", sorted(distopt.algos.ELEMENTWISE_NAMES))
 def test_state_dict_round_trip_continues_bitwise(name):
     model = _model()
     opt = DistributedOptimizer(model.named_parameters(), algorithm=name, lr=1e-2)

@@ -5,17 +5,21 @@ from __future__ import annotations
 from .adam import Adam, AdamW
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
-from .base import ELEMENTWISE, Algorithm
+from .base import ELEMENTWISE, MATRIX, Algorithm, MatrixAlgorithm
 from .laprop import LaProp
 from .lion import Lion
+from .muon import Muon
 from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
 #: Built-in algorithms by name; a name is the lowercase class name.
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix)
+    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix, Muon)
 }
+
+#: Names of the algorithms that update local shards without communicating.
+ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == ELEMENTWISE)
 
 
 def resolve(algorithm: str | Algorithm) -> Algorithm:
@@ -32,5 +36,5 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
     return cls()
 
 
-__all__ = ["Algorithm", "ELEMENTWISE", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
+__all__ = ["ELEMENTWISE_NAMES", "Algorithm", "MatrixAlgorithm", "ELEMENTWISE", "MATRIX", "Muon", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
            "LaProp", "ADOPT", "AdEMAMix"]

@@ -115,3 +115,49 @@ def check_optional_positive_int(algo: str, hp: Mapping[str, Any], key: str) -> N
     value = hp[key]
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"{algo}: invalid {key}={value!r} (must be None or a positive int)")
+
+
+MATRIX = "matrix"
+
+
+class MatrixAlgorithm(Algorithm):
+    """An algorithm whose update needs whole matrices; the optimizer runs its middle part on one owner rank.
+
+    A step is three pure functions: :meth:`prepare` on each rank's local shard (elementwise, e.g. momentum),
+    :meth:`owner_update` on whole matrices stacked by shape (on the owner only), and :meth:`finish` on the local
+    shard of the owner's result (elementwise, e.g. learning rate and weight decay).
+    """
+
+    kind = MATRIX
+
+    def check_param(self, shape: tuple[int, ...], name: str) -> None:
+        """Raise ``ValueError`` if a parameter of this shape cannot run this algorithm."""
+
+    def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The 2-D view the maths works on: ``(out, rest)`` for weights with more than two dimensions."""
+        rest = 1
+        for s in shape[1:]:
+            rest *= s
+        return shape[0], rest
+
+    def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+        return param_dtype
+
+    def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
+        raise NotImplementedError
+
+    def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def owner_update(self, matrices: Tensor, hp: Mapping[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+               shape: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        """The whole step on one whole parameter, for single-process use and as the definition of the maths."""
+        piece = self.prepare(param, grad, state, hp)
+        result = self.owner_update(piece.reshape(self.matrix_shape(tuple(param.shape))).unsqueeze(0), hp)[0]
+        self.finish(param, result.reshape(param.shape), state, hp, tuple(param.shape))

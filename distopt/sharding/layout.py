@@ -6,8 +6,11 @@ with uneven or empty shards, ``Shard(k)``, ``Replicate()``, 2-D HSDP meshes) wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 
 def is_dtensor(tensor: Tensor) -> bool:
@@ -48,3 +51,81 @@ def like_param(param: Tensor, local_state: Tensor) -> Tensor:
         return local_state
     return DTensor.from_local(local_state, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metadata: which box of the global tensor every rank holds. Pure functions of shape, mesh and placements.
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) in the global tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ParamMeta:
+    """What the planner knows of one parameter: the same on every rank once metadata has been exchanged."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    dtype: str
+    mesh_ranks: tuple[int, ...]          # global ranks of the device mesh, flattened row-major
+    mesh_shape: tuple[int, ...]
+    placements: tuple[str, ...]
+    boxes: tuple[Box, ...]               # boxes[rank] for every rank of the process group
+
+    def holders(self) -> list[int]:
+        """Ranks that hold a non-empty box."""
+        return [rank for rank, (_, sizes) in enumerate(self.boxes) if all(sizes)]
+
+
+def _chunk(length: int, parts: int, index: int) -> tuple[int, int]:
+    """(offset, size) of chunk ``index`` when ``length`` is split as ``torch.chunk`` (and DTensor, FSDP2) do."""
+    step = -(-length // parts) if length else 0
+    start = min(step * index, length)
+    return start, min(step, length - start)
+
+
+def box_at(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple[Placement, ...],
+           coordinate: tuple[int, ...]) -> Box:
+    """The box of the global tensor held at mesh ``coordinate``: shards split left to right, like DTensor."""
+    offsets, sizes = [0] * len(shape), list(shape)
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard:
+            raise NotImplementedError(f"placement {placement} is not supported by the owner route (Shard and "
+                                      "Replicate are)")
+        dim = placement.dim % len(shape)
+        start, size = _chunk(sizes[dim], mesh_shape[mesh_dim], coordinate[mesh_dim])
+        offsets[dim] += start
+        sizes[dim] = size
+    return tuple(offsets), tuple(sizes)
+
+
+def describe(param: Tensor, fqn: str, group_ranks: tuple[int, ...], rank: int) -> ParamMeta:
+    """Metadata of ``param`` over the process group whose global ranks are ``group_ranks`` (``rank`` is this
+    rank's index in it). A plain tensor in a multi-rank job counts as replicated on every rank (DDP-style)."""
+    shape = tuple(param.shape)
+    world_size = len(group_ranks)
+    if not isinstance(param, DTensor):
+        whole = ((0,) * len(shape), shape)
+        return ParamMeta(fqn, shape, str(param.dtype), tuple(range(world_size)), (world_size,), ("Replicate()",),
+                         (whole,) * world_size)
+    mesh = param.device_mesh
+    mesh_ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+    if sorted(mesh_ranks) != sorted(group_ranks):
+        raise NotImplementedError(f"parameter {fqn}: its device mesh spans ranks {sorted(mesh_ranks)}, not the "
+                                  f"optimizer's process group {sorted(group_ranks)}; the owner route needs a mesh "
+                                  "over exactly the ranks of its process group")
+    index_of = {global_rank: i for i, global_rank in enumerate(group_ranks)}
+    ranks = tuple(index_of[r] for r in mesh_ranks)
+    mesh_shape = tuple(mesh.mesh.shape)
+    placements = tuple(param.placements)
+    boxes: list[Box] = [((), ())] * world_size
+    for flat, group_rank in enumerate(ranks):
+        coordinate = tuple(int(c) for c in torch.unravel_index(torch.tensor(flat), mesh_shape))
+        boxes[group_rank] = box_at(shape, mesh_shape, placements, coordinate)
+    local_sizes = tuple(param.to_local().shape)
+    if boxes[rank][1] != local_sizes:
+        raise RuntimeError(f"parameter {fqn}: the local shard has shape {local_sizes} but its placements "
+                           f"{placements} imply {boxes[rank][1]}")
+    return ParamMeta(fqn, shape, str(param.dtype), ranks, mesh_shape, tuple(str(p) for p in placements),
+                     tuple(boxes))

@@ -1,0 +1,112 @@
+"""Muon: momentum orthogonalized by a Newton-Schulz iteration, with the maths and defaults of torch.optim.Muon.
+
+Jordan et al., "Muon: An optimizer for hidden layers in neural networks", https://kellerjordan.github.io/posts/muon/;
+the "match_rms_adamw" learning-rate adjustment: Liu et al., "Muon is Scalable for LLM Training",
+https://arxiv.org/abs/2502.16982.
+
+Where state lives: ``momentum_buffer`` is elementwise, so it stays on each rank's shard in the parameter's layout.
+Only the Nesterov update travels, in bfloat16, to the matrix's owner: Newton-Schulz casts its input to bfloat16 as
+its first operation, so sending bfloat16 changes no bit of the result and halves the bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
+    """Quintic Newton-Schulz on a stack of same-shape matrices ``(batch, m, n)``, in bfloat16.
+
+    Per matrix it performs exactly the operations of torch.optim.Muon's ``_zeropower_via_newtonschulz``; on CPU the
+    batched products are bitwise equal to the per-matrix ones.
+    """
+    a, b, c = coefficients
+    x = matrices.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x.mT if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
+    rows, cols = shape
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
+
+
+class Muon(MatrixAlgorithm):
+    """Muon. Shard state: ``step``, ``momentum_buffer``. Owner state: none. Weights with more than two dimensions
+    are orthogonalized as the 2-D matrix ``(out, rest)``, and the learning-rate adjustment uses that shape."""
+
+    name = "muon"
+    hyperparameters = {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
+                       "ns_coefficients": NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": 5, "adjust_lr_fn": None}
+
+    def check(self, hp: Mapping[str, Any]) -> None:
+        super().check(hp)
+        check_nonnegative(self.name, hp, "weight_decay")
+        check_nonnegative(self.name, hp, "momentum")
+        check_nonnegative(self.name, hp, "eps")
+        check_bool(self.name, hp, "nesterov")
+        coefficients = hp["ns_coefficients"]
+        if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+            raise ValueError(f"{self.name}: ns_coefficients must be a tuple of 3 numbers, got {coefficients!r}")
+        for i, value in enumerate(coefficients):
+            _as_number(self.name, f"ns_coefficients[{i}]", value)
+        steps = hp["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
+            raise ValueError(f"{self.name}: invalid ns_steps={steps!r} (must be an int in [0, 100))")
+        if hp["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"{self.name}: invalid adjust_lr_fn={hp['adjust_lr_fn']!r} (must be None, "
+                             "'original' or 'match_rms_adamw')")
+
+    def check_param(self, shape: tuple[int, ...], name: str) -> None:
+        if len(shape) < 2:
+            raise ValueError(f"muon needs parameters with at least 2 dimensions, but {name} has {len(shape)}; give "
+                             "it to an elementwise algorithm such as adamw (distopt.Muon does this by itself)")
+
+    def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16
+
+    def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
+        m, n = self.matrix_shape(shape)
+        return float(hp["ns_steps"] * m * n * min(m, n))
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        if torch.is_complex(param):
+            raise ValueError("muon does not support complex parameters")
+        return {"step": new_step_counter(), "momentum_buffer": zeros_like(param)}
+
+    def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
+        momentum = hp["momentum"]
+        state["step"] += 1
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if hp["nesterov"] else buf
+        return update.bfloat16()
+
+    def owner_update(self, matrices: Tensor, hp: Mapping[str, Any]) -> Tensor:
+        return newton_schulz(matrices, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"])
+
+    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+               shape: tuple[int, ...]) -> None:
+        lr = hp["lr"]
+        param.mul_(1 - lr * hp["weight_decay"])
+        param.add_(update, alpha=-adjusted_lr(lr, hp["adjust_lr_fn"], self.matrix_shape(shape)))

@@ -1,0 +1,91 @@
+"""The owner route: runs the matrix algorithms' steps with one owner rank per matrix.
+
+Per step and bucket: each rank runs ``prepare`` on its local shards (no communication), one ``all_to_all_single``
+carries the pieces to their owners, each owner runs ``owner_update`` on its whole matrices (stacked by shape and
+group), one ``all_to_all_single`` carries the results back, and each rank runs ``finish`` on its shards. The plan
+and the per-rank routes are computed once; the steady state sends payload only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .algos import MatrixAlgorithm
+from .sharding import exchange, layout
+from .sharding.plan import MatrixSpec, Plan, make_plan
+
+#: Default payload bound of one bucket (whole matrices, in the wire dtype).
+DEFAULT_BUCKET_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class MatrixEntry:
+    param: Tensor
+    fqn: str
+    group: dict[str, Any]
+    algorithm: MatrixAlgorithm
+
+
+def group_layout(process_group) -> tuple[Any, tuple[int, ...], int]:
+    """(group, its global ranks, this rank's index); a single process counts as a group of one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, (0,), 0
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group, tuple(dist.get_process_group_ranks(group)), dist.get_rank(group)
+
+
+class OwnerRoute:
+    """Plan, exchange and per-step orchestration of every matrix parameter of one optimizer."""
+
+    def __init__(self, entries: list[MatrixEntry], process_group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        self.entries = entries
+        self.group, ranks, self.rank = group_layout(process_group)
+        metas = [layout.describe(e.param, e.fqn, ranks, self.rank) for e in entries]
+        if len(ranks) > 1:
+            exchange.agree_on_metadata(metas, self.group)
+        specs = [MatrixSpec(meta, e.algorithm.cost(meta.shape, e.group),
+                            e.algorithm.wire_dtype(e.group, e.param.dtype)) for meta, e in zip(metas, entries)]
+        self.plan: Plan = make_plan(specs, len(ranks), bucket_bytes)
+        self.exchange = exchange.Exchange(self.plan, self.rank, self.group)
+
+    def step(self, state_of: Callable[[MatrixEntry], dict[str, Tensor]]) -> None:
+        """One step of every matrix whose parameter has a gradient (the same set on every rank)."""
+        active = frozenset(i for i, e in enumerate(self.entries) if e.param.grad is not None)
+        for route in self.exchange.routes(active):
+            pieces, states = {}, {}
+            for m in route.matrices:
+                entry = self.entries[m]
+                states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
+                grad = layout.local_grad(entry.param, entry.param.grad)
+                pieces[m] = entry.algorithm.prepare(layout.local(entry.param), grad, states[m], entry.group)
+            spec = self.plan.matrices[route.matrices[0]]
+            device = pieces[route.matrices[0]].device
+            wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device)
+            results = self._owner_compute(route.owned, wholes)
+            mine = self.exchange.to_holders(route, results, spec.wire_dtype, device)
+            for m, update in mine.items():
+                entry = self.entries[m]
+                entry.algorithm.finish(layout.local(entry.param), update, states[m], entry.group,
+                                       self.plan.matrices[m].meta.shape)
+
+    def _owner_compute(self, owned: tuple[int, ...], wholes: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Run each owned matrix's owner maths, batched over same-shape matrices of the same group."""
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for m in owned:
+            entry = self.entries[m]
+            shape2d = entry.algorithm.matrix_shape(self.plan.matrices[m].meta.shape)
+            batches[(id(entry.group), shape2d)].append(m)
+        results = {}
+        for (_, shape2d), members in batches.items():
+            entry = self.entries[members[0]]
+            stacked = torch.stack([wholes[m].reshape(shape2d) for m in members])
+            for m, result in zip(members, entry.algorithm.owner_update(stacked, entry.group).unbind(0)):
+                results[m] = result.reshape(self.plan.matrices[m].meta.shape)
+        return results

@@ -1,0 +1,151 @@
+"""Every collective that distopt's optimizer issues lives here.
+
+* Plan time: :func:`agree_on_metadata`, one ``all_gather_object`` of a digest of every rank's parameter metadata
+  (and, only on disagreement, a second one of the metadata itself to name the first differing parameter). Every rank
+  makes the same calls whatever its model holds, so a mismatch raises on every rank instead of hanging.
+* Steady state: :class:`Exchange`, per bucket one ``all_to_all_single`` of boxes to their owners and one of results
+  back. Split sizes and buffer offsets are precomputed Python ints: no metadata traffic, no host-device sync.
+
+The collectives are kept out of ``torch.compile`` regions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .layout import Box, ParamMeta
+from .plan import Plan, Transfer
+
+
+class MetadataMismatch(RuntimeError):
+    """Ranks disagree on the parameters they optimize."""
+
+
+def _summary(meta: ParamMeta) -> tuple:
+    return (meta.fqn, meta.shape, meta.dtype, meta.mesh_shape, meta.placements)
+
+
+@torch.compiler.disable
+def agree_on_metadata(metas: list[ParamMeta], group=None) -> None:
+    """Check that every rank holds the same parameters (names, shapes, dtypes, layouts); raise on all ranks if not."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    digest = hashlib.sha256(repr(metas).encode()).hexdigest()
+    digests: list = [None] * world
+    dist.all_gather_object(digests, (len(metas), digest), group=group)
+    if all(d == digests[0] for d in digests):
+        return
+    tables: list = [None] * world
+    dist.all_gather_object(tables, [_summary(m) for m in metas], group=group)
+    reference = tables[0]
+    for rank, table in enumerate(tables[1:], start=1):
+        for position in range(max(len(reference), len(table))):
+            mine = reference[position] if position < len(reference) else None
+            theirs = table[position] if position < len(table) else None
+            if mine != theirs:
+                raise MetadataMismatch(
+                    f"ranks disagree on the parameters to optimize: at position {position}, rank 0 has "
+                    f"{_describe(mine)} but rank {rank} has {_describe(theirs)} (rank 0 holds {len(reference)} "
+                    f"parameters, rank {rank} holds {len(table)}). Every rank must build the same model.")
+    raise MetadataMismatch("ranks disagree on the layout of their parameters (the boxes each rank holds)")
+
+
+def _describe(entry) -> str:
+    if entry is None:
+        return "no parameter"
+    fqn, shape, dtype, mesh_shape, placements = entry
+    return f"{fqn!r} of shape {tuple(shape)}, {dtype}, placements {placements} on a {mesh_shape} mesh"
+
+
+def _slices(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(*box))
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One rank's view of one bucket: what it sends and receives, in order, in each direction."""
+
+    matrices: tuple[int, ...]
+    owned: tuple[int, ...]
+    send: tuple[Transfer, ...]
+    send_splits: tuple[int, ...]
+    recv: tuple[Transfer, ...]
+    recv_splits: tuple[int, ...]
+    back_send: tuple[Transfer, ...]
+    back_send_splits: tuple[int, ...]
+    back_recv: tuple[Transfer, ...]
+    back_recv_splits: tuple[int, ...]
+
+
+def _split(transfers: list[Transfer], world: int, peer) -> tuple[tuple[Transfer, ...], tuple[int, ...]]:
+    ordered = sorted(transfers, key=peer)  # stable: the plan's order within each peer
+    splits = [0] * world
+    for t in ordered:
+        splits[peer(t)] += t.numel
+    return tuple(ordered), tuple(splits)
+
+
+class Exchange:
+    """Moves boxes to owners and results back, one bucket at a time, with precomputed splits."""
+
+    def __init__(self, plan: Plan, rank: int, group=None):
+        self.plan, self.rank, self.group = plan, rank, group
+        self.routes = lru_cache(maxsize=8)(self._routes)
+
+    def _routes(self, active: frozenset[int]) -> tuple[Route, ...]:
+        """Routes for the matrices in ``active`` (those with gradients this step; the same set on every rank)."""
+        rank, world = self.rank, self.plan.world_size
+        routes = []
+        for bucket in self.plan.buckets:
+            matrices = tuple(m for m in bucket.matrices if m in active)
+            if not matrices:
+                continue
+            forward = [t for t in bucket.to_owners if t.matrix in active]
+            backward = [t for t in bucket.to_holders if t.matrix in active]
+            send, send_splits = _split([t for t in forward if t.src == rank], world, lambda t: t.dst)
+            recv, recv_splits = _split([t for t in forward if t.dst == rank], world, lambda t: t.src)
+            back_send, back_send_splits = _split([t for t in backward if t.src == rank], world, lambda t: t.dst)
+            back_recv, back_recv_splits = _split([t for t in backward if t.dst == rank], world, lambda t: t.src)
+            owned = tuple(m for m in matrices if self.plan.owners[m] == rank)
+            routes.append(Route(matrices, owned, send, send_splits, recv, recv_splits, back_send,
+                                back_send_splits, back_recv, back_recv_splits))
+        return tuple(routes)
+
+    @torch.compiler.disable
+    def _all_to_all(self, send: list[Tensor], send_splits, recv_splits, dtype, device) -> Tensor:
+        payload = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
+        if self.plan.world_size == 1:
+            return payload
+        received = torch.empty(sum(recv_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(received, payload, list(recv_splits), list(send_splits), group=self.group)
+        return received
+
+    def to_owners(self, route: Route, pieces: dict[int, Tensor], dtype: torch.dtype,
+                  device: torch.device) -> dict[int, Tensor]:
+        """Send each rank's local pieces (in the wire dtype) to their owners; return the whole matrices owned here."""
+        received = self._all_to_all([pieces[t.matrix].reshape(-1) for t in route.send], route.send_splits,
+                                    route.recv_splits, dtype, device)
+        whole = {m: torch.empty(self.plan.matrices[m].meta.shape, dtype=dtype, device=device) for m in route.owned}
+        offset = 0
+        for t in route.recv:
+            whole[t.matrix][_slices(t.box)] = received[offset:offset + t.numel].view(t.box[1])
+            offset += t.numel
+        return whole
+
+    def to_holders(self, route: Route, results: dict[int, Tensor], dtype: torch.dtype,
+                   device: torch.device) -> dict[int, Tensor]:
+        """Send the owners' whole results back; return this rank's boxes of them, by matrix."""
+        received = self._all_to_all([results[t.matrix][_slices(t.box)].reshape(-1) for t in route.back_send],
+                                    route.back_send_splits, route.back_recv_splits, dtype, device)
+        mine, offset = {}, 0
+        for t in route.back_recv:
+            mine[t.matrix] = received[offset:offset + t.numel].view(t.box[1])
+            offset += t.numel
+        return mine
