@@ -1,0 +1,123 @@
+"""Muon's maths against torch.optim.Muon, its validation, and distopt.Muon's routing of parameters to AdamW."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+import distopt
+from distopt.routing import is_embedding_or_head
+
+CONFIGS = [{}, {"lr": 0.02, "weight_decay": 0.0}, {"nesterov": False, "momentum": 0.9},
+           {"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "original", "ns_steps": 3},
+           {"ns_coefficients": (2.0, -1.5, 0.5), "eps": 1e-5}, {"lr": torch.tensor(0.01)}]
+SHAPES = [(37, 113), (113, 37), (1, 64), (64, 1), (16, 16)]
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=[str(c) for c in CONFIGS])
+def test_matches_torch_muon_bitwise(kwargs):
+    ours = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = distopt.DistributedOptimizer(ours, algorithm="muon", **kwargs)
+    ref = torch.optim.Muon(theirs, **kwargs)
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+
+
+def test_conv_weights_are_orthogonalized_as_out_by_rest():
+    conv = torch.randn(8, 3, 2, 2, requires_grad=True)
+    flat = conv.detach().reshape(8, 12).clone().requires_grad_()
+    opt = distopt.DistributedOptimizer([conv], algorithm="muon", lr=0.02)
+    ref = torch.optim.Muon([flat], lr=0.02)
+    for _ in range(3):
+        conv.grad = torch.randn(8, 3, 2, 2)
+        flat.grad = conv.grad.reshape(8, 12).clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(conv.detach().reshape(8, 12), flat)
+
+
+def test_signature_keeps_torch_muons_names_and_defaults():
+    theirs = inspect.signature(torch.optim.Muon.__init__).parameters
+    ours = inspect.signature(distopt.Muon.__init__).parameters
+    for key, param in theirs.items():
+        assert key in ours and ours[key].default == param.default, key
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"lr": -1.0}, "lr=-1.0"), ({"momentum": -0.1}, "momentum=-0.1"), ({"weight_decay": -1}, "weight_decay=-1"),
+    ({"ns_steps": 100}, "ns_steps=100"), ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients must be a tuple of 3"),
+    ({"adjust_lr_fn": "fancy"}, "adjust_lr_fn='fancy'"), ({"nesterov": 1}, "nesterov must be a bool"),
+])
+def test_invalid_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        distopt.Muon([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+
+
+def test_muon_group_refuses_vectors_by_name():
+    bias = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="muon needs parameters with at least 2 dimensions, but 'b' has 1"):
+        distopt.DistributedOptimizer([("b", bias)], algorithm="muon")
+
+
+class TinyGPT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(11, 8)
+        self.layers = nn.ModuleList([nn.ModuleDict({"attn": nn.Linear(8, 8), "output": nn.Linear(8, 8)})])
+        self.norm = nn.LayerNorm(8)
+        self.lm_head = nn.Linear(8, 11, bias=False)
+
+
+def test_default_routing_sends_vectors_embeddings_and_heads_to_adamw():
+    model = TinyGPT()
+    opt = distopt.Muon(model.named_parameters(), adamw_lr=3e-4)
+    by_algorithm = {g["algorithm"]: g["param_names"] for g in opt.param_groups}
+    # A module named "output" deep inside a block is a hidden layer, not the output head.
+    assert by_algorithm["muon"] == ["layers.0.attn.weight", "layers.0.output.weight"]
+    assert set(by_algorithm["adamw"]) == {"tok_embeddings.weight", "layers.0.attn.bias", "layers.0.output.bias",
+                                          "norm.weight", "norm.bias", "lm_head.weight"}
+    adamw = next(g for g in opt.param_groups if g["algorithm"] == "adamw")
+    assert adamw["lr"] == 3e-4 and adamw["betas"] == (0.9, 0.999) and adamw["weight_decay"] == 1e-2
+
+
+def test_routing_predicate_can_be_replaced():
+    model = TinyGPT()
+    opt = distopt.Muon(model.named_parameters(),
+                       adamw_predicate=lambda name, p: p.ndim < 2 or name.startswith("tok_"))
+    muon = next(g for g in opt.param_groups if g["algorithm"] == "muon")
+    assert "lm_head.weight" in muon["param_names"]
+
+
+def test_predicate_without_names_uses_dimensions_only():
+    assert is_embedding_or_head(None, torch.zeros(3)) and not is_embedding_or_head(None, torch.zeros(3, 3))
+
+
+def test_mixed_muon_and_adamw_match_torch_single_process():
+    model = TinyGPT()
+    reference = TinyGPT()
+    reference.load_state_dict(model.state_dict())
+    opt = distopt.Muon(model.named_parameters(), lr=0.02)
+    matrices = [p for n, p in reference.named_parameters() if n in ("layers.0.attn.weight", "layers.0.output.weight")]
+    others = [p for n, p in reference.named_parameters() if all(p is not m for m in matrices)]
+    refs = [torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(others, lr=1e-3, weight_decay=1e-2)]
+    for _ in range(3):
+        for p, r in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape)
+            r.grad = p.grad.clone()
+        opt.step()
+        for ref in refs:
+            ref.step()
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, r)
+    assert opt.plan is not None and opt.plan.world_size == 1
