@@ -68,6 +68,12 @@ def _optimi_adamw(params):
     return optimi.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
+def _heavyball_muon(params):
+    import heavyball
+
+    return heavyball.Muon(params, lr=0.02, weight_decay=0.1)
+
+
 #: scenario -> candidate name -> factory(params) -> optimizer. The first candidate is the baseline of the ratios.
 SCENARIOS = {
     "adamw": {
@@ -76,6 +82,11 @@ SCENARIOS = {
         "torch.optim.AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True),
         "heavyball.AdamW": _heavyball_adamw,
         "optimi.AdamW": _optimi_adamw,
+    },
+    "muon": {
+        "distopt.Muon": lambda ps: distopt.DistributedOptimizer(ps, algorithm="muon", lr=0.02),
+        "torch.optim.Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),
+        "heavyball.Muon": _heavyball_muon,
     },
 }
 
@@ -122,6 +133,10 @@ def _rank_main(rank, world, init_file, args, results):
                 if step >= args.warmup:
                     times[name].append(elapsed)
         medians = {}
+        for name, opt in candidates.items():
+            plan = getattr(opt, "plan", None)
+            if plan is not None:
+                medians["plan"] = (max(plan.sent_bytes_per_rank), plan.collectives_per_step, plan.imbalance)
         for name, value in times.items():
             if isinstance(value, str):
                 medians[name] = value
@@ -197,6 +212,12 @@ def main(argv=None):
             cells.append(value if isinstance(value, str) else
                          f"{value * 1e3:.2f} ({value / base:.2f}x)" if isinstance(base, float) else f"{value * 1e3:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if any("plan" in table[w] for w in args.world_sizes):
+        print(f"\n{baseline} owner plan per world size: max bytes sent per rank per step, collectives per step, "
+              "compute imbalance (max/mean)")
+        for world in args.world_sizes:
+            sent, collectives, imbalance = table[world]["plan"]
+            print(f"  W={world}: {sent / 2**20:.2f} MiB, {collectives} collectives, imbalance {imbalance:.3f}")
 
 
 if __name__ == "__main__":
