@@ -73,15 +73,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _build_owner_route(self) -> None:
         entries, index = [], 0
         has_matrix_group = False
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             algorithm = self.algorithm_of(group)
             names = group.get("param_names")
             for i, param in enumerate(group["params"]):
                 if algorithm.kind == MATRIX:
-                    entries.append(MatrixEntry(param, names[i] if names else f"params[{index}]", group, algorithm))
+                    fqn = names[i] if names else f"params[{index}]"
+                    entries.append(MatrixEntry(param, fqn, group_index, algorithm))
                 index += 1
             has_matrix_group |= algorithm.kind == MATRIX
-        self._owner = OwnerRoute(entries, self._process_group, self._bucket_bytes) if has_matrix_group else None
+        self._owner = (OwnerRoute(entries, self.param_groups, self._process_group, self._bucket_bytes)
+                       if has_matrix_group else None)
 
     # ------------------------------------------------------------------------------------------------------------
     # Param groups
@@ -167,7 +169,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 local_state = {key: layout.local(value) for key, value in state.items()}
                 algorithm.apply(layout.local(param), grad, local_state, group)
         if self._owner is not None:
-            self._owner.step(self._matrix_state)
+            self._owner.step(self.param_groups, self._matrix_state)
         return loss
 
     def _check_grads(self, group: dict[str, Any], group_index: int, algorithm: Algorithm) -> None:
@@ -179,7 +181,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _matrix_state(self, entry: MatrixEntry) -> dict[str, Tensor]:
         state = self.state[entry.param]
         if not state:
-            state.update(self._init_state(entry.algorithm, entry.param, entry.group))
+            state.update(self._init_state(entry.algorithm, entry.param, self.param_groups[entry.group_index]))
         return state
 
     @staticmethod

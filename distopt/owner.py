@@ -29,7 +29,7 @@ DEFAULT_BUCKET_BYTES = 64 * 2**20
 class MatrixEntry:
     param: Tensor
     fqn: str
-    group: dict[str, Any]
+    group_index: int  # by index: load_state_dict replaces the group dicts, schedulers edit the new ones
     algorithm: MatrixAlgorithm
 
 
@@ -44,18 +44,20 @@ def group_layout(process_group) -> tuple[Any, tuple[int, ...], int]:
 class OwnerRoute:
     """Plan, exchange and per-step orchestration of every matrix parameter of one optimizer."""
 
-    def __init__(self, entries: list[MatrixEntry], process_group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(self, entries: list[MatrixEntry], groups: list[dict[str, Any]], process_group=None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.entries = entries
         self.group, ranks, self.rank = group_layout(process_group)
         metas = [layout.describe(e.param, e.fqn, ranks, self.rank) for e in entries]
         if len(ranks) > 1:
             exchange.agree_on_metadata(metas, self.group)
-        specs = [MatrixSpec(meta, e.algorithm.cost(meta.shape, e.group),
-                            e.algorithm.wire_dtype(e.group, e.param.dtype)) for meta, e in zip(metas, entries)]
+        specs = [MatrixSpec(meta, e.algorithm.cost(meta.shape, groups[e.group_index]),
+                            e.algorithm.wire_dtype(groups[e.group_index], e.param.dtype))
+                 for meta, e in zip(metas, entries)]
         self.plan: Plan = make_plan(specs, len(ranks), bucket_bytes)
         self.exchange = exchange.Exchange(self.plan, self.rank, self.group)
 
-    def step(self, state_of: Callable[[MatrixEntry], dict[str, Tensor]]) -> None:
+    def step(self, groups: list[dict[str, Any]], state_of: Callable[[MatrixEntry], dict[str, Tensor]]) -> None:
         """One step of every matrix whose parameter has a gradient (the same set on every rank)."""
         active = frozenset(i for i, e in enumerate(self.entries) if e.param.grad is not None)
         for route in self.exchange.routes(active):
@@ -64,28 +66,30 @@ class OwnerRoute:
                 entry = self.entries[m]
                 states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
                 grad = layout.local_grad(entry.param, entry.param.grad)
-                pieces[m] = entry.algorithm.prepare(layout.local(entry.param), grad, states[m], entry.group)
+                pieces[m] = entry.algorithm.prepare(layout.local(entry.param), grad, states[m],
+                                                    groups[entry.group_index])
             spec = self.plan.matrices[route.matrices[0]]
             device = pieces[route.matrices[0]].device
             wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device)
-            results = self._owner_compute(route.owned, wholes)
+            results = self._owner_compute(route.owned, wholes, groups)
             mine = self.exchange.to_holders(route, results, spec.wire_dtype, device)
             for m, update in mine.items():
                 entry = self.entries[m]
-                entry.algorithm.finish(layout.local(entry.param), update, states[m], entry.group,
+                entry.algorithm.finish(layout.local(entry.param), update, states[m], groups[entry.group_index],
                                        self.plan.matrices[m].meta.shape)
 
-    def _owner_compute(self, owned: tuple[int, ...], wholes: dict[int, Tensor]) -> dict[int, Tensor]:
+    def _owner_compute(self, owned: tuple[int, ...], wholes: dict[int, Tensor],
+                       groups: list[dict[str, Any]]) -> dict[int, Tensor]:
         """Run each owned matrix's owner maths, batched over same-shape matrices of the same group."""
         batches: dict[tuple, list[int]] = defaultdict(list)
         for m in owned:
             entry = self.entries[m]
             shape2d = entry.algorithm.matrix_shape(self.plan.matrices[m].meta.shape)
-            batches[(id(entry.group), shape2d)].append(m)
+            batches[(entry.group_index, shape2d)].append(m)
         results = {}
-        for (_, shape2d), members in batches.items():
+        for (group_index, shape2d), members in batches.items():
             entry = self.entries[members[0]]
             stacked = torch.stack([wholes[m].reshape(shape2d) for m in members])
-            for m, result in zip(members, entry.algorithm.owner_update(stacked, entry.group).unbind(0)):
+            for m, result in zip(members, entry.algorithm.owner_update(stacked, groups[group_index]).unbind(0)):
                 results[m] = result.reshape(self.plan.matrices[m].meta.shape)
         return results

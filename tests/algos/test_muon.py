@@ -121,3 +121,30 @@ def test_mixed_muon_and_adamw_match_torch_single_process():
     for p, r in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p, r)
     assert opt.plan is not None and opt.plan.world_size == 1
+
+
+def test_state_dict_round_trip_and_scheduler_after_load():
+    """After load_state_dict the group dicts are new objects; the owner route must follow them (lr schedules)."""
+    shapes = [(6, 4), (4, 6)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = distopt.DistributedOptimizer(ours, algorithm="muon", lr=0.02)
+    ref = torch.optim.Muon(theirs, lr=0.02)
+
+    def run(optimizer, params, steps, seed):
+        gen = torch.Generator().manual_seed(seed)
+        sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+            sched.step()
+
+    run(opt, ours, 2, 0)
+    run(ref, theirs, 2, 0)
+    resumed = distopt.DistributedOptimizer(ours, algorithm="muon", lr=0.02)
+    resumed.load_state_dict(opt.state_dict())
+    run(resumed, ours, 3, 1)
+    run(ref, theirs, 3, 1)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
