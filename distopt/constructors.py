@@ -132,3 +132,19 @@ class Muon(DistributedOptimizer):
                          weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                          process_group=process_group, bucket_bytes=bucket_bytes)
+
+
+class SOAP(DistributedOptimizer):
+    """SOAP on owner ranks (Vyas et al. 2024, https://arxiv.org/abs/2409.11321), hyperparameters and defaults of
+    the authors' reference code. Every parameter runs SOAP; vectors are preconditioned only with
+    ``precondition_1d``."""
+
+    def __init__(self, params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, weight_decay=0.01,
+                 precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
+                 normalize_grads=False, correct_bias=True, *, process_group=None,
+                 bucket_bytes=DEFAULT_BUCKET_BYTES):
+        super().__init__(params, "soap", lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
+                         weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+                         max_precond_dim=max_precond_dim, merge_dims=merge_dims, precondition_1d=precondition_1d,
+                         normalize_grads=normalize_grads, correct_bias=correct_bias, process_group=process_group,
+                         bucket_bytes=bucket_bytes)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import algos
 from .algos import MATRIX, Algorithm
+from .algos.base import OWNER_PREFIX
 from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute
 from .sharding import layout
 from .sharding.plan import Plan
@@ -186,9 +187,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _init_state(algorithm: Algorithm, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        state = algorithm.init(layout.local(param), group)
-        return {key: value if key in algorithm.scalar_state else layout.like_param(param, value)
-                for key, value in state.items()}
+        local = layout.local(param)
+        state = {key: value if key in algorithm.scalar_state else layout.like_param(param, value)
+                 for key, value in algorithm.init(local, group).items()}
+        if algorithm.kind == MATRIX:
+            # Every rank has every key; only the owner fills them (on its first owner update).
+            for key in algorithm.owner_state_keys(tuple(param.shape), group):
+                state[key] = torch.empty(0, device=local.device)
+        return state
 
     # ------------------------------------------------------------------------------------------------------------
     # State dict
@@ -205,14 +211,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {index} runs {mine['algorithm']!r} but the state dict holds state "
                                  f"of {theirs!r}")
         # torch casts every non-"step" state tensor to the parameter's dtype; counters such as NAdam's mu_product
-        # must stay float32 scalars, so they are restored from the saved values afterwards.
+        # must stay float32 scalars, and owner state keeps its own dtype, so both are restored as saved.
         saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         counters = {}
         for saved_id, param, group in zip(saved_ids, params, self._groups_by_param()):
             saved_state = state_dict["state"].get(saved_id, {})
             scalar_keys = self.algorithm_of(group).scalar_state
-            counters[param] = {k: v.detach().clone() for k, v in saved_state.items() if k in scalar_keys}
+            counters[param] = {k: v.detach().clone() for k, v in saved_state.items()
+                               if k in scalar_keys or k.startswith(OWNER_PREFIX)}
         super().load_state_dict(state_dict)
         for param, values in counters.items():
             self.state[param].update(values)

@@ -51,9 +51,11 @@ class OwnerRoute:
         metas = [layout.describe(e.param, e.fqn, ranks, self.rank) for e in entries]
         if len(ranks) > 1:
             exchange.agree_on_metadata(metas, self.group)
-        specs = [MatrixSpec(meta, e.algorithm.cost(meta.shape, groups[e.group_index]),
-                            e.algorithm.wire_dtype(groups[e.group_index], e.param.dtype))
-                 for meta, e in zip(metas, entries)]
+        specs = []
+        for meta, e in zip(metas, entries):
+            hp = groups[e.group_index]
+            specs.append(MatrixSpec(meta, e.algorithm.cost(meta.shape, hp), e.algorithm.wire_dtype(hp, e.param.dtype),
+                                    e.algorithm.owner_state_bytes(meta.shape, hp), e.algorithm.channels_out))
         self.plan: Plan = make_plan(specs, len(ranks), bucket_bytes)
         self.exchange = exchange.Exchange(self.plan, self.rank, self.group)
 
@@ -71,25 +73,25 @@ class OwnerRoute:
             spec = self.plan.matrices[route.matrices[0]]
             device = pieces[route.matrices[0]].device
             wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device)
-            results = self._owner_compute(route.owned, wholes, groups)
+            # Owner state is plain (never a DTensor): the owner's maths reads and writes the real state dicts.
+            results = self._owner_compute(route.owned, wholes, groups,
+                                          {m: state_of(self.entries[m]) for m in route.owned})
             mine = self.exchange.to_holders(route, results, spec.wire_dtype, device)
             for m, update in mine.items():
                 entry = self.entries[m]
                 entry.algorithm.finish(layout.local(entry.param), update, states[m], groups[entry.group_index],
                                        self.plan.matrices[m].meta.shape)
 
-    def _owner_compute(self, owned: tuple[int, ...], wholes: dict[int, Tensor],
-                       groups: list[dict[str, Any]]) -> dict[int, Tensor]:
+    def _owner_compute(self, owned: tuple[int, ...], wholes: dict[int, Tensor], groups: list[dict[str, Any]],
+                       states: dict[int, dict[str, Tensor]]) -> dict[int, Tensor]:
         """Run each owned matrix's owner maths, batched over same-shape matrices of the same group."""
         batches: dict[tuple, list[int]] = defaultdict(list)
         for m in owned:
-            entry = self.entries[m]
-            shape2d = entry.algorithm.matrix_shape(self.plan.matrices[m].meta.shape)
-            batches[(entry.group_index, shape2d)].append(m)
+            batches[(self.entries[m].group_index, self.plan.matrices[m].meta.shape)].append(m)
         results = {}
-        for (group_index, shape2d), members in batches.items():
-            entry = self.entries[members[0]]
-            stacked = torch.stack([wholes[m].reshape(shape2d) for m in members])
-            for m, result in zip(members, entry.algorithm.owner_update(stacked, groups[group_index]).unbind(0)):
-                results[m] = result.reshape(self.plan.matrices[m].meta.shape)
+        for (group_index, shape), members in batches.items():
+            algorithm = self.entries[members[0]].algorithm
+            out = algorithm.owner_update([wholes[m] for m in members], [states[m] for m in members],
+                                         groups[group_index], shape)
+            results.update(zip(members, out))
         return results

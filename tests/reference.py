@@ -139,3 +139,40 @@ PAPER_CONFIGS = {
 #: float64 implementation vs float64 reference loop: the two differ only in operation order (in-place lerp and
 #: addcmul versus the papers' out-of-place form), i.e. a few ulps per step, far below this bound.
 PAPER_TOLERANCE = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def soap(p, grads, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, weight_decay=0.01,
+         precondition_frequency=10, normalize_grads=False, correct_bias=True):
+    """SOAP on one matrix (Vyas et al. 2024, Algorithm 3 with the reference code's details), with explicit
+    matrix products: L, R are the Kronecker statistics, QL, QR their eigenbases, M the momentum in the original
+    basis, V the second moment in the rotated basis. The first step only initializes L, R and the bases."""
+    b1, b2 = betas
+    sb = shampoo_beta if shampoo_beta >= 0 else b2
+    m_, v_ = torch.zeros_like(p), torch.zeros_like(p)
+    out = []
+    for t, g in enumerate(grads):
+        if t == 0:
+            L, R = g @ g.T, g.T @ g
+            QL = torch.linalg.eigh(L)[1].flip(1)
+            QR = torch.linalg.eigh(R)[1].flip(1)
+            out.append(p)
+            continue
+        m_ = b1 * m_ + (1 - b1) * g
+        v_ = b2 * v_ + (1 - b2) * (QL.T @ g @ QR) ** 2
+        d = QL @ ((QL.T @ m_ @ QR) / (v_.sqrt() + eps)) @ QR.T
+        if normalize_grads:
+            d = d / (1e-30 + d.pow(2).mean().sqrt())
+        size = lr * math.sqrt(1 - b2**t) / (1 - b1**t) if correct_bias else lr
+        p = p - size * d
+        p = p - lr * weight_decay * p
+        L = sb * L + (1 - sb) * g @ g.T
+        R = sb * R + (1 - sb) * g.T @ g
+        if t % precondition_frequency == 0:
+            bases = []
+            for axis, (S, Q) in enumerate(((L, QL), (R, QR))):
+                order = torch.argsort(torch.diag(Q.T @ S @ Q), descending=True)
+                v_ = v_.index_select(axis, order)
+                bases.append(torch.linalg.qr(S @ Q[:, order])[0])
+            QL, QR = bases
+        out.append(p)
+    return out

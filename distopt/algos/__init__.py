@@ -12,10 +12,11 @@ from .muon import Muon
 from .nadam import NAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
+from .soap import SOAP
 
 #: Built-in algorithms by name; a name is the lowercase class name.
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix, Muon)
+    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix, Muon, SOAP)
 }
 
 #: Names of the algorithms that update local shards without communicating.
@@ -36,5 +37,5 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
     return cls()
 
 
-__all__ = ["ELEMENTWISE_NAMES", "Algorithm", "MatrixAlgorithm", "ELEMENTWISE", "MATRIX", "Muon", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
+__all__ = ["ELEMENTWISE_NAMES", "Algorithm", "MatrixAlgorithm", "ELEMENTWISE", "MATRIX", "Muon", "SOAP", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
            "LaProp", "ADOPT", "AdEMAMix"]

@@ -120,25 +120,25 @@ def check_optional_positive_int(algo: str, hp: Mapping[str, Any], key: str) -> N
 MATRIX = "matrix"
 
 
+#: Prefix of the state entries that live whole on a matrix's owner (and as empty placeholders elsewhere).
+OWNER_PREFIX = "owner."
+
+
 class MatrixAlgorithm(Algorithm):
     """An algorithm whose update needs whole matrices; the optimizer runs its middle part on one owner rank.
 
     A step is three pure functions: :meth:`prepare` on each rank's local shard (elementwise, e.g. momentum),
-    :meth:`owner_update` on whole matrices stacked by shape (on the owner only), and :meth:`finish` on the local
-    shard of the owner's result (elementwise, e.g. learning rate and weight decay).
+    :meth:`owner_update` on whole matrices (on the owner only, with the state only the owner holds), and
+    :meth:`finish` on the local shard of the owner's result (elementwise, e.g. learning rate and weight decay).
+    ``prepare`` returns ``channels_out`` tensors per shard stacked on a new leading dimension (Muon sends one,
+    SOAP two), and the owner returns one result per matrix.
     """
 
     kind = MATRIX
+    channels_out: ClassVar[int] = 1
 
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
         """Raise ``ValueError`` if a parameter of this shape cannot run this algorithm."""
-
-    def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """The 2-D view the maths works on: ``(out, rest)`` for weights with more than two dimensions."""
-        rest = 1
-        for s in shape[1:]:
-            rest *= s
-        return shape[0], rest
 
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
@@ -146,10 +146,19 @@ class MatrixAlgorithm(Algorithm):
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
         raise NotImplementedError
 
+    def owner_state_keys(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[str, ...]:
+        """Names (with :data:`OWNER_PREFIX`) of the state the owner holds whole; the same on every rank."""
+        return ()
+
+    def owner_state_bytes(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
+        return 0
+
     def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
         raise NotImplementedError
 
-    def owner_update(self, matrices: Tensor, hp: Mapping[str, Any]) -> Tensor:
+    def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
+                     shape: tuple[int, ...]) -> list[Tensor]:
+        """Whole matrices of one shape and group, ``(channels_out, *shape)`` each, to their results (``shape``)."""
         raise NotImplementedError
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
@@ -157,7 +166,8 @@ class MatrixAlgorithm(Algorithm):
         raise NotImplementedError
 
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
-        """The whole step on one whole parameter, for single-process use and as the definition of the maths."""
-        piece = self.prepare(param, grad, state, hp)
-        result = self.owner_update(piece.reshape(self.matrix_shape(tuple(param.shape))).unsqueeze(0), hp)[0]
-        self.finish(param, result.reshape(param.shape), state, hp, tuple(param.shape))
+        """The whole step on one whole parameter: the definition of the maths, and the single-process path."""
+        shape = tuple(param.shape)
+        piece = self.prepare(param, grad, state, hp).reshape(self.channels_out, *shape)
+        result = self.owner_update([piece], [state], hp, shape)[0]
+        self.finish(param, result, state, hp, shape)

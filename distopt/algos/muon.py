@@ -102,8 +102,17 @@ class Muon(MatrixAlgorithm):
         update = grad.lerp(buf, momentum) if hp["nesterov"] else buf
         return update.bfloat16()
 
-    def owner_update(self, matrices: Tensor, hp: Mapping[str, Any]) -> Tensor:
-        return newton_schulz(matrices, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"])
+    def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        rest = 1
+        for s in shape[1:]:
+            rest *= s
+        return shape[0], rest
+
+    def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
+                     shape: tuple[int, ...]) -> list[Tensor]:
+        stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
+        result = newton_schulz(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"])
+        return [r.reshape(shape) for r in result.unbind(0)]
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:

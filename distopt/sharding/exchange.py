@@ -84,11 +84,12 @@ class Route:
     back_recv_splits: tuple[int, ...]
 
 
-def _split(transfers: list[Transfer], world: int, peer) -> tuple[tuple[Transfer, ...], tuple[int, ...]]:
-    ordered = sorted(transfers, key=peer)  # stable: the plan's order within each peer
+def _split(transfers: list[Transfer], world: int, peer, width=lambda t: 1):
+    """Order transfers by peer (stable: the plan's order within a peer) and sum their sizes per peer."""
+    ordered = sorted(transfers, key=peer)
     splits = [0] * world
     for t in ordered:
-        splits[peer(t)] += t.numel
+        splits[peer(t)] += t.numel * width(t)
     return tuple(ordered), tuple(splits)
 
 
@@ -109,8 +110,9 @@ class Exchange:
                 continue
             forward = [t for t in bucket.to_owners if t.matrix in active]
             backward = [t for t in bucket.to_holders if t.matrix in active]
-            send, send_splits = _split([t for t in forward if t.src == rank], world, lambda t: t.dst)
-            recv, recv_splits = _split([t for t in forward if t.dst == rank], world, lambda t: t.src)
+            channels = lambda t: self.plan.matrices[t.matrix].channels_out  # noqa: E731
+            send, send_splits = _split([t for t in forward if t.src == rank], world, lambda t: t.dst, channels)
+            recv, recv_splits = _split([t for t in forward if t.dst == rank], world, lambda t: t.src, channels)
             back_send, back_send_splits = _split([t for t in backward if t.src == rank], world, lambda t: t.dst)
             back_recv, back_recv_splits = _split([t for t in backward if t.dst == rank], world, lambda t: t.src)
             owned = tuple(m for m in matrices if self.plan.owners[m] == rank)
@@ -129,14 +131,20 @@ class Exchange:
 
     def to_owners(self, route: Route, pieces: dict[int, Tensor], dtype: torch.dtype,
                   device: torch.device) -> dict[int, Tensor]:
-        """Send each rank's local pieces (in the wire dtype) to their owners; return the whole matrices owned here."""
+        """Send each rank's local pieces ``(channels, *local)``, in the wire dtype, to their owners; return the whole
+        ``(channels, *shape)`` matrices owned here."""
         received = self._all_to_all([pieces[t.matrix].reshape(-1) for t in route.send], route.send_splits,
                                     route.recv_splits, dtype, device)
-        whole = {m: torch.empty(self.plan.matrices[m].meta.shape, dtype=dtype, device=device) for m in route.owned}
+        whole = {}
+        for m in route.owned:
+            spec = self.plan.matrices[m]
+            whole[m] = torch.empty((spec.channels_out, *spec.meta.shape), dtype=dtype, device=device)
         offset = 0
         for t in route.recv:
-            whole[t.matrix][_slices(t.box)] = received[offset:offset + t.numel].view(t.box[1])
-            offset += t.numel
+            channels = self.plan.matrices[t.matrix].channels_out
+            size = t.numel * channels
+            whole[t.matrix][(slice(None), *_slices(t.box))] = received[offset:offset + size].view(channels, *t.box[1])
+            offset += size
         return whole
 
     def to_holders(self, route: Route, results: dict[int, Tensor], dtype: torch.dtype,

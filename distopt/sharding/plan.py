@@ -30,6 +30,7 @@ class MatrixSpec:
     cost: float                 # owner compute per step, in flops
     wire_dtype: torch.dtype     # dtype of the payload on the wire, both ways
     state_bytes: int = 0        # state that lives whole on the owner
+    channels_out: int = 1       # tensors per box sent to the owner (the result comes back as one)
 
     @property
     def wire_itemsize(self) -> int:
@@ -96,7 +97,11 @@ class Plan:
         """Bytes each rank sends to other ranks per step (both directions; copies to itself excluded)."""
         sent = [0] * self.world_size
         for bucket in self.buckets:
-            for t in bucket.to_owners + bucket.to_holders:
+            for t in bucket.to_owners:
+                if t.src != t.dst:
+                    spec = self.matrices[t.matrix]
+                    sent[t.src] += t.numel * spec.channels_out * spec.wire_itemsize
+            for t in bucket.to_holders:
                 if t.src != t.dst:
                     sent[t.src] += t.numel * self.matrices[t.matrix].wire_itemsize
         return sent
@@ -174,7 +179,7 @@ def make_plan(specs: list[MatrixSpec], world_size: int, bucket_bytes: int = 64 *
     owners, loads = assign_owners(specs, world_size)
     buckets, current, size = [], [], 0
     for i, spec in enumerate(specs):
-        payload = spec.numel * spec.wire_itemsize
+        payload = spec.numel * spec.wire_itemsize * spec.channels_out
         # One bucket is one payload buffer, so it holds a single wire dtype.
         if current and (size + payload > bucket_bytes or specs[current[0]].wire_dtype != spec.wire_dtype):
             buckets.append(current)

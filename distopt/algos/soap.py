@@ -1,0 +1,223 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner. Vyas et al., "SOAP: Improving and Stabilizing Shampoo
+using Adam", https://arxiv.org/abs/2409.11321; maths, names and defaults of the authors' reference ``soap.py``.
+
+Where state lives: ``exp_avg`` is kept in the parameter's own basis and updated elementwise, so it stays on each
+rank's shard. The owner holds what needs the whole matrix: the Kronecker statistics ``GG`` (L and R), their
+eigenbases ``Q``, and the second moment ``exp_avg_sq`` in the rotated basis. Each step sends the gradient and
+``exp_avg`` (float32) to the owner and brings the preconditioned direction back.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import (OWNER_PREFIX, MatrixAlgorithm, check_betas, check_bool, check_nonnegative, new_step_counter,
+                   zeros_like)
+
+
+def merged_shape(shape: tuple[int, ...], max_precond_dim: int, merge: bool) -> tuple[int, ...]:
+    """Merge neighbouring dimensions while their product stays within ``max_precond_dim`` (reference rule)."""
+    if not merge:
+        return shape
+    out, current = [], 1
+    for size in shape:
+        if current * size > max_precond_dim:
+            if current > 1:
+                out.append(current)
+                current = size
+            else:
+                out.append(size)
+                current = 1
+        else:
+            current *= size
+    if current > 1 or not out:
+        out.append(current)
+    return tuple(out)
+
+
+def preconditioned_dims(shape: tuple[int, ...], hp: Mapping[str, Any]) -> list[bool]:
+    """Which dimensions of the merged shape get a Kronecker factor."""
+    dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+    if len(dims) == 1 and not hp["precondition_1d"]:
+        return [False]
+    return [d <= hp["max_precond_dim"] for d in dims]
+
+
+def project(x: Tensor, bases: list[Tensor | None], back: bool = False) -> Tensor:
+    """Rotate every dimension that has a basis (``Q^T x`` per dimension; ``back``: ``Q x``)."""
+    for q in bases:
+        if q is None:
+            x = x.permute(*range(1, x.dim()), 0)
+        else:
+            x = torch.tensordot(x, q, dims=[[0], [1 if back else 0]])
+    return x
+
+
+def eigenbasis(matrix: Tensor) -> Tensor:
+    """Eigenvectors of a symmetric statistic, largest eigenvalue first. If float32 ``eigh`` fails or gives
+    non-finite vectors, retry in float64 with a ridge of 1e-10 times the mean diagonal; if that fails too, keep
+    the identity (no rotation) rather than write NaN."""
+    eye = torch.eye(matrix.shape[0], device=matrix.device, dtype=matrix.dtype)
+    try:
+        q = torch.linalg.eigh(matrix + 1e-30 * eye)[1]
+        if torch.isfinite(q).all():
+            return torch.flip(q, [1])
+    except RuntimeError:
+        pass
+    ridge = 1e-10 * max(float(matrix.diagonal().abs().mean()), 1e-30)
+    try:
+        q = torch.linalg.eigh(matrix.double() + ridge * eye.double())[1]
+        if torch.isfinite(q).all():
+            warnings.warn("soap: float32 eigh failed; recovered in float64 with a small ridge", RuntimeWarning)
+            return torch.flip(q, [1]).to(matrix.dtype)
+    except RuntimeError:
+        pass
+    warnings.warn("soap: eigh failed even in float64; this factor keeps the identity basis", RuntimeWarning)
+    return eye
+
+
+class SOAP(MatrixAlgorithm):
+    """SOAP. Shard state: ``step`` (calls so far; the first call only feeds the preconditioner), ``exp_avg``.
+    Owner state: ``owner.exp_avg_sq``, ``owner.GG.<dim>`` and ``owner.Q.<dim>`` per preconditioned dimension.
+
+    The first basis comes from ``eigh``; every ``precondition_frequency`` steps one power iteration and a QR
+    refresh it, re-ordering ``exp_avg_sq`` to follow. A dimension above ``max_precond_dim`` stays unrotated.
+    """
+
+    name = "soap"
+    hyperparameters = {"lr": 3e-3, "betas": (0.95, 0.95), "shampoo_beta": -1.0, "eps": 1e-8, "weight_decay": 0.01,
+                       "precondition_frequency": 10, "max_precond_dim": 10000, "merge_dims": False,
+                       "precondition_1d": False, "normalize_grads": False, "correct_bias": True}
+    channels_out = 2
+
+    def check(self, hp: Mapping[str, Any]) -> None:
+        super().check(hp)
+        check_betas(self.name, hp)
+        check_nonnegative(self.name, hp, "eps")
+        check_nonnegative(self.name, hp, "weight_decay")
+        if not (hp["shampoo_beta"] < 0 or 0 <= hp["shampoo_beta"] < 1):
+            raise ValueError(f"{self.name}: invalid shampoo_beta={hp['shampoo_beta']!r} (must be in [0, 1), or "
+                             "negative to use betas[1])")
+        for key in ("precondition_frequency", "max_precond_dim"):
+            value = hp[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: invalid {key}={value!r} (must be a positive int)")
+        check_bool(self.name, hp, "merge_dims", "precondition_1d", "normalize_grads", "correct_bias")
+
+    def check_param(self, shape: tuple[int, ...], name: str) -> None:
+        if len(shape) == 0:
+            raise ValueError(f"soap needs parameters with at least 1 dimension, but {name} is a scalar")
+
+    def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+        return torch.promote_types(param_dtype, torch.float32)
+
+    def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
+        numel = math.prod(shape)
+        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+        factors = [d for d, on in zip(dims, preconditioned_dims(shape, hp)) if on]
+        per_step = 2 * numel * sum(factors) * 4  # three projections and one statistics update, per factor
+        refresh = sum(12 * d**3 for d in factors) / hp["precondition_frequency"]  # power iteration + QR, amortized
+        return float(per_step + refresh)
+
+    def owner_state_keys(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[str, ...]:
+        keys = [f"{OWNER_PREFIX}exp_avg_sq"]
+        for i, on in enumerate(preconditioned_dims(shape, hp)):
+            if on:
+                keys += [f"{OWNER_PREFIX}GG.{i}", f"{OWNER_PREFIX}Q.{i}"]
+        return tuple(keys)
+
+    def owner_state_bytes(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
+        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+        factors = [d for d, on in zip(dims, preconditioned_dims(shape, hp)) if on]
+        return 4 * (math.prod(shape) + 2 * sum(d * d for d in factors))
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"step": new_step_counter(), "exp_avg": zeros_like(param)}
+
+    def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
+        beta1 = hp["betas"][0]
+        first = state["step"].item() == 0
+        state["step"] += 1
+        exp_avg = state["exp_avg"]
+        if not first:  # the reference skips the first step entirely, momentum included
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        dtype = self.wire_dtype(hp, param.dtype)
+        return torch.stack([grad.to(dtype), exp_avg.to(dtype)])
+
+    def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
+                     shape: tuple[int, ...]) -> list[Tensor]:
+        return [self._owner_step(whole[0], whole[1], state, hp, shape) for whole, state in zip(wholes, states)]
+
+    def _owner_step(self, grad: Tensor, exp_avg: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                    shape: tuple[int, ...]) -> Tensor:
+        beta2 = hp["betas"][1]
+        shampoo_beta = hp["shampoo_beta"] if hp["shampoo_beta"] >= 0 else beta2
+        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+        grad, exp_avg = grad.reshape(dims), exp_avg.reshape(dims)
+        t = int(state["step"].item()) - 1  # parameter updates before this one
+        factors = [i for i, on in enumerate(preconditioned_dims(shape, hp)) if on]
+        key = OWNER_PREFIX
+        if t == 0:
+            state[f"{key}exp_avg_sq"] = torch.zeros(dims, dtype=grad.dtype, device=grad.device)
+            for i in factors:
+                state[f"{key}GG.{i}"] = torch.zeros(dims[i], dims[i], dtype=grad.dtype, device=grad.device)
+            self._accumulate(grad, state, factors, 0.0)
+            for i in factors:
+                state[f"{key}Q.{i}"] = eigenbasis(state[f"{key}GG.{i}"])
+            return torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+
+        bases = [state[f"{key}Q.{i}"] if i in factors else None for i in range(len(dims))]
+        exp_avg_sq = state[f"{key}exp_avg_sq"]
+        exp_avg_sq.mul_(beta2).add_(project(grad, bases).square(), alpha=1 - beta2)
+        denom = exp_avg_sq.sqrt().add_(hp["eps"])
+        direction = project(project(exp_avg, bases) / denom, bases, back=True)
+        if hp["normalize_grads"]:
+            direction = direction / (1e-30 + torch.mean(direction**2) ** 0.5)
+        self._accumulate(grad, state, factors, shampoo_beta)
+        if t % hp["precondition_frequency"] == 0:
+            self._refresh(state, factors)
+        return direction.reshape(shape)
+
+    @staticmethod
+    def _accumulate(grad: Tensor, state: dict[str, Tensor], factors: list[int], beta: float) -> None:
+        """GG_i <- beta GG_i + (1 - beta) (grad contracted with itself over every dimension but i)."""
+        for i in factors:
+            others = [d for d in range(grad.dim()) if d != i]
+            outer = torch.tensordot(grad, grad, dims=[others, others])
+            state[f"{OWNER_PREFIX}GG.{i}"].lerp_(outer, 1 - beta)
+
+    @staticmethod
+    def _refresh(state: dict[str, Tensor], factors: list[int]) -> None:
+        """One power iteration and a QR per factor, eigenvalue order kept; exp_avg_sq follows the new order."""
+        exp_avg_sq = state[f"{OWNER_PREFIX}exp_avg_sq"]
+        for i in factors:
+            gg, q = state[f"{OWNER_PREFIX}GG.{i}"], state[f"{OWNER_PREFIX}Q.{i}"]
+            order = torch.argsort(torch.diag(q.T @ gg @ q), descending=True)
+            exp_avg_sq = exp_avg_sq.index_select(i, order)
+            refreshed = torch.linalg.qr(gg @ q[:, order])[0]
+            if torch.isfinite(refreshed).all():
+                state[f"{OWNER_PREFIX}Q.{i}"] = refreshed
+            else:
+                warnings.warn("soap: QR refresh gave non-finite values; keeping the previous basis", RuntimeWarning)
+                state[f"{OWNER_PREFIX}Q.{i}"] = q[:, order]
+        state[f"{OWNER_PREFIX}exp_avg_sq"] = exp_avg_sq
+
+    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+               shape: tuple[int, ...]) -> None:
+        t = int(state["step"].item()) - 1
+        if t == 0:
+            return
+        lr = hp["lr"]
+        beta1, beta2 = hp["betas"]
+        step_size = lr
+        if hp["correct_bias"]:
+            step_size = lr * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
+        param.add_(update, alpha=-step_size)
+        if hp["weight_decay"] > 0:
+            param.add_(param, alpha=-lr * hp["weight_decay"])

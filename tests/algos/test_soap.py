@@ -1,0 +1,128 @@
+"""SOAP against a loop written from the paper and the reference code, and its recovery from failed eigh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distopt
+from tests import reference
+
+#: float64 against float64: the implementation uses tensordot where the loop uses matmul, and lerp where it uses
+#: b*x + (1-b)*y, so the two differ by rounding only; eigenvector signs do not matter (they cancel).
+TOLERANCE = {"rtol": 1e-9, "atol": 1e-11}
+
+CONFIGS = [{}, {"lr": 1e-2, "betas": (0.9, 0.99), "precondition_frequency": 2},
+           {"shampoo_beta": 0.8, "weight_decay": 0.0, "precondition_frequency": 3, "eps": 1e-6},
+           {"normalize_grads": True, "correct_bias": False, "precondition_frequency": 1}]
+
+
+def _run(p0, grads, shape=None, **kwargs):
+    p = p0.clone().reshape(shape or p0.shape).requires_grad_()
+    opt = distopt.DistributedOptimizer([p], algorithm="soap", **kwargs)
+    out = []
+    for g in grads:
+        p.grad = g.reshape(p.shape).clone()
+        opt.step()
+        out.append(p.detach().clone())
+    return out, opt, p
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=[str(c) for c in CONFIGS])
+@pytest.mark.parametrize("shape", [(12, 8), (5, 9)])
+def test_matches_reference_loop(kwargs, shape):
+    p0 = torch.randn(shape, dtype=torch.float64)
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(12)]
+    expected = reference.soap(p0.clone(), grads, **kwargs)
+    got, _, _ = _run(p0, grads, **kwargs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOLERANCE)
+
+
+def test_merged_dims_equal_the_merged_matrix():
+    """(4, 3, 2) with max_precond_dim 6 and merge_dims merges to (4, 6): SOAP on the (4, 6) matrix."""
+    p0 = torch.randn(4, 3, 2, dtype=torch.float64)
+    grads = [torch.randn(4, 3, 2, dtype=torch.float64) for _ in range(8)]
+    got, _, _ = _run(p0, grads, max_precond_dim=6, merge_dims=True, precondition_frequency=2)
+    expected = reference.soap(p0.reshape(4, 6).clone(), [g.reshape(4, 6) for g in grads], precondition_frequency=2)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.reshape(4, 6), b, **TOLERANCE)
+
+
+def test_dimension_above_max_precond_dim_stays_unrotated():
+    p0 = torch.randn(6, 40, dtype=torch.float64)
+    grads = [torch.randn(6, 40, dtype=torch.float64) for _ in range(5)]
+    _, opt, p = _run(p0, grads, max_precond_dim=10)
+    assert set(k for k in opt.state[p] if k.startswith("owner.")) == {"owner.exp_avg_sq", "owner.GG.0",
+                                                                         "owner.Q.0"}
+
+
+def test_vectors_without_precondition_1d_are_adam_in_the_original_basis():
+    """No factor: Adam in the original basis, after SOAP's first step that only initializes."""
+    p0 = torch.randn(7, dtype=torch.float64)
+    grads = [torch.randn(7, dtype=torch.float64) for _ in range(6)]
+    got, _, _ = _run(p0, grads, lr=1e-2, weight_decay=0.1)
+    p, m, v = p0.clone(), torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+    for t, (g, have) in enumerate(zip(grads, got)):
+        if t > 0:
+            m = 0.95 * m + 0.05 * g
+            v = 0.95 * v + 0.05 * g * g
+            p = p - 1e-2 * (1 - 0.95**t) ** 0.5 / (1 - 0.95**t) * m / (v.sqrt() + 1e-8)
+            p = p - 1e-2 * 0.1 * p
+        torch.testing.assert_close(have, p, **TOLERANCE)
+
+
+def test_failed_eigh_recovers_in_float64_and_writes_no_nan(monkeypatch):
+    real_eigh = torch.linalg.eigh
+
+    def failing_in_float32(matrix, *args, **kwargs):
+        if matrix.dtype == torch.float32:
+            raise RuntimeError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    p = torch.randn(6, 4, requires_grad=True)
+    opt = distopt.SOAP([p], lr=1e-2)
+    with pytest.warns(RuntimeWarning, match="recovered in float64"):
+        for _ in range(4):
+            p.grad = torch.randn(6, 4)
+            opt.step()
+    assert torch.isfinite(p).all()
+
+
+def test_first_step_only_feeds_the_preconditioner():
+    p = torch.randn(6, 4, requires_grad=True)
+    before = p.detach().clone()
+    opt = distopt.SOAP([p], weight_decay=0.5)
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    assert torch.count_nonzero(opt.state[p]["exp_avg"]) == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"betas": (0.9, 1.0)}, r"betas\[1\]=1.0"), ({"shampoo_beta": 1.5}, "shampoo_beta=1.5"),
+    ({"precondition_frequency": 0}, "precondition_frequency=0"), ({"max_precond_dim": -1}, "max_precond_dim=-1"),
+    ({"merge_dims": 1}, "merge_dims must be a bool"),
+])
+def test_invalid_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        distopt.SOAP([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+
+
+def test_state_dict_round_trip_continues_bitwise():
+    p0 = torch.randn(6, 5)
+    grads = [torch.randn(6, 5) for _ in range(10)]
+    straight, _, _ = _run(p0, grads, precondition_frequency=2, lr=1e-2)
+    p = p0.clone().requires_grad_()
+    opt = distopt.SOAP([p], precondition_frequency=2, lr=1e-2)
+    for g in grads[:5]:
+        p.grad = g.clone()
+        opt.step()
+    saved = opt.state_dict()
+    resumed = distopt.SOAP([p], precondition_frequency=2, lr=1e-2)
+    resumed.load_state_dict(saved)
+    for g in grads[5:]:
+        p.grad = g.clone()
+        resumed.step()
+    assert torch.equal(p.detach(), straight[-1])

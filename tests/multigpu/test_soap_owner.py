@@ -1,0 +1,131 @@
+"""SOAP on owners, mixed with Muon and AdamW in one optimizer, equals the same optimizer run in one process.
+
+The ranks return the full parameters after a few steps; the test process runs the same optimizer on plain
+tensors (world size 1) with the same gradients and compares. The owner maths sees the same whole matrices on
+every layout and the shard maths is elementwise, so the results must be identical.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from distopt import DistributedOptimizer
+
+from .harness import device
+from .sharded_models import feed_same_grads, full, mesh_for
+from .test_muon_owner import MuonNet
+
+STEPS = 5
+
+
+def _groups(model):
+    named = dict(model.named_parameters())
+    soap = ["wide.weight", "tall.weight", "small.weight", "small.bias"]
+    muon = ["conv.weight", "thin.weight"]
+    rest = [n for n in named if n not in soap + muon]
+    return [{"params": [(n, named[n]) for n in soap], "algorithm": "soap", "lr": 1e-2, "precondition_frequency": 2,
+             "precondition_1d": True},
+            {"params": [(n, named[n]) for n in muon], "algorithm": "muon", "lr": 0.02},
+            {"params": [(n, named[n]) for n in rest], "algorithm": "adamw", "lr": 3e-3}]
+
+
+def _train(model, reference_params, steps=STEPS):
+    opt = DistributedOptimizer(_groups(model))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        feed_same_grads(list(model.parameters()), reference_params, gen)
+        opt.step()
+    return opt
+
+
+def _sharded(mesh_kind):
+    torch.manual_seed(0)
+    model = MuonNet().to(device())
+    shadow = copy.deepcopy(model)  # only its shapes are used, to draw the full gradients
+    mesh = mesh_for(mesh_kind)
+    for module in model.children():
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _train(model, list(shadow.parameters()))
+    keys = {n: sorted(opt.state[p]) for n, p in model.named_parameters()}
+    return {n: full(p).detach().cpu() for n, p in model.named_parameters()}, keys, str(opt.plan)
+
+
+def _single_process():
+    """The same optimizer on plain tensors in this process, with the ranks' single intra-op thread: eigh and QR of
+    rank-deficient statistics (R = G^T G of a 37x113 gradient has a 76-dimensional null space) pick an arbitrary
+    basis of the null space that depends on LAPACK's blocking, so the thread count must match to compare bitwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = MuonNet()
+        _train(model, [p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mesh_kind,world_size", [("fsdp", 2), ("fsdp", 3), ("fsdp", 4), ("hsdp", 4)])
+def test_mixed_soap_muon_adamw_equal_the_single_process_run(ranks, mesh_kind, world_size):
+    results = ranks(world_size, _sharded, mesh_kind)
+    expected = _single_process()
+    for rank, (params, keys, plan) in enumerate(results):
+        for name, value in expected.items():
+            assert torch.equal(params[name], value), (rank, name, (params[name] - value).abs().max())
+        assert keys == results[0][1], "state keys differ between ranks"
+        assert plan == results[0][2]
+    assert "owner.Q.0" in results[0][1]["wide.weight"] and "owner.Q.1" in results[0][1]["wide.weight"]
+
+
+def _state_dict_round_trip():
+    torch.manual_seed(0)
+    model = MuonNet().to(device())
+    shadow = copy.deepcopy(model)
+    mesh = mesh_for("fsdp")
+    for module in model.children():
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _train(model, list(shadow.parameters()), steps=3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
+        opt.step()
+    model.load_state_dict(saved_model)
+    resumed = DistributedOptimizer(_groups(model))
+    resumed.load_state_dict(saved_opt)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
+        resumed.step()
+    return {n: full(p).detach().cpu() for n, p in model.named_parameters()}
+
+
+def _uninterrupted():
+    torch.manual_seed(0)
+    model = MuonNet().to(device())
+    shadow = copy.deepcopy(model)
+    mesh = mesh_for("fsdp")
+    for module in model.children():
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _train(model, list(shadow.parameters()), steps=3)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
+        opt.step()
+    return {n: full(p).detach().cpu() for n, p in model.named_parameters()}
+
+
+def test_state_dict_round_trip_with_owner_state_continues_bitwise(ranks):
+    resumed = ranks(3, _state_dict_round_trip)
+    straight = ranks(3, _uninterrupted)
+    for params, reference in zip(resumed, straight):
+        for name, value in reference.items():
+            assert torch.equal(params[name], value), name
