@@ -148,3 +148,20 @@ class SOAP(DistributedOptimizer):
                          max_precond_dim=max_precond_dim, merge_dims=merge_dims, precondition_1d=precondition_1d,
                          normalize_grads=normalize_grads, correct_bias=correct_bias, process_group=process_group,
                          bucket_bytes=bucket_bytes)
+
+
+class PSGDKron(DistributedOptimizer):
+    """PSGD-Kron on owner ranks (Li, https://arxiv.org/abs/1512.04202), hyperparameters and defaults of PyPI
+    ``kron-torch`` 0.3.3. ``preconditioner_update_probability=None`` is kron-torch's annealing schedule; random draws
+    are seeded by ``seed`` and each parameter's name, so pass ``model.named_parameters()``."""
+
+    def __init__(self, params, lr=3e-4, b1=0.9, weight_decay=0.0, preconditioner_update_probability=None,
+                 max_size_triangular=8192, min_ndim_triangular=2, memory_save_mode=None,
+                 momentum_into_precond_update=True, precond_lr=0.1, precond_init_scale=1.0, merge_dims=True, *,
+                 seed=0, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        super().__init__(params, "psgdkron", lr=lr, b1=b1, weight_decay=weight_decay,
+                         preconditioner_update_probability=preconditioner_update_probability,
+                         max_size_triangular=max_size_triangular, min_ndim_triangular=min_ndim_triangular,
+                         memory_save_mode=memory_save_mode, momentum_into_precond_update=momentum_into_precond_update,
+                         precond_lr=precond_lr, precond_init_scale=precond_init_scale, merge_dims=merge_dims,
+                         seed=seed, process_group=process_group, bucket_bytes=bucket_bytes)

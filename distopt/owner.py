@@ -92,6 +92,6 @@ class OwnerRoute:
         for (group_index, shape), members in batches.items():
             algorithm = self.entries[members[0]].algorithm
             out = algorithm.owner_update([wholes[m] for m in members], [states[m] for m in members],
-                                         groups[group_index], shape)
+                                         groups[group_index], shape, [self.entries[m].fqn for m in members])
             results.update(zip(members, out))
         return results

@@ -176,3 +176,42 @@ def soap(p, grads, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, wei
             QL, QR = bases
         out.append(p)
     return out
+
+
+def psgd_kron(p, grads, draws, lr=3e-4, b1=0.9, weight_decay=0.0, precond_lr=0.1, update_every=1):
+    """PSGD-Kron on one matrix with two triangular factors (Li 2015; kron-torch 0.3.3's arithmetic), written
+    with explicit matrix products. ``draws(step)`` returns (balance draw, probe) for that step, so the loop sees
+    the same random numbers as the optimizer; factors update every ``update_every`` steps."""
+    m, n = p.shape
+    q0, q1 = torch.eye(m, dtype=p.dtype), torch.eye(n, dtype=p.dtype)
+    mom = torch.zeros_like(p)
+    eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=p.dtype).sqrt()
+    out = []
+
+    def lower_bound(s):
+        norm = s.abs().max()
+        s = s / norm
+        x = s[:, torch.argmax((s * s).sum(0))] @ s
+        return (s @ (x / x.norm())).norm() * norm
+
+    for t, g in enumerate(grads, start=1):
+        mom = b1 * mom + (1 - b1) * g
+        d = mom / (1 - b1**t)
+        balance, v = draws(t)
+        if t % update_every == 0:
+            if balance < 0.01:
+                norms = torch.stack([q0.abs().max(), q1.abs().max()])
+                q0, q1 = (q * s for q, s in zip((q0, q1), norms.log().mean().exp() / norms))
+            d = d + eps * d.abs().mean() * v
+            a = q0 @ d @ q1.T
+            b = torch.linalg.inv(q0).T @ v @ torch.linalg.inv(q1)
+            new = []
+            for q, (aa, bb) in zip((q0, q1), ((a @ a.T, b @ b.T), (a.T @ a, b.T @ b))):
+                total = aa + bb
+                new.append(q - torch.triu((aa - bb) * precond_lr) / lower_bound(total) @ q)
+            q0, q1 = new
+        u = q0.T @ q0 @ d @ q1.T @ q1
+        u = u * torch.clamp(1.1 / (u.pow(2).mean().sqrt() + 1e-12), max=1.0)
+        p = p - lr * (u + weight_decay * p)
+        out.append(p)
+    return out

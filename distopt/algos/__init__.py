@@ -10,13 +10,14 @@ from .laprop import LaProp
 from .lion import Lion
 from .muon import Muon
 from .nadam import NAdam
+from .psgd import PSGDKron
 from .rmsprop import RMSprop
 from .sgd import SGD
 from .soap import SOAP
 
 #: Built-in algorithms by name; a name is the lowercase class name.
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix, Muon, SOAP)
+    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix, Muon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.
@@ -37,5 +38,5 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
     return cls()
 
 
-__all__ = ["ELEMENTWISE_NAMES", "Algorithm", "MatrixAlgorithm", "ELEMENTWISE", "MATRIX", "Muon", "SOAP", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
+__all__ = ["ELEMENTWISE_NAMES", "Algorithm", "MatrixAlgorithm", "ELEMENTWISE", "MATRIX", "Muon", "SOAP", "PSGDKron", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
            "LaProp", "ADOPT", "AdEMAMix"]

@@ -157,8 +157,9 @@ class MatrixAlgorithm(Algorithm):
         raise NotImplementedError
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
-                     shape: tuple[int, ...]) -> list[Tensor]:
-        """Whole matrices of one shape and group, ``(channels_out, *shape)`` each, to their results (``shape``)."""
+                     shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
+        """Whole matrices of one shape and group, ``(channels_out, *shape)`` each, to their results (``shape``).
+        ``fqns`` name the matrices (algorithms that draw random numbers seed them with it)."""
         raise NotImplementedError
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
@@ -169,5 +170,5 @@ class MatrixAlgorithm(Algorithm):
         """The whole step on one whole parameter: the definition of the maths, and the single-process path."""
         shape = tuple(param.shape)
         piece = self.prepare(param, grad, state, hp).reshape(self.channels_out, *shape)
-        result = self.owner_update([piece], [state], hp, shape)[0]
+        result = self.owner_update([piece], [state], hp, shape, [""])[0]
         self.finish(param, result, state, hp, shape)

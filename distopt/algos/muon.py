@@ -109,7 +109,7 @@ class Muon(MatrixAlgorithm):
         return shape[0], rest
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
-                     shape: tuple[int, ...]) -> list[Tensor]:
+                     shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
         result = newton_schulz(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"])
         return [r.reshape(shape) for r in result.unbind(0)]

@@ -151,7 +151,7 @@ class SOAP(MatrixAlgorithm):
         return torch.stack([grad.to(dtype), exp_avg.to(dtype)])
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
-                     shape: tuple[int, ...]) -> list[Tensor]:
+                     shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         return [self._owner_step(whole[0], whole[1], state, hp, shape) for whole, state in zip(wholes, states)]
 
     def _owner_step(self, grad: Tensor, exp_avg: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],

@@ -1,4 +1,5 @@
-"""SOAP on owners, mixed with Muon and AdamW in one optimizer, equals the same optimizer run in one process.
+"""SOAP and PSGD-Kron on owners, mixed with Muon and AdamW in one optimizer, equal the same optimizer run in one
+process.
 
 The ranks return the full parameters after a few steps; the test process runs the same optimizer on plain
 tensors (world size 1) with the same gradients and compares. The owner maths sees the same whole matrices on
@@ -25,11 +26,14 @@ STEPS = 5
 
 def _groups(model):
     named = dict(model.named_parameters())
-    soap = ["wide.weight", "tall.weight", "small.weight", "small.bias"]
-    muon = ["conv.weight", "thin.weight"]
-    rest = [n for n in named if n not in soap + muon]
+    soap = ["wide.weight", "small.weight", "small.bias"]
+    psgd = ["tall.weight", "smaller.weight", "conv.weight"]
+    muon = ["thin.weight"]
+    rest = [n for n in named if n not in soap + psgd + muon]
     return [{"params": [(n, named[n]) for n in soap], "algorithm": "soap", "lr": 1e-2, "precondition_frequency": 2,
              "precondition_1d": True},
+            {"params": [(n, named[n]) for n in psgd], "algorithm": "psgdkron", "lr": 1e-2, "weight_decay": 0.1,
+             "preconditioner_update_probability": 0.5},
             {"params": [(n, named[n]) for n in muon], "algorithm": "muon", "lr": 0.02},
             {"params": [(n, named[n]) for n in rest], "algorithm": "adamw", "lr": 3e-3}]
 
@@ -72,7 +76,7 @@ def _single_process():
 
 
 @pytest.mark.parametrize("mesh_kind,world_size", [("fsdp", 2), ("fsdp", 3), ("fsdp", 4), ("hsdp", 4)])
-def test_mixed_soap_muon_adamw_equal_the_single_process_run(ranks, mesh_kind, world_size):
+def test_mixed_soap_psgd_muon_adamw_equal_the_single_process_run(ranks, mesh_kind, world_size):
     results = ranks(world_size, _sharded, mesh_kind)
     expected = _single_process()
     for rank, (params, keys, plan) in enumerate(results):
@@ -81,6 +85,7 @@ def test_mixed_soap_muon_adamw_equal_the_single_process_run(ranks, mesh_kind, wo
         assert keys == results[0][1], "state keys differ between ranks"
         assert plan == results[0][2]
     assert "owner.Q.0" in results[0][1]["wide.weight"] and "owner.Q.1" in results[0][1]["wide.weight"]
+    assert "owner.Q.1" in results[0][1]["conv.weight"] and "update_counter" in results[0][1]["conv.weight"]
 
 
 def _state_dict_round_trip():
