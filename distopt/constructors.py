@@ -126,12 +126,13 @@ class Muon(DistributedOptimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=None, *, adamw_lr=1e-3,
                  adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_weight_decay=1e-2,
-                 adamw_predicate=is_embedding_or_head, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
+                 adamw_predicate=is_embedding_or_head, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
+                 compile=None):
         elementwise = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
         super().__init__(split_groups(params, adamw_predicate, elementwise), "muon", lr=lr,
                          weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                         process_group=process_group, bucket_bytes=bucket_bytes)
+                         process_group=process_group, bucket_bytes=bucket_bytes, compile=compile)
 
 
 class SOAP(DistributedOptimizer):
@@ -142,12 +143,12 @@ class SOAP(DistributedOptimizer):
     def __init__(self, params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
                  normalize_grads=False, correct_bias=True, *, process_group=None,
-                 bucket_bytes=DEFAULT_BUCKET_BYTES):
+                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None):
         super().__init__(params, "soap", lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                          weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                          max_precond_dim=max_precond_dim, merge_dims=merge_dims, precondition_1d=precondition_1d,
                          normalize_grads=normalize_grads, correct_bias=correct_bias, process_group=process_group,
-                         bucket_bytes=bucket_bytes)
+                         bucket_bytes=bucket_bytes, compile=compile)
 
 
 class PSGDKron(DistributedOptimizer):
@@ -158,10 +159,10 @@ class PSGDKron(DistributedOptimizer):
     def __init__(self, params, lr=3e-4, b1=0.9, weight_decay=0.0, preconditioner_update_probability=None,
                  max_size_triangular=8192, min_ndim_triangular=2, memory_save_mode=None,
                  momentum_into_precond_update=True, precond_lr=0.1, precond_init_scale=1.0, merge_dims=True, *,
-                 seed=0, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
+                 seed=0, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None):
         super().__init__(params, "psgdkron", lr=lr, b1=b1, weight_decay=weight_decay,
                          preconditioner_update_probability=preconditioner_update_probability,
                          max_size_triangular=max_size_triangular, min_ndim_triangular=min_ndim_triangular,
                          memory_save_mode=memory_save_mode, momentum_into_precond_update=momentum_into_precond_update,
                          precond_lr=precond_lr, precond_init_scale=precond_init_scale, merge_dims=merge_dims,
-                         seed=seed, process_group=process_group, bucket_bytes=bucket_bytes)
+                         seed=seed, process_group=process_group, bucket_bytes=bucket_bytes, compile=compile)

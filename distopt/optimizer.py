@@ -16,6 +16,7 @@ from torch import Tensor
 from . import algos
 from .algos import MATRIX, Algorithm
 from .algos.base import OWNER_PREFIX
+from .compile import default_enabled
 from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute
 from .sharding import layout
 from .sharding.plan import Plan
@@ -33,6 +34,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         process_group: the ranks that share the matrix algorithms' work (default: the whole job). Plain tensors in
             a multi-rank job are taken to be replicated over it (DDP-style).
         bucket_bytes: payload bound of one bucket of the owner exchange (whole matrices in the wire dtype).
+        compile: run the owners' maths under ``torch.compile``; None (default) reads the environment variable
+            ``DISTOPT_COMPILE`` (on unless it is ``0``).
         **hyperparameters: defaults for every group whose algorithm has a hyperparameter of that name; the
             algorithm's own defaults fill in the rest. A name that no group's algorithm knows is a ``TypeError``.
 
@@ -42,8 +45,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm = "adamw", *, process_group=None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, **hyperparameters: Any):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool | None = None, **hyperparameters: Any):
         self._process_group, self._bucket_bytes = process_group, bucket_bytes
+        self._compile = default_enabled() if compile is None else bool(compile)
         self._owner: OwnerRoute | None = None
         self._ready = False
         if isinstance(params, (set, frozenset)):
@@ -83,8 +87,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     entries.append(MatrixEntry(param, fqn, group_index, algorithm))
                 index += 1
             has_matrix_group |= algorithm.kind == MATRIX
-        self._owner = (OwnerRoute(entries, self.param_groups, self._process_group, self._bucket_bytes)
-                       if has_matrix_group else None)
+        self._owner = (OwnerRoute(entries, self.param_groups, self._process_group, self._bucket_bytes,
+                                  self._compile) if has_matrix_group else None)
 
     # ------------------------------------------------------------------------------------------------------------
     # Param groups

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .algos import MatrixAlgorithm
+from .compile import compiling
 from .sharding import exchange, layout
 from .sharding.plan import MatrixSpec, Plan, make_plan
 
@@ -45,8 +46,8 @@ class OwnerRoute:
     """Plan, exchange and per-step orchestration of every matrix parameter of one optimizer."""
 
     def __init__(self, entries: list[MatrixEntry], groups: list[dict[str, Any]], process_group=None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        self.entries = entries
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool = False):
+        self.entries, self.compile = entries, compile
         self.group, ranks, self.rank = group_layout(process_group)
         metas = [layout.describe(e.param, e.fqn, ranks, self.rank) for e in entries]
         if len(ranks) > 1:
@@ -74,8 +75,9 @@ class OwnerRoute:
             device = pieces[route.matrices[0]].device
             wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device)
             # Owner state is plain (never a DTensor): the owner's maths reads and writes the real state dicts.
-            results = self._owner_compute(route.owned, wholes, groups,
-                                          {m: state_of(self.entries[m]) for m in route.owned})
+            with compiling(self.compile):  # the owner maths only: the exchanges around it stay eager
+                results = self._owner_compute(route.owned, wholes, groups,
+                                              {m: state_of(self.entries[m]) for m in route.owned})
             mine = self.exchange.to_holders(route, results, spec.wire_dtype, device)
             for m, update in mine.items():
                 entry = self.entries[m]

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..compile import kernel
 from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
+@kernel
 def newton_schulz(matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
     """Quintic Newton-Schulz on a stack of same-shape matrices ``(batch, m, n)``, in bfloat16.
 

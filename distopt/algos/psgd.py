@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..compile import kernel
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_bool, check_nonnegative, check_unit_interval,
                    new_step_counter, zeros_like)
 
@@ -83,15 +84,53 @@ def _contract_others(a: Tensor, b: Tensor, dim: int, diagonal: bool) -> Tensor:
 def _spectral_lower_bound(a: Tensor, max_abs: Tensor) -> Tensor:
     """Cheap lower bound of the spectral norm of a symmetric matrix (one power step from its largest column)."""
     a = a / max_abs
-    column = torch.argmax((a * a).sum(0))
-    x = a[:, column] @ a
+    column = torch.argmax((a * a).sum(0)).reshape(1)
+    x = torch.index_select(a, 1, column).flatten() @ a  # index_select: no data-dependent graph break
     x = a @ (x / x.norm())
     return x.norm() * max_abs
+
+
+@kernel
+def precondition(g: Tensor, factors: list[Tensor], diag: list[bool]) -> Tensor:
+    """``Q^T Q`` applied along every dimension, then kron-torch's RMS clip of the update at 1.1."""
+    update = g
+    for i, (q, d) in enumerate(zip(factors, diag)):
+        update = _mode_product(update, torch.diag(q * q) if d else q.T @ q, i)
+    return update * torch.clamp(1.1 / (update.square().mean().sqrt() + 1e-12), max=1.0)
 
 
 def _seed(seed: int, fqn: str, step: int) -> int:
     digest = hashlib.sha256(f"{seed}:{fqn}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@kernel
+def update_factors(factors: list[Tensor], diag: list[bool], g: Tensor, probe: Tensor,
+                   precond_lr: float) -> list[Tensor]:
+    """One step of the factors on the fitting criterion of PSGD, with the probe ``probe``."""
+    tiny = torch.finfo(g.dtype).tiny
+    a = g
+    conj_b = probe
+    for i, (q, d) in enumerate(zip(factors, diag)):
+        a = _mode_product(a, torch.diag(q) if d else q, i)
+        if d:
+            conj_b = conj_b / q.reshape([-1 if j == i else 1 for j in range(g.dim())])
+        else:  # conj_b <- conj_b x_i Q_i^{-T}: a triangular solve along dimension i
+            moved = torch.movedim(conj_b, i, -1)
+            solved = torch.linalg.solve_triangular(q, moved.reshape(-1, q.shape[0]), upper=True, left=False)
+            conj_b = torch.movedim(solved.reshape(moved.shape), -1, i)
+    updated = []
+    for i, (q, d) in enumerate(zip(factors, diag)):
+        term_a = _contract_others(a, a, i, d)
+        term_b = _contract_others(conj_b, conj_b, i, d)
+        step, total = (term_a - term_b) * precond_lr, term_a + term_b
+        norm = total.abs().max()
+        if d:
+            updated.append(q - step * q / norm.clamp(min=tiny))
+        else:
+            bound = torch.where(norm > 0, _spectral_lower_bound(total, norm), norm).clamp(min=tiny)
+            updated.append(q - torch.triu(step) / bound @ q)
+    return updated
 
 
 class PSGDKron(MatrixAlgorithm):
@@ -198,41 +237,10 @@ class PSGDKron(MatrixAlgorithm):
             # The probe also damps the momentum that is preconditioned below, as kron-torch does.
             eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=g.dtype, device=g.device)
             g += eps.sqrt() * g.abs().mean() * probe
-            factors = self._update_factors(factors, diag, g, probe, hp["precond_lr"])
+            factors = update_factors(factors, diag, g, probe, hp["precond_lr"])
         for i, q in enumerate(factors):
             state[f"{OWNER_PREFIX}Q.{i}"] = q
-        update = g
-        for i, (q, d) in enumerate(zip(factors, diag)):  # Q^T Q per dimension
-            update = _mode_product(update, torch.diag(q * q) if d else q.T @ q, i)
-        update = update * torch.clamp(1.1 / (update.square().mean().sqrt() + 1e-12), max=1.0)
-        return update.reshape(shape)
-
-    @staticmethod
-    def _update_factors(factors: list[Tensor], diag: list[bool], g: Tensor, probe: Tensor,
-                        precond_lr: float) -> list[Tensor]:
-        tiny = torch.finfo(g.dtype).tiny
-        a = g
-        conj_b = probe
-        for i, (q, d) in enumerate(zip(factors, diag)):
-            a = _mode_product(a, torch.diag(q) if d else q, i)
-            if d:
-                conj_b = conj_b / q.reshape([-1 if j == i else 1 for j in range(g.dim())])
-            else:  # conj_b <- conj_b x_i Q_i^{-T}: a triangular solve along dimension i
-                moved = torch.movedim(conj_b, i, -1)
-                solved = torch.linalg.solve_triangular(q, moved.reshape(-1, q.shape[0]), upper=True, left=False)
-                conj_b = torch.movedim(solved.reshape(moved.shape), -1, i)
-        updated = []
-        for i, (q, d) in enumerate(zip(factors, diag)):
-            term_a = _contract_others(a, a, i, d)
-            term_b = _contract_others(conj_b, conj_b, i, d)
-            step, total = (term_a - term_b) * precond_lr, term_a + term_b
-            norm = total.abs().max()
-            if d:
-                updated.append(q - step * q / norm.clamp(min=tiny))
-            else:
-                bound = torch.where(norm > 0, _spectral_lower_bound(total, norm), norm).clamp(min=tiny)
-                updated.append(q - torch.triu(step) / bound @ q)
-        return updated
+        return precondition(g, factors, diag).reshape(shape)
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..compile import kernel
 from .base import (OWNER_PREFIX, MatrixAlgorithm, check_betas, check_bool, check_nonnegative, new_step_counter,
                    zeros_like)
 
@@ -57,6 +58,25 @@ def project(x: Tensor, bases: list[Tensor | None], back: bool = False) -> Tensor
         else:
             x = torch.tensordot(x, q, dims=[[0], [1 if back else 0]])
     return x
+
+
+@kernel
+def adam_in_eigenbasis(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, bases: list[Tensor | None], beta2: float,
+                       eps: float, normalize: bool) -> Tensor:
+    """Update the rotated second moment in place and return the preconditioned direction in the original basis."""
+    exp_avg_sq.mul_(beta2).add_(project(grad, bases).square(), alpha=1 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    direction = project(project(exp_avg, bases) / denom, bases, back=True)
+    if normalize:
+        direction = direction / (1e-30 + torch.mean(direction**2) ** 0.5)
+    return direction
+
+
+@kernel
+def power_iteration_qr(gg: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """One power iteration and a QR of a factor, eigenvalue order kept; returns (new basis, the order used)."""
+    order = torch.argsort(torch.diag(q.T @ gg @ q), descending=True)
+    return torch.linalg.qr(gg @ q[:, order])[0], order
 
 
 def eigenbasis(matrix: Tensor) -> Tensor:
@@ -173,12 +193,8 @@ class SOAP(MatrixAlgorithm):
             return torch.zeros(shape, dtype=grad.dtype, device=grad.device)
 
         bases = [state[f"{key}Q.{i}"] if i in factors else None for i in range(len(dims))]
-        exp_avg_sq = state[f"{key}exp_avg_sq"]
-        exp_avg_sq.mul_(beta2).add_(project(grad, bases).square(), alpha=1 - beta2)
-        denom = exp_avg_sq.sqrt().add_(hp["eps"])
-        direction = project(project(exp_avg, bases) / denom, bases, back=True)
-        if hp["normalize_grads"]:
-            direction = direction / (1e-30 + torch.mean(direction**2) ** 0.5)
+        direction = adam_in_eigenbasis(grad, exp_avg, state[f"{key}exp_avg_sq"], bases, beta2, hp["eps"],
+                                       hp["normalize_grads"])
         self._accumulate(grad, state, factors, shampoo_beta)
         if t % hp["precondition_frequency"] == 0:
             self._refresh(state, factors)
@@ -198,9 +214,8 @@ class SOAP(MatrixAlgorithm):
         exp_avg_sq = state[f"{OWNER_PREFIX}exp_avg_sq"]
         for i in factors:
             gg, q = state[f"{OWNER_PREFIX}GG.{i}"], state[f"{OWNER_PREFIX}Q.{i}"]
-            order = torch.argsort(torch.diag(q.T @ gg @ q), descending=True)
+            refreshed, order = power_iteration_qr(gg, q)
             exp_avg_sq = exp_avg_sq.index_select(i, order)
-            refreshed = torch.linalg.qr(gg @ q[:, order])[0]
             if torch.isfinite(refreshed).all():
                 state[f"{OWNER_PREFIX}Q.{i}"] = refreshed
             else:

@@ -1,7 +1,8 @@
 """Who owns which matrix, and which boxes travel where: a pure function of metadata, the same on every rank.
 
-Owners are chosen by LPT (longest processing time first): matrices sorted by (cost, bytes, fqn), largest first,
-each to the least-loaded rank (ties to the lowest rank). Every non-empty box of a matrix travels once from one of
+Owners are chosen by LPT (longest processing time first): matrices sorted by weight (their share of the total
+compute cost plus their share of the total owner-held state), heaviest first, each to the least-loaded rank (ties
+to the lowest rank, then by bytes and fqn). Every non-empty box of a matrix travels once from one of
 its holders to the owner (the owner itself when it holds the box), and the owner's result travels back to every
 holder of every box, replicas included (HSDP, DDP-style plain tensors).
 
@@ -145,18 +146,23 @@ class Plan:
 
 
 def assign_owners(specs: list[MatrixSpec], world_size: int) -> tuple[list[int], list[float]]:
-    """LPT: largest (cost, bytes) first, each to the least-loaded rank; deterministic, ties to the lowest rank."""
-    order = sorted(range(len(specs)), key=lambda i: (-specs[i].cost, -specs[i].numel, specs[i].meta.fqn, i))
-    heap = [(0.0, 0, rank) for rank in range(world_size)]  # (compute load, state bytes, rank)
+    """LPT on compute and owner memory together: each matrix weighs its share of the total cost plus its share of
+    the total owner state. Heaviest first, each to the least-loaded rank; deterministic, ties to the lowest rank.
+    Returns the owners and the compute cost per rank."""
+    total_cost = sum(s.cost for s in specs) or 1.0
+    total_state = sum(s.state_bytes for s in specs)
+    weight = [s.cost / total_cost + (s.state_bytes / total_state if total_state else 0.0) for s in specs]
+    order = sorted(range(len(specs)), key=lambda i: (-weight[i], -specs[i].numel, specs[i].meta.fqn, i))
+    heap = [(0.0, rank) for rank in range(world_size)]
     owners = [0] * len(specs)
     for i in order:
-        load, state, rank = heapq.heappop(heap)
+        load, rank = heapq.heappop(heap)
         owners[i] = rank
-        heapq.heappush(heap, (load + specs[i].cost, state + specs[i].state_bytes, rank))
-    loads = [0.0] * world_size
-    for load, _, rank in heap:
-        loads[rank] = load
-    return owners, loads
+        heapq.heappush(heap, (load + weight[i], rank))
+    costs = [0.0] * world_size
+    for i, rank in enumerate(owners):
+        costs[rank] += specs[i].cost
+    return owners, costs
 
 
 def _transfers(index: int, meta: ParamMeta, owner: int) -> tuple[list[Transfer], list[Transfer]]:

@@ -96,3 +96,14 @@ def test_shuffled_costs_still_balance():
     specs = [spec(f"m{i}", (rng.randint(1, 300), rng.randint(1, 300)), 8) for i in range(200)]
     plan = make_plan(specs, 8)
     assert plan.imbalance < 1.05
+
+
+def test_owner_memory_is_balanced_with_compute():
+    """Two kinds of matrix: cheap ones with large owner state and costly ones with none. Balancing compute alone
+    would pile the state on one rank; the combined weight spreads both."""
+    heavy_state = [MatrixSpec(fsdp_meta(f"s{i}", (64, 64), 2), 1.0, torch.float32, state_bytes=1000)
+                   for i in range(4)]
+    heavy_cost = [MatrixSpec(fsdp_meta(f"c{i}", (64, 64), 2), 100.0, torch.float32) for i in range(2)]
+    plan = make_plan(heavy_state + heavy_cost, 2)
+    assert plan.imbalance < 1.05 and plan.state_imbalance == 1.0
+    assert "owner-state imbalance 1.000" in str(plan)
