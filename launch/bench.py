@@ -74,6 +74,41 @@ def _heavyball_muon(params):
     return heavyball.Muon(params, lr=0.02, weight_decay=0.1)
 
 
+def _heavyball_soap(params):
+    import heavyball
+
+    return heavyball.SOAP(params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=0.95, weight_decay=0.01,
+                          precondition_frequency=10, use_precond_schedule=False, merge_dims=False)
+
+
+def _heavyball_psgd(params):
+    import heavyball
+
+    return heavyball.PSGDKron(params, lr=3e-4, betas=(0.9, 0.999), preconditioner_update_probability=1.0,
+                              max_size_triangular=8192)
+
+
+def _distopt(algorithm, compile, **hp):
+    return lambda ps: distopt.DistributedOptimizer(ps, algorithm=algorithm, compile=compile, **hp)
+
+
+def state_bytes(opt) -> int:
+    """Bytes of optimizer state held on this rank (local shards of DTensors, whole owner-held tensors)."""
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            return local.numel() * local.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        return 0
+    return sum(walk(state) for state in opt.state.values())
+
+
+SOAP_HP = {"lr": 3e-3, "precondition_frequency": 10}
+PSGD_HP = {"lr": 3e-4, "preconditioner_update_probability": 1.0}
+
 #: scenario -> candidate name -> factory(params) -> optimizer. The first candidate is the baseline of the ratios.
 SCENARIOS = {
     "adamw": {
@@ -84,9 +119,19 @@ SCENARIOS = {
         "optimi.AdamW": _optimi_adamw,
     },
     "muon": {
-        "distopt.Muon": lambda ps: distopt.DistributedOptimizer(ps, algorithm="muon", lr=0.02),
+        "distopt.Muon": _distopt("muon", False, lr=0.02),
         "torch.optim.Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),
         "heavyball.Muon": _heavyball_muon,
+    },
+    "soap": {
+        "distopt.SOAP (eager)": _distopt("soap", False, **SOAP_HP),
+        "distopt.SOAP (compiled)": _distopt("soap", True, **SOAP_HP),
+        "heavyball.SOAP": _heavyball_soap,
+    },
+    "psgd": {
+        "distopt.PSGDKron (eager)": _distopt("psgdkron", False, **PSGD_HP),
+        "distopt.PSGDKron (compiled)": _distopt("psgdkron", True, **PSGD_HP),
+        "heavyball.PSGDKron": _heavyball_psgd,
     },
 }
 
@@ -132,11 +177,15 @@ def _rank_main(rank, world, init_file, args, results):
                 elapsed = time.perf_counter() - start
                 if step >= args.warmup:
                     times[name].append(elapsed)
-        medians = {}
+        medians, memory = {}, {}
         for name, opt in candidates.items():
             plan = getattr(opt, "plan", None)
-            if plan is not None:
+            if plan is not None and "plan" not in medians:
                 medians["plan"] = (max(plan.sent_bytes_per_rank), plan.collectives_per_step, plan.imbalance)
+            peak = torch.tensor([state_bytes(opt)], dtype=torch.float64)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            memory[name] = peak.item()
+        medians["memory"] = memory
         for name, value in times.items():
             if isinstance(value, str):
                 medians[name] = value
@@ -212,6 +261,9 @@ def main(argv=None):
             cells.append(value if isinstance(value, str) else
                          f"{value * 1e3:.2f} ({value / base:.2f}x)" if isinstance(base, float) else f"{value * 1e3:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\noptimizer state per rank (MiB, the largest rank): " + "; ".join(
+        f"W={w}: " + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in table[w]["memory"].items())
+        for w in args.world_sizes))
     if any("plan" in table[w] for w in args.world_sizes):
         print(f"\n{baseline} owner plan per world size: max bytes sent per rank per step, collectives per step, "
               "compute imbalance (max/mean)")
