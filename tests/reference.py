@@ -178,7 +178,8 @@ def soap(p, grads, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, wei
     return out
 
 
-def psgd_kron(p, grads, draws, lr=3e-4, b1=0.9, weight_decay=0.0, precond_lr=0.1, update_every=1):
+def psgd_kron(p, grads, draws, lr=3e-4, b1=0.9, weight_decay=0.0, precond_lr=0.1, update_every=1,
+              momentum_into_precond_update=True):
     """PSGD-Kron on one matrix with two triangular factors (Li 2015; kron-torch 0.3.3's arithmetic), written
     with explicit matrix products. ``draws(step)`` returns (balance draw, probe) for that step, so the loop sees
     the same random numbers as the optimizer; factors update every ``update_every`` steps."""
@@ -202,8 +203,11 @@ def psgd_kron(p, grads, draws, lr=3e-4, b1=0.9, weight_decay=0.0, precond_lr=0.1
             if balance < 0.01:
                 norms = torch.stack([q0.abs().max(), q1.abs().max()])
                 q0, q1 = (q * s for q, s in zip((q0, q1), norms.log().mean().exp() / norms))
-            d = d + eps * d.abs().mean() * v
-            a = q0 @ d @ q1.T
+            fit = d if momentum_into_precond_update else g
+            fit = fit + eps * fit.abs().mean() * v
+            if momentum_into_precond_update:
+                d = fit
+            a = q0 @ fit @ q1.T
             b = torch.linalg.inv(q0).T @ v @ torch.linalg.inv(q1)
             new = []
             for q, (aa, bb) in zip((q0, q1), ((a @ a.T, b @ b.T), (a.T @ a, b.T @ b))):

@@ -130,12 +130,15 @@ class MatrixAlgorithm(Algorithm):
     A step is three pure functions: :meth:`prepare` on each rank's local shard (elementwise, e.g. momentum),
     :meth:`owner_update` on whole matrices (on the owner only, with the state only the owner holds), and
     :meth:`finish` on the local shard of the owner's result (elementwise, e.g. learning rate and weight decay).
-    ``prepare`` returns ``channels_out`` tensors per shard stacked on a new leading dimension (Muon sends one,
+    ``prepare`` returns :meth:`channels` tensors per shard stacked on a new leading dimension (Muon sends one,
     SOAP two), and the owner returns one result per matrix.
     """
 
     kind = MATRIX
-    channels_out: ClassVar[int] = 1
+
+    def channels(self, hp: Mapping[str, Any]) -> int:
+        """How many tensors per shard travel to the owner."""
+        return 1
 
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
         """Raise ``ValueError`` if a parameter of this shape cannot run this algorithm."""
@@ -169,6 +172,6 @@ class MatrixAlgorithm(Algorithm):
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
         """The whole step on one whole parameter: the definition of the maths, and the single-process path."""
         shape = tuple(param.shape)
-        piece = self.prepare(param, grad, state, hp).reshape(self.channels_out, *shape)
+        piece = self.prepare(param, grad, state, hp).reshape(self.channels(hp), *shape)
         result = self.owner_update([piece], [state], hp, shape, [""])[0]
         self.finish(param, result, state, hp, shape)

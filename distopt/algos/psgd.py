@@ -197,9 +197,10 @@ class PSGDKron(MatrixAlgorithm):
             prob = ProbabilitySchedule()
         return prob(step) if callable(prob) else prob
 
+    def channels(self, hp: Mapping[str, Any]) -> int:
+        return 1 if hp["momentum_into_precond_update"] else 2  # the debiased momentum (and the gradient)
+
     def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
-        if not hp["momentum_into_precond_update"]:
-            raise NotImplementedError("psgdkron: momentum_into_precond_update=False is not supported yet")
         b1 = hp["b1"]
         # The update decision: kron-torch's deterministic counter, against the probability at the previous step.
         # A counter of 0 after this tells the owner that this step updates the factors.
@@ -210,17 +211,22 @@ class PSGDKron(MatrixAlgorithm):
         state["step"] += 1
         buf = state["momentum_buffer"]
         buf.mul_(b1).add_(grad, alpha=1 - b1)
-        return (buf / (1 - b1 ** state["step"].item())).to(self.wire_dtype(hp, param.dtype))
+        dtype = self.wire_dtype(hp, param.dtype)
+        debiased = (buf / (1 - b1 ** state["step"].item())).to(dtype)
+        return debiased if hp["momentum_into_precond_update"] else torch.stack([debiased, grad.to(dtype)])
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
-        return [self._owner_step(w[0], s, hp, shape, fqn) for w, s, fqn in zip(wholes, states, fqns)]
+        return [self._owner_step(w, s, hp, shape, fqn) for w, s, fqn in zip(wholes, states, fqns)]
 
-    def _owner_step(self, momentum: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+    def _owner_step(self, whole: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                     shape: tuple[int, ...], fqn: str) -> Tensor:
         dims = self._dims(shape, hp)
         diag = diagonal_dims(dims, hp)
-        g = momentum.reshape(dims).clone()
+        g = whole[0].reshape(dims).clone()
+        # kron-torch fits the factors to the momentum (default) or to the raw gradient; the probe noise lands on
+        # whichever it fits, so only in the default mode does the preconditioned momentum carry it.
+        fitted = g if hp["momentum_into_precond_update"] else whole[1].reshape(dims).clone()
         factors = [state[f"{OWNER_PREFIX}Q.{i}"] for i in range(len(dims))]
         if factors[0].numel() == 0:  # first step on this owner: kron-torch's initial factors
             scale = hp["precond_init_scale"] ** (1 / len(dims))
@@ -236,8 +242,8 @@ class PSGDKron(MatrixAlgorithm):
             probe = torch.randn(dims, generator=gen, dtype=g.dtype, device=g.device)
             # The probe also damps the momentum that is preconditioned below, as kron-torch does.
             eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=g.dtype, device=g.device)
-            g += eps.sqrt() * g.abs().mean() * probe
-            factors = update_factors(factors, diag, g, probe, hp["precond_lr"])
+            fitted += eps.sqrt() * fitted.abs().mean() * probe
+            factors = update_factors(factors, diag, fitted, probe, hp["precond_lr"])
         for i, q in enumerate(factors):
             state[f"{OWNER_PREFIX}Q.{i}"] = q
         return precondition(g, factors, diag).reshape(shape)

@@ -114,7 +114,9 @@ class SOAP(MatrixAlgorithm):
     hyperparameters = {"lr": 3e-3, "betas": (0.95, 0.95), "shampoo_beta": -1.0, "eps": 1e-8, "weight_decay": 0.01,
                        "precondition_frequency": 10, "max_precond_dim": 10000, "merge_dims": False,
                        "precondition_1d": False, "normalize_grads": False, "correct_bias": True}
-    channels_out = 2
+
+    def channels(self, hp: Mapping[str, Any]) -> int:
+        return 2  # the gradient and exp_avg
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)

@@ -25,8 +25,9 @@ def _draws(seed, fqn, shape, dtype):
     return draw
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"lr": 1e-2, "b1": 0.5, "weight_decay": 0.1, "precond_lr": 0.3}],
-                         ids=["defaults", "custom"])
+@pytest.mark.parametrize("kwargs", [{}, {"lr": 1e-2, "b1": 0.5, "weight_decay": 0.1, "precond_lr": 0.3},
+                                    {"momentum_into_precond_update": False}],
+                         ids=["defaults", "custom", "gradient_into_precond_update"])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 9)])
 def test_matches_reference_loop_with_the_same_draws(kwargs, shape):
     p0 = torch.randn(shape, dtype=torch.float64)

@@ -126,3 +126,22 @@ def test_state_dict_round_trip_continues_bitwise():
         p.grad = g.clone()
         resumed.step()
     assert torch.equal(p.detach(), straight[-1])
+
+
+def test_trains_200_steps_without_nan():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = distopt.SOAP(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(123)
+    x, w = torch.randn(256, 16, generator=gen), torch.randn(16, 1, generator=gen)
+    y = torch.sin(x @ w)
+    start = torch.nn.functional.mse_loss(model(x), y).item()
+    for _ in range(200):
+        idx = torch.randint(0, 256, (32,), generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = torch.nn.functional.mse_loss(model(x), y).item()
+    assert final < 0.5 * start, (start, final)
