@@ -161,7 +161,7 @@ class MatrixAlgorithm(Algorithm):
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
-        """Whole matrices of one shape and group, ``(channels_out, *shape)`` each, to their results (``shape``).
+        """Whole matrices of one shape and group, ``(channels, *shape)`` each, to their results (``shape``).
         ``fqns`` name the matrices (algorithms that draw random numbers seed them with it)."""
         raise NotImplementedError
 

@@ -47,17 +47,27 @@ def _train(model, reference_params, steps=STEPS):
     return opt
 
 
-def _sharded(mesh_kind):
+def _fsdp_model(mesh_kind):
+    """An FSDP2 MuonNet, and an unsharded copy whose shapes are used to draw the full gradients."""
     torch.manual_seed(0)
     model = MuonNet().to(device())
-    shadow = copy.deepcopy(model)  # only its shapes are used, to draw the full gradients
+    shadow = copy.deepcopy(model)
     mesh = mesh_for(mesh_kind)
     for module in model.children():
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model, shadow
+
+
+def _full_params(model):
+    return {n: full(p).detach().cpu() for n, p in model.named_parameters()}
+
+
+def _sharded(mesh_kind):
+    model, shadow = _fsdp_model(mesh_kind)
     opt = _train(model, list(shadow.parameters()))
     keys = {n: sorted(opt.state[p]) for n, p in model.named_parameters()}
-    return {n: full(p).detach().cpu() for n, p in model.named_parameters()}, keys, str(opt.plan)
+    return _full_params(model), keys, str(opt.plan)
 
 
 def _single_process():
@@ -88,49 +98,29 @@ def test_mixed_soap_psgd_muon_adamw_equal_the_single_process_run(ranks, mesh_kin
     assert "owner.Q.1" in results[0][1]["conv.weight"] and "update_counter" in results[0][1]["conv.weight"]
 
 
-def _state_dict_round_trip():
-    torch.manual_seed(0)
-    model = MuonNet().to(device())
-    shadow = copy.deepcopy(model)
-    mesh = mesh_for("fsdp")
-    for module in model.children():
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+def _three_more_steps(interrupt: bool):
+    """Train 3 steps, then 3 more: straight on, or through state_dict()/load_state_dict() into a new optimizer."""
+    model, shadow = _fsdp_model("fsdp")
     opt = _train(model, list(shadow.parameters()), steps=3)
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    if interrupt:
+        saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3):  # steps whose effect the load must undo
+            feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
+            opt.step()
+        model.load_state_dict(saved_model)
+        opt = DistributedOptimizer(_groups(model))
+        opt.load_state_dict(saved_opt)
     gen = torch.Generator().manual_seed(7)
     for _ in range(3):
         feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
         opt.step()
-    model.load_state_dict(saved_model)
-    resumed = DistributedOptimizer(_groups(model))
-    resumed.load_state_dict(saved_opt)
-    gen = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
-        resumed.step()
-    return {n: full(p).detach().cpu() for n, p in model.named_parameters()}
-
-
-def _uninterrupted():
-    torch.manual_seed(0)
-    model = MuonNet().to(device())
-    shadow = copy.deepcopy(model)
-    mesh = mesh_for("fsdp")
-    for module in model.children():
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = _train(model, list(shadow.parameters()), steps=3)
-    gen = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
-        opt.step()
-    return {n: full(p).detach().cpu() for n, p in model.named_parameters()}
+    return _full_params(model)
 
 
 def test_state_dict_round_trip_with_owner_state_continues_bitwise(ranks):
-    resumed = ranks(3, _state_dict_round_trip)
-    straight = ranks(3, _uninterrupted)
+    resumed = ranks(3, _three_more_steps, True)
+    straight = ranks(3, _three_more_steps, False)
     for params, reference in zip(resumed, straight):
         for name, value in reference.items():
             assert torch.equal(params[name], value), name
