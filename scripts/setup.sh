@@ -6,7 +6,7 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
 TORCH_CPU="torch==2.13.0+cpu"
-TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy")
+TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy" "kron-torch==0.3.3")
 
 setup_python() {
   if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
@@ -15,7 +15,7 @@ setup_python() {
       || "$PYTHON" -m pip install --quiet "$TORCH_CPU" --index-url https://download.pytorch.org/whl/cpu
   fi
   if [ "${1:-}" = "test" ]; then
-    if ! "$PYTHON" -c "import pytest, xdist, expecttest, numpy" >/dev/null 2>&1; then
+    if ! "$PYTHON" -c "import pytest, xdist, expecttest, numpy, kron_torch" >/dev/null 2>&1; then
       echo "setup: installing test tools: ${TEST_DEPS[*]}"
       # torch is already satisfied here, so pip resolves nothing toward a CUDA build.
       "$PYTHON" -m pip install --quiet "${TEST_DEPS[@]}"
