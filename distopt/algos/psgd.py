@@ -233,8 +233,9 @@ class PSGDKron(MatrixAlgorithm):
             factors = [scale * (torch.ones(size, dtype=g.dtype, device=g.device) if d else
                                 torch.eye(size, dtype=g.dtype, device=g.device)) for size, d in zip(dims, diag)]
         step = int(state["step"].item())
-        gen = torch.Generator(device=g.device).manual_seed(_seed(hp["seed"], fqn, step))
-        balance = bool(torch.rand((), generator=gen, device=g.device) < 0.01)
+        # The rebalancing decision is drawn on the CPU (reading it is then no device sync); the probe on the device.
+        balance = torch.rand((), generator=torch.Generator().manual_seed(_seed(hp["seed"], fqn, step))).item() < 0.01
+        gen = torch.Generator(device=g.device).manual_seed(_seed(hp["seed"], fqn + "/probe", step))
         if int(state["update_counter"].item()) == 0:
             if len(dims) > 1 and balance:
                 norms = torch.stack([q.abs().max() for q in factors])

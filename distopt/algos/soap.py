@@ -212,7 +212,8 @@ class SOAP(MatrixAlgorithm):
 
     @staticmethod
     def _refresh(state: dict[str, Tensor], factors: list[int]) -> None:
-        """One power iteration and a QR per factor, eigenvalue order kept; exp_avg_sq follows the new order."""
+        """One power iteration and a QR per factor, eigenvalue order kept; exp_avg_sq follows the new order. The
+        finiteness check syncs with the device once per refresh (every precondition_frequency steps), not per step."""
         exp_avg_sq = state[f"{OWNER_PREFIX}exp_avg_sq"]
         for i in factors:
             gg, q = state[f"{OWNER_PREFIX}GG.{i}"], state[f"{OWNER_PREFIX}Q.{i}"]

@@ -19,9 +19,9 @@ TOLERANCE = {"rtol": 1e-8, "atol": 1e-10}
 
 def _draws(seed, fqn, shape, dtype):
     def draw(step):
-        gen = torch.Generator().manual_seed(_seed(seed, fqn, step))
-        balance = torch.rand((), generator=gen).item()
-        return balance, torch.randn(shape, generator=gen, dtype=dtype)
+        balance = torch.rand((), generator=torch.Generator().manual_seed(_seed(seed, fqn, step))).item()
+        probe = torch.Generator().manual_seed(_seed(seed, fqn + "/probe", step))
+        return balance, torch.randn(shape, generator=probe, dtype=dtype)
     return draw
 
 
