@@ -153,17 +153,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every gradient is checked before any parameter moves, so a bad one leaves nothing half-updated.
+        for group_index, group in enumerate(self.param_groups):
+            self._check_grads(group, group_index, self.algorithm_of(group))
         for group_index, group in enumerate(self.param_groups):
             algorithm = self.algorithm_of(group)
             if algorithm.kind == MATRIX:
-                self._check_grads(group, group_index, algorithm)
-                continue
+                continue  # the owner route below runs every matrix group together
             for i, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"{algorithm.name} does not support sparse gradients, but "
-                                       f"{_describe(group, group_index, i)} has one")
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(algorithm, param, group))

@@ -90,3 +90,15 @@ def test_mixed_named_and_unnamed_groups_are_refused():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="with names or all without"):
         distopt.AdamW([{"params": [("a", a)]}, {"params": [b]}])
+
+
+def test_a_sparse_gradient_in_a_later_group_moves_nothing():
+    dense = torch.randn(3, requires_grad=True)
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    opt = distopt.AdamW([{"params": [dense]}, {"params": [embedding.weight]}])
+    dense.grad = torch.ones(3)
+    embedding(torch.tensor([1])).sum().backward()
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(dense.detach(), before) and dense not in opt.state

@@ -105,10 +105,8 @@ class Muon(MatrixAlgorithm):
         return update.bfloat16()
 
     def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        rest = 1
-        for s in shape[1:]:
-            rest *= s
-        return shape[0], rest
+        """The 2-D view ``(out, rest)`` that Newton-Schulz orthogonalizes."""
+        return shape[0], math.prod(shape[1:])
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:

@@ -13,10 +13,6 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 
-def is_dtensor(tensor: Tensor) -> bool:
-    return isinstance(tensor, DTensor)
-
-
 def local(tensor: Tensor) -> Tensor:
     """This rank's part of ``tensor``: a view that shares storage, so in-place updates land in the DTensor."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -15,7 +15,7 @@ matrices it owns in the bucket and the owner maths' workspace.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -76,22 +76,21 @@ class Plan:
     owners: tuple[int, ...]
     buckets: tuple[Bucket, ...]
     bucket_bytes: int
-    _loads: tuple[float, ...] = field(repr=False, default=())
 
     # -- reporting ----------------------------------------------------------------------------------------------
+    def _sum_per_owner(self, value) -> list:
+        totals = [0] * self.world_size
+        for spec, owner in zip(self.matrices, self.owners):
+            totals[owner] += value(spec)
+        return totals
+
     @cached_property
     def cost_per_rank(self) -> list[float]:
-        costs = [0.0] * self.world_size
-        for spec, owner in zip(self.matrices, self.owners):
-            costs[owner] += spec.cost
-        return costs
+        return self._sum_per_owner(lambda spec: spec.cost)
 
     @cached_property
     def state_bytes_per_rank(self) -> list[int]:
-        loads = [0] * self.world_size
-        for spec, owner in zip(self.matrices, self.owners):
-            loads[owner] += spec.state_bytes
-        return loads
+        return self._sum_per_owner(lambda spec: spec.state_bytes)
 
     @cached_property
     def sent_bytes_per_rank(self) -> list[int]:
@@ -182,7 +181,7 @@ def make_plan(specs: list[MatrixSpec], world_size: int, bucket_bytes: int = 64 *
     """The plan for ``specs`` (in the optimizer's order) on ``world_size`` ranks."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    owners, loads = assign_owners(specs, world_size)
+    owners, _ = assign_owners(specs, world_size)
     buckets, current, size = [], [], 0
     for i, spec in enumerate(specs):
         payload = spec.numel * spec.wire_itemsize * spec.channels_out
@@ -202,4 +201,4 @@ def make_plan(specs: list[MatrixSpec], world_size: int, bucket_bytes: int = 64 *
             to_owners += forward
             to_holders += backward
         built.append(Bucket(tuple(members), tuple(to_owners), tuple(to_holders)))
-    return Plan(world_size, tuple(specs), tuple(owners), tuple(built), bucket_bytes, tuple(loads))
+    return Plan(world_size, tuple(specs), tuple(owners), tuple(built), bucket_bytes)

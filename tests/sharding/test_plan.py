@@ -107,3 +107,11 @@ def test_owner_memory_is_balanced_with_compute():
     plan = make_plan(heavy_state + heavy_cost, 2)
     assert plan.imbalance < 1.05 and plan.state_imbalance == 1.0
     assert "owner-state imbalance 1.000" in str(plan)
+
+
+def test_owner_of_names_the_owner_of_a_fqn():
+    plan = make_plan(gpt_specs(4), 4)
+    for spec, owner in zip(plan.matrices, plan.owners):
+        assert plan.owner_of(spec.meta.fqn) == owner
+    with pytest.raises(ValueError):
+        plan.owner_of("no.such.weight")
