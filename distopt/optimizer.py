@@ -6,6 +6,7 @@ It orchestrates and does no maths: it resolves each group's algorithm, builds st
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
@@ -15,9 +16,9 @@ from torch import Tensor
 
 from . import algos
 from .algos import MATRIX, Algorithm
-from .algos.base import OWNER_PREFIX
 from .compile import default_enabled
 from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute
+from .saved_state import SavedState
 from .sharding import layout
 from .sharding.plan import Plan
 
@@ -49,6 +50,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._process_group, self._bucket_bytes = process_group, bucket_bytes
         self._compile = default_enabled() if compile is None else bool(compile)
         self._owner: OwnerRoute | None = None
+        self._saved = SavedState(self)
         self._ready = False
         if isinstance(params, (set, frozenset)):
             raise TypeError("optimizer parameters must be an ordered collection; the order of a set changes "
@@ -202,35 +204,26 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------------------
     # State dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; each group must have been saved with the same algorithm."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer has "
-                             f"{len(self.param_groups)}")
-        for index, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            theirs = saved.get("algorithm", mine["algorithm"])
-            if theirs != mine["algorithm"]:
-                raise ValueError(f"param group {index} runs {mine['algorithm']!r} but the state dict holds state "
-                                 f"of {theirs!r}")
-        # torch casts every non-"step" state tensor to the parameter's dtype; counters such as NAdam's mu_product
-        # must stay float32 scalars, and owner state keeps its own dtype, so both are restored as saved.
-        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        counters = {}
-        for saved_id, param, group in zip(saved_ids, params, self._groups_by_param()):
-            saved_state = state_dict["state"].get(saved_id, {})
-            scalar_keys = self.algorithm_of(group).scalar_state
-            counters[param] = {k: v.detach().clone() for k, v in saved_state.items()
-                               if k in scalar_keys or k.startswith(OWNER_PREFIX)}
-        super().load_state_dict(state_dict)
-        for param, values in counters.items():
-            self.state[param].update(values)
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict (state by parameter id, param groups), every tensor in the checkpoint layout: with
+        torch.distributed initialized, a DTensor of the state's logical shape (owner state row-sharded over the
+        ranks; see :mod:`distopt.saved_state`). Owner state makes this a collective: call it on every rank."""
+        return self._saved.save(super().state_dict())
 
-    def _groups_by_param(self) -> Iterable[dict[str, Any]]:
-        for group in self.param_groups:
-            for _ in group["params"]:
-                yield group
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of :meth:`state_dict`'s form, saved on any number of ranks (via DCP), or with whole
+        tensors. Every group, key and shape is checked first; on a mismatch nothing changes. A collective when
+        the optimizer runs matrix algorithms (owner state moves to the current owners)."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state, groups = self._saved.load(state_dict)
+        self.state = defaultdict(dict, state)
+        self.param_groups[:] = groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def _split_names(group: dict[str, Any]) -> None:

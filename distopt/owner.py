@@ -56,7 +56,7 @@ class OwnerRoute:
         for meta, e in zip(metas, entries):
             hp = groups[e.group_index]
             specs.append(MatrixSpec(meta, e.algorithm.cost(meta.shape, hp), e.algorithm.wire_dtype(hp, e.param.dtype),
-                                    e.algorithm.owner_state_bytes(meta.shape, hp), e.algorithm.channels(hp)))
+                                    e.algorithm.owner_state_bytes(meta.shape, hp, e.param.dtype), e.algorithm.channels(hp)))
         self.plan: Plan = make_plan(specs, len(ranks), bucket_bytes)
         self.exchange = exchange.Exchange(self.plan, self.rank, self.group)
 

@@ -149,12 +149,17 @@ class MatrixAlgorithm(Algorithm):
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
         raise NotImplementedError
 
-    def owner_state_keys(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[str, ...]:
-        """Names (with :data:`OWNER_PREFIX`) of the state the owner holds whole; the same on every rank."""
-        return ()
+    def owner_state(self, shape: tuple[int, ...], hp: Mapping[str, Any],
+                    param_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Logical shape and dtype of each entry (named with :data:`OWNER_PREFIX`) the owner holds whole, the same on
+        every rank: checkpoints save these entries row-sharded at exactly this shape, whoever owns the matrix."""
+        return {}
 
-    def owner_state_bytes(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
-        return 0
+    def owner_state_keys(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(self.owner_state(shape, hp, torch.float32))
+
+    def owner_state_bytes(self, shape: tuple[int, ...], hp: Mapping[str, Any], param_dtype: torch.dtype) -> int:
+        return sum(math.prod(s) * dtype.itemsize for s, dtype in self.owner_state(shape, hp, param_dtype).values())
 
     def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
         raise NotImplementedError

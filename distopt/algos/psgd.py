@@ -180,12 +180,12 @@ class PSGDKron(MatrixAlgorithm):
         sides = sum(1 if d else size for size, d in zip(dims, diagonal_dims(dims, hp)))
         return float(4 * numel * sides + 10 * numel * sides)  # preconditioning + a factor update per step
 
-    def owner_state_keys(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[str, ...]:
-        return tuple(f"{OWNER_PREFIX}Q.{i}" for i in range(len(self._dims(shape, hp))))
-
-    def owner_state_bytes(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
+    def owner_state(self, shape: tuple[int, ...], hp: Mapping[str, Any],
+                    param_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        dtype = self.wire_dtype(hp, param_dtype)
         dims = self._dims(shape, hp)
-        return 4 * sum(size if d else size * size for size, d in zip(dims, diagonal_dims(dims, hp)))
+        return {f"{OWNER_PREFIX}Q.{i}": ((size,) if d else (size, size), dtype)
+                for i, (size, d) in enumerate(zip(dims, diagonal_dims(dims, hp)))}
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"step": new_step_counter(), "update_counter": torch.tensor(0, dtype=torch.int32),

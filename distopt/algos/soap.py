@@ -147,17 +147,15 @@ class SOAP(MatrixAlgorithm):
         refresh = sum(12 * d**3 for d in factors) / hp["precondition_frequency"]  # power iteration + QR, amortized
         return float(per_step + refresh)
 
-    def owner_state_keys(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[str, ...]:
-        keys = [f"{OWNER_PREFIX}exp_avg_sq"]
+    def owner_state(self, shape: tuple[int, ...], hp: Mapping[str, Any],
+                    param_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        dtype = self.wire_dtype(hp, param_dtype)
+        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+        entries = {f"{OWNER_PREFIX}exp_avg_sq": (dims, dtype)}
         for i, on in enumerate(preconditioned_dims(shape, hp)):
             if on:
-                keys += [f"{OWNER_PREFIX}GG.{i}", f"{OWNER_PREFIX}Q.{i}"]
-        return tuple(keys)
-
-    def owner_state_bytes(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> int:
-        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
-        factors = [d for d, on in zip(dims, preconditioned_dims(shape, hp)) if on]
-        return 4 * (math.prod(shape) + 2 * sum(d * d for d in factors))
+                entries[f"{OWNER_PREFIX}GG.{i}"] = entries[f"{OWNER_PREFIX}Q.{i}"] = ((dims[i], dims[i]), dtype)
+        return entries
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"step": new_step_counter(), "exp_avg": zeros_like(param)}
@@ -191,7 +189,9 @@ class SOAP(MatrixAlgorithm):
                 state[f"{key}GG.{i}"] = torch.zeros(dims[i], dims[i], dtype=grad.dtype, device=grad.device)
             self._accumulate(grad, state, factors, 0.0)
             for i in factors:
-                state[f"{key}Q.{i}"] = eigenbasis(state[f"{key}GG.{i}"])
+                # Stored row-major whatever LAPACK returns: a checkpoint restores owner state contiguous, and
+                # matmuls round differently on other strides, so this keeps a resumed run bitwise.
+                state[f"{key}Q.{i}"] = eigenbasis(state[f"{key}GG.{i}"]).contiguous()
             return torch.zeros(shape, dtype=grad.dtype, device=grad.device)
 
         bases = [state[f"{key}Q.{i}"] if i in factors else None for i in range(len(dims))]
@@ -220,10 +220,10 @@ class SOAP(MatrixAlgorithm):
             refreshed, order = power_iteration_qr(gg, q)
             exp_avg_sq = exp_avg_sq.index_select(i, order)
             if torch.isfinite(refreshed).all():
-                state[f"{OWNER_PREFIX}Q.{i}"] = refreshed
+                state[f"{OWNER_PREFIX}Q.{i}"] = refreshed.contiguous()  # row-major, as after a restore
             else:
                 warnings.warn("soap: QR refresh gave non-finite values; keeping the previous basis", RuntimeWarning)
-                state[f"{OWNER_PREFIX}Q.{i}"] = q[:, order]
+                state[f"{OWNER_PREFIX}Q.{i}"] = q[:, order].contiguous()
         state[f"{OWNER_PREFIX}exp_avg_sq"] = exp_avg_sq
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],

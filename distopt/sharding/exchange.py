@@ -157,3 +157,25 @@ class Exchange:
             mine[t.matrix] = received[offset:offset + t.numel].view(t.box[1])
             offset += t.numel
         return mine
+
+
+@torch.compiler.disable
+def exchange_bytes(outgoing: list[list[Tensor]], incoming: list[int], group=None,
+                   device: torch.device | str = "cpu") -> list[Tensor]:
+    """Send ``outgoing[dst]`` (tensors of any dtypes, concatenated as bytes) to each rank ``dst`` in one
+    ``all_to_all_single``; return, for each source rank, the ``uint8`` buffer of the ``incoming[src]`` bytes it
+    sent here. Checkpoint-time only: the sizes are computed by both sides from the plan, so nothing else travels."""
+    def as_bytes(t: Tensor) -> Tensor:
+        return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+    sends = [[as_bytes(t) for t in tensors] for tensors in outgoing]
+    send_splits = [sum(b.numel() for b in chunk) for chunk in sends]
+    payload = torch.cat([b for chunk in sends for b in chunk]) if any(send_splits) else \
+        torch.empty(0, dtype=torch.uint8, device=device)
+    world = len(incoming)
+    if world == 1:
+        received = payload
+    else:
+        received = torch.empty(sum(incoming), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(received, payload.to(device), list(incoming), send_splits, group=group)
+    return list(received.split(list(incoming)))

@@ -1,0 +1,272 @@
+"""The optimizer's state dict in the checkpoint layout, and back.
+
+``state_dict()`` keeps torch's format (state keyed by parameter id, ``param_groups`` with ``params`` and
+``param_names``), which is what ``torch.distributed.checkpoint.state_dict.get_state_dict`` re-keys by FQN. With
+torch.distributed initialized every state tensor is a DTensor of the state's logical shape, so DCP can save it on W
+ranks and load it on W':
+
+* state shaped like its parameter: laid out as the parameter (FSDP2, DTensor), or ``Replicate`` over the optimizer's
+  ranks for plain (DDP-style) parameters;
+* scalar counters (``step``, ...): ``Replicate`` 0-d DTensors;
+* owner state (SOAP's bases, PSGD's factors): ``Shard(0)`` row blocks of the whole tensor over the optimizer's ranks,
+  built from the owners by :mod:`distopt.sharding.rows`. The owners' in-memory layout is never written as-is.
+
+``load_state_dict`` accepts that form, DCP's resharded version of it, or plain whole tensors (a single-file
+checkpoint), checks every key and shape against this optimizer before it changes anything, and sends owner state to
+the owners of the current plan.
+"""
+
+from __future__ import annotations
+
+import copy
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .algos import MATRIX
+from .algos.base import OWNER_PREFIX
+from .owner import group_layout
+from .sharding import layout, rows
+from .sharding.rows import OwnerItem
+
+
+class StateDictMismatch(ValueError):
+    """A state dict does not fit this optimizer (other parameters, keys or shapes)."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class SavedState:
+    """Converts one optimizer's state between its in-memory layout and the checkpoint layout."""
+
+    def __init__(self, optimizer) -> None:
+        self.opt = optimizer
+        self._mesh: DeviceMesh | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Context
+
+    def _params(self) -> list[tuple[Tensor, int, str]]:
+        """(param, group index, name) in the order of torch's parameter ids."""
+        out = []
+        for gi, group in enumerate(self.opt.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                out.append((p, gi, names[i] if names else f"param_groups[{gi}]['params'][{i}]"))
+        return out
+
+    def _world(self) -> tuple[Any, int, int]:
+        group, ranks, rank = group_layout(self.opt._process_group)
+        return group, rank, len(ranks)
+
+    def _device(self) -> torch.device:
+        for p, _, _ in self._params():
+            return layout.local(p).device
+        return torch.device("cpu")
+
+    def mesh(self) -> DeviceMesh:
+        """A 1-D mesh over the optimizer's ranks (no new process group: it wraps the existing one)."""
+        if self._mesh is None:
+            group, _, _ = self._world()
+            self._mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD,
+                                               self._device().type)
+        return self._mesh
+
+    def _replicate(self, value: Tensor) -> Tensor:
+        return DTensor.from_local(value, self.mesh(), [Replicate()], run_check=False)
+
+    def _owner_items(self, state_of) -> tuple[list[OwnerItem], dict[Tensor, int]]:
+        """Owner entries of every matrix that has state (the same on every rank), and each matrix's index."""
+        route = self.opt._owner
+        if route is None:
+            return [], {}
+        items, index = [], {}
+        for m, entry in enumerate(route.entries):
+            index[entry.param] = m
+            if not state_of(entry):
+                continue
+            hp = self.opt.param_groups[entry.group_index]
+            shape = route.plan.matrices[m].meta.shape
+            for key, (logical, dtype) in entry.algorithm.owner_state(shape, hp, entry.param.dtype).items():
+                items.append(OwnerItem(m, key, tuple(logical), dtype, route.plan.owners[m]))
+        return items, index
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Save
+
+    def save(self, torch_state_dict: dict[str, Any]) -> dict[str, Any]:
+        """torch's ``Optimizer.state_dict()`` output (live in-memory state) to the checkpoint layout."""
+        params = self._params()
+        distributed = _distributed()
+        items, matrix_of = self._owner_items(lambda e: self.opt.state.get(e.param))
+        blocks = self._owner_blocks(items) if items else {}
+        state = {}
+        for pid, saved in torch_state_dict["state"].items():
+            param = params[pid][0]
+            out = {}
+            for key, value in saved.items():
+                if key.startswith(OWNER_PREFIX):
+                    out[key] = blocks[(matrix_of[param], key)]
+                elif distributed and not isinstance(value, DTensor):
+                    out[key] = self._replicate(value)  # scalars, and state of plain (replicated) parameters
+                else:
+                    out[key] = value
+            state[pid] = out
+        return {"state": state, "param_groups": torch_state_dict["param_groups"]}
+
+    def _owner_blocks(self, items: list[OwnerItem]) -> dict[tuple[int, str], Tensor]:
+        entries = self.opt._owner.entries
+        if not _distributed():
+            return {(i.matrix, i.key): self.opt.state[entries[i.matrix].param][i.key] for i in items}
+        group, rank, world = self._world()
+        wholes = {(i.matrix, i.key): self.opt.state[entries[i.matrix].param][i.key] for i in items if i.owner == rank}
+        for item in items:
+            if item.owner == rank and tuple(wholes[(item.matrix, item.key)].shape) != item.shape:
+                raise RuntimeError(f"internal error: owner state {item.key} of {entries[item.matrix].fqn} has shape "
+                                   f"{tuple(wholes[(item.matrix, item.key)].shape)}, expected {item.shape}")
+        local = rows.scatter(items, wholes, rank, world, group, self._device())
+        out = {}
+        for item in items:
+            block = local[(item.matrix, item.key)]
+            stride = torch.empty(item.shape, device="meta").stride()
+            out[(item.matrix, item.key)] = DTensor.from_local(block, self.mesh(), [Shard(0)], run_check=False,
+                                                              shape=torch.Size(item.shape), stride=stride)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Load
+
+    def load(self, state_dict: dict[str, Any]) -> tuple[dict[Tensor, dict[str, Tensor]], list[dict[str, Any]]]:
+        """Validate ``state_dict`` against this optimizer and build the new state and param groups; nothing of the
+        optimizer changes here (the caller installs the result)."""
+        groups = self._check_groups(state_dict)
+        params = self._params()
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        new_state: dict[Tensor, dict[str, Tensor]] = {}
+        owner_blocks: dict[tuple[int, str], Tensor] = {}
+        route = self.opt._owner
+        matrix_of = {e.param: m for m, e in enumerate(route.entries)} if route is not None else {}
+        for saved_id, (param, gi, name) in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            group = groups[gi]
+            algorithm = self.opt.algorithm_of(group)
+            fresh = self.opt._init_state(algorithm, param, group)
+            missing, extra = sorted(set(fresh) - set(saved)), sorted(set(saved) - set(fresh))
+            if missing or extra:
+                raise StateDictMismatch(f"optimizer state of {name} ({algorithm.name}) does not match: missing "
+                                        f"{missing}, unexpected {extra}")
+            owner_shapes = (algorithm.owner_state(tuple(param.shape), group, param.dtype)
+                            if algorithm.kind == MATRIX else {})
+            for key, target in fresh.items():
+                value = saved[key]
+                if not isinstance(value, Tensor):
+                    raise StateDictMismatch(f"optimizer state {key!r} of {name} is a {type(value).__name__}, not a "
+                                            "tensor")
+                if key in owner_shapes:
+                    shape, dtype = owner_shapes[key]
+                    _check_shape(value, shape, name, key)
+                    owner_blocks[(matrix_of[param], key)] = self._my_rows(value, shape).to(dtype)
+                elif key in algorithm.scalar_state:
+                    _check_shape(value, tuple(target.shape), name, key)
+                    target.copy_(layout.local(value) if isinstance(value, DTensor) else value)
+                else:
+                    _check_shape(value, tuple(param.shape), name, key)
+                    layout.local(target).copy_(_local_part(value, param))
+            new_state[param] = fresh
+        if route is not None:
+            self._install_owner_state(owner_blocks, new_state, groups)
+        return new_state, groups
+
+    def _check_groups(self, state_dict: dict[str, Any]) -> list[dict[str, Any]]:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise StateDictMismatch("an optimizer state dict needs the keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        mine = self.opt.param_groups
+        if len(saved_groups) != len(mine):
+            raise StateDictMismatch(f"the state dict has {len(saved_groups)} param groups, this optimizer has "
+                                    f"{len(mine)}")
+        groups = []
+        for index, (group, saved) in enumerate(zip(mine, saved_groups)):
+            theirs = saved.get("algorithm", group["algorithm"])
+            if theirs != group["algorithm"]:
+                raise StateDictMismatch(f"param group {index} runs {group['algorithm']!r} but the state dict holds "
+                                        f"state of {theirs!r}")
+            if len(saved["params"]) != len(group["params"]):
+                raise StateDictMismatch(f"param group {index} has {len(group['params'])} parameters, the state dict "
+                                        f"has {len(saved['params'])}")
+            _check_names(group, saved, index)
+            new = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
+            new["params"] = group["params"]
+            if "param_names" in group:
+                new["param_names"] = group["param_names"]
+            self.opt.algorithm_of(new).check(new)
+            groups.append(new)
+        return groups
+
+    def _my_rows(self, value: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """This rank's row block (checkpoint layout) of an owner tensor given in any layout."""
+        if not _distributed():
+            return value.full_tensor() if isinstance(value, DTensor) else value
+        _, rank, world = self._world()
+        if isinstance(value, DTensor):
+            if value.placements == (Shard(0),) and value.device_mesh == self.mesh():
+                return value.to_local()
+            value = value.full_tensor()
+        start, count = layout._chunk(shape[0], world, rank)
+        return value[start:start + count]
+
+    def _install_owner_state(self, blocks: dict[tuple[int, str], Tensor], new_state: dict[Tensor, dict[str, Tensor]],
+                             groups: list[dict[str, Any]]) -> None:
+        route = self.opt._owner
+        items, _ = self._owner_items(lambda e: e.param in new_state)
+        if not _distributed():
+            wholes = {(i.matrix, i.key): blocks[(i.matrix, i.key)].clone() for i in items}
+        else:
+            group, rank, world = self._world()
+            wholes = rows.gather(items, blocks, rank, world, group, self._device())
+        for (m, key), whole in wholes.items():
+            new_state[route.entries[m].param][key] = whole
+
+
+def _check_shape(value: Tensor, expected: tuple[int, ...], name: str, key: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise StateDictMismatch(f"optimizer state {key!r} of {name} has shape {tuple(value.shape)} in the state "
+                                f"dict, but this optimizer expects {tuple(expected)}")
+
+
+def _check_names(group: dict[str, Any], saved: dict[str, Any], index: int) -> None:
+    """Parameters are matched by position, as in torch; where both sides have names they must agree."""
+    mine = group.get("param_names")
+    theirs = saved.get("param_names")
+    if theirs is None and saved["params"] and all(isinstance(p, str) for p in saved["params"]):
+        theirs = saved["params"]  # get_state_dict's form: params given by FQN
+    if mine is None or theirs is None or list(mine) == list(theirs):
+        return
+    missing = [n for n in mine if n not in theirs]
+    extra = [n for n in theirs if n not in mine]
+    detail = f"missing {missing}, unexpected {extra}" if missing or extra else "the same names in another order"
+    raise StateDictMismatch(f"param group {index} of the state dict holds other parameters: {detail}")
+
+
+def _local_part(value: Tensor, param: Tensor) -> Tensor:
+    """This rank's part of a state tensor shaped like ``param``, laid out as ``param`` is."""
+    if not isinstance(param, DTensor):
+        return value.full_tensor() if isinstance(value, DTensor) else value
+    if isinstance(value, DTensor):
+        if value.device_mesh == param.device_mesh and value.placements == param.placements:
+            return value.to_local()
+        value = value.full_tensor()
+    mesh = param.device_mesh
+    offsets, sizes = layout.box_at(tuple(param.shape), tuple(mesh.mesh.shape), tuple(param.placements),
+                                   tuple(mesh.get_coordinate()))
+    return value[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+
