@@ -120,7 +120,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._check_params(group, len(self.param_groups), algorithm)
         self.param_groups.append(group)
         if self._ready and algorithm.kind == MATRIX:
-            self._build_owner_route()  # a new set of matrices: plan again (a collective, on every rank)
+            # A new set of matrices: plan again (a collective, on every rank); owner state moves to new owners.
+            self._saved.replan(self._build_owner_route)
 
     def _check_params(self, group: dict[str, Any], index: int, algorithm: Algorithm) -> None:
         seen: dict[Tensor, str] = {}
@@ -190,16 +191,27 @@ class DistributedOptimizer(torch.optim.Optimizer):
             state.update(self._init_state(entry.algorithm, entry.param, self.param_groups[entry.group_index]))
         return state
 
-    @staticmethod
-    def _init_state(algorithm: Algorithm, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+    def _init_state(self, algorithm: Algorithm, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         local = layout.local(param)
         state = {key: value if key in algorithm.scalar_state else layout.like_param(param, value)
                  for key, value in algorithm.init(local, group).items()}
         if algorithm.kind == MATRIX:
-            # Every rank has every key; only the owner fills them (on its first owner update).
-            for key in algorithm.owner_state_keys(tuple(param.shape), group):
-                state[key] = torch.empty(0, device=local.device)
+            # Every rank has every key; the owner holds the whole tensors, the others empty placeholders.
+            if self._owner is not None and self._owner.owns(param):
+                state.update(algorithm.owner_init(tuple(param.shape), group, param.dtype, local.device))
+            else:
+                state.update({key: torch.empty(0, device=local.device)
+                              for key in algorithm.owner_state_keys(tuple(param.shape), group)})
         return state
+
+    def _materialize_state(self) -> None:
+        """Give every parameter its initial state (what its first step would create; no parameter changes), so
+        that a state dict has the same keys on every rank, and a fresh optimizer is a complete DCP load target."""
+        for group in self.param_groups:
+            algorithm = self.algorithm_of(group)
+            for param in group["params"]:
+                if not self.state[param]:
+                    self.state[param].update(self._init_state(algorithm, param, group))
 
     # ------------------------------------------------------------------------------------------------------------
     # State dict
@@ -208,6 +220,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """torch's state dict (state by parameter id, param groups), every tensor in the checkpoint layout: with
         torch.distributed initialized, a DTensor of the state's logical shape (owner state row-sharded over the
         ranks; see :mod:`distopt.saved_state`). Owner state makes this a collective: call it on every rank."""
+        self._materialize_state()
         return self._saved.save(super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -59,6 +59,11 @@ class OwnerRoute:
                                     e.algorithm.owner_state_bytes(meta.shape, hp, e.param.dtype), e.algorithm.channels(hp)))
         self.plan: Plan = make_plan(specs, len(ranks), bucket_bytes)
         self.exchange = exchange.Exchange(self.plan, self.rank, self.group)
+        self.index = {e.param: m for m, e in enumerate(entries)}
+
+    def owns(self, param: Tensor) -> bool:
+        """Whether this rank holds ``param``'s owner state."""
+        return self.plan.owners[self.index[param]] == self.rank
 
     def step(self, groups: list[dict[str, Any]], state_of: Callable[[MatrixEntry], dict[str, Tensor]]) -> None:
         """One step of every matrix whose parameter has a gradient (the same set on every rank)."""

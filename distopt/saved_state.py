@@ -98,6 +98,26 @@ class SavedState:
                 items.append(OwnerItem(m, key, tuple(logical), dtype, route.plan.owners[m]))
         return items, index
 
+    def replan(self, rebuild) -> None:
+        """Run ``rebuild`` (which makes a new owner plan) and move the existing owner state to the new owners."""
+        if self.opt._owner is None or not _distributed():
+            rebuild()
+            return
+        items, _ = self._owner_items(lambda e: self.opt.state.get(e.param))
+        group, rank, world = self._world()
+        old = self.opt._owner.entries
+        wholes = {(i.matrix, i.key): self.opt.state[old[i.matrix].param][i.key] for i in items if i.owner == rank}
+        blocks = rows.scatter(items, wholes, rank, world, group, self._device())
+        rebuild()
+        entries, owners = self.opt._owner.entries, self.opt._owner.plan.owners
+        assert all(entries[m].param is e.param for m, e in enumerate(old)), "new matrices must come last"
+        moved = [OwnerItem(i.matrix, i.key, i.shape, i.dtype, owners[i.matrix]) for i in items]
+        wholes = rows.gather(moved, blocks, rank, world, group, self._device())
+        for item in moved:
+            param = entries[item.matrix].param
+            self.opt.state[param][item.key] = wholes.get((item.matrix, item.key),
+                                                         torch.empty(0, device=self._device()))
+
     # ------------------------------------------------------------------------------------------------------------
     # Save
 

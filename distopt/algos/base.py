@@ -155,6 +155,12 @@ class MatrixAlgorithm(Algorithm):
         every rank: checkpoints save these entries row-sharded at exactly this shape, whoever owns the matrix."""
         return {}
 
+    def owner_init(self, shape: tuple[int, ...], hp: Mapping[str, Any], param_dtype: torch.dtype,
+                   device: torch.device) -> dict[str, Tensor]:
+        """The owner state before the first step, whole (zeros unless an algorithm says otherwise)."""
+        return {key: torch.zeros(s, dtype=dtype, device=device)
+                for key, (s, dtype) in self.owner_state(shape, hp, param_dtype).items()}
+
     def owner_state_keys(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(self.owner_state(shape, hp, torch.float32))
 
@@ -177,6 +183,8 @@ class MatrixAlgorithm(Algorithm):
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
         """The whole step on one whole parameter: the definition of the maths, and the single-process path."""
         shape = tuple(param.shape)
+        for key, value in self.owner_init(shape, hp, param.dtype, param.device).items():
+            state.setdefault(key, value)
         piece = self.prepare(param, grad, state, hp).reshape(self.channels(hp), *shape)
         result = self.owner_update([piece], [state], hp, shape, [""])[0]
         self.finish(param, result, state, hp, shape)

@@ -187,6 +187,16 @@ class PSGDKron(MatrixAlgorithm):
         return {f"{OWNER_PREFIX}Q.{i}": ((size,) if d else (size, size), dtype)
                 for i, (size, d) in enumerate(zip(dims, diagonal_dims(dims, hp)))}
 
+    def owner_init(self, shape: tuple[int, ...], hp: Mapping[str, Any], param_dtype: torch.dtype,
+                   device: torch.device) -> dict[str, Tensor]:
+        """kron-torch's initial factors: ``precond_init_scale^(1/ndim)`` times the identity (or ones)."""
+        dtype = self.wire_dtype(hp, param_dtype)
+        dims = self._dims(shape, hp)
+        scale = hp["precond_init_scale"] ** (1 / len(dims))
+        return {f"{OWNER_PREFIX}Q.{i}": scale * (torch.ones(size, dtype=dtype, device=device) if d else
+                                                 torch.eye(size, dtype=dtype, device=device))
+                for i, (size, d) in enumerate(zip(dims, diagonal_dims(dims, hp)))}
+
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"step": new_step_counter(), "update_counter": torch.tensor(0, dtype=torch.int32),
                 "momentum_buffer": zeros_like(param)}
@@ -228,10 +238,6 @@ class PSGDKron(MatrixAlgorithm):
         # whichever it fits, so only in the default mode does the preconditioned momentum carry it.
         fitted = g if hp["momentum_into_precond_update"] else whole[1].reshape(dims).clone()
         factors = [state[f"{OWNER_PREFIX}Q.{i}"] for i in range(len(dims))]
-        if factors[0].numel() == 0:  # first step on this owner: kron-torch's initial factors
-            scale = hp["precond_init_scale"] ** (1 / len(dims))
-            factors = [scale * (torch.ones(size, dtype=g.dtype, device=g.device) if d else
-                                torch.eye(size, dtype=g.dtype, device=g.device)) for size, d in zip(dims, diag)]
         step = int(state["step"].item())
         # The rebalancing decision is drawn on the CPU (reading it is then no device sync); the probe on the device.
         balance = torch.rand((), generator=torch.Generator().manual_seed(_seed(hp["seed"], fqn, step))).item() < 0.01
