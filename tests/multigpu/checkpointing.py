@@ -1,0 +1,101 @@
+"""Rank-side helpers of the checkpoint tests: the optimizers under test, a training loop fed with the same full
+gradients at any world size, and saving and loading through torch's standard DCP route."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+import distopt
+
+from .harness import device
+from .sharded_models import feed_same_grads, full, mesh_for
+from .test_muon_owner import MuonNet
+
+ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd")
+
+
+def make_optimizer(kind: str, model):
+    named = list(model.named_parameters())
+    if kind == "adamw":
+        return distopt.AdamW(named, lr=3e-3, weight_decay=0.05)
+    if kind == "muon":  # matrices only (the biases stay out of this optimizer)
+        return distopt.DistributedOptimizer([(n, p) for n, p in named if p.ndim >= 2], algorithm="muon", lr=0.02,
+                                            weight_decay=0.1)
+    if kind == "muon+adamw":  # distopt.Muon routes 1-D parameters, the embedding and the head to AdamW
+        return distopt.Muon(named, lr=0.02, weight_decay=0.1, adamw_lr=3e-3)
+    if kind == "soap":
+        return distopt.SOAP(named, lr=3e-3, precondition_frequency=2, precondition_1d=True)
+    if kind == "psgd":
+        return distopt.PSGDKron(named, lr=1e-3, preconditioner_update_probability=0.5)
+    raise ValueError(kind)
+
+
+def build(mesh_kind: str | None, seed: int = 0):
+    """A MuonNet, FSDP2-sharded on ``mesh_kind`` (``None``: plain, one process), and an unsharded twin whose
+    shapes draw the full gradients."""
+    torch.manual_seed(seed)
+    model = MuonNet().to(device())
+    torch.manual_seed(0)
+    shadow = MuonNet().to(device())
+    if mesh_kind is not None:
+        mesh = mesh_for(mesh_kind)
+        for module in model.children():
+            fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model, shadow
+
+
+def train(model, shadow, opt, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
+        opt.step()
+        opt.zero_grad()
+
+
+def snapshot(model, opt) -> dict[str, torch.Tensor]:
+    """Full parameters and full optimizer state by FQN (owner state gathered whole), on every rank."""
+    options = StateDictOptions(full_state_dict=True)
+    msd, osd = get_state_dict(model, opt, options=options)
+    out = {f"model/{k}": full(v).detach().cpu().clone() for k, v in msd.items()}
+    for fqn, state in osd["state"].items():
+        for key, value in state.items():
+            out[f"optim/{fqn}/{key}"] = full(value).detach().cpu().clone()
+    return out
+
+
+def save(model, opt, path: str, flatten: bool) -> None:
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=flatten))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+
+def load(model, opt, path: str, flatten: bool) -> None:
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    msd, osd = get_state_dict(model, opt, options=options)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+
+
+def reference_run(kind: str, mesh_kind: str, path: str, flatten: bool, before: int, after: int):
+    """Train ``before`` steps, save, train ``after`` more; return the final snapshot (the uninterrupted run)."""
+    model, shadow = build(mesh_kind)
+    opt = make_optimizer(kind, model)
+    train(model, shadow, opt, before, seed=1)
+    save(model, opt, path, flatten)
+    dist.barrier()
+    train(model, shadow, opt, after, seed=2)
+    return snapshot(model, opt), str(opt.plan) if opt.plan is not None else ""
+
+
+def resumed_run(kind: str, mesh_kind: str, path: str, flatten: bool, after: int):
+    """A model with other initial weights and a fresh optimizer load the checkpoint and train ``after`` steps."""
+    model, shadow = build(mesh_kind, seed=123)
+    opt = make_optimizer(kind, model)
+    load(model, opt, path, flatten)
+    train(model, shadow, opt, after, seed=2)
+    return snapshot(model, opt), str(opt.plan) if opt.plan is not None else ""
