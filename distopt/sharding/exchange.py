@@ -179,3 +179,18 @@ def exchange_bytes(outgoing: list[list[Tensor]], incoming: list[int], group=None
         received = torch.empty(sum(incoming), dtype=torch.uint8, device=device)
         dist.all_to_all_single(received, payload.to(device), list(incoming), send_splits, group=group)
     return list(received.split(list(incoming)))
+
+
+def rank_zero_decides(value, group=None):
+    """Every rank gets rank 0's ``value`` (a small picklable object: a path, an error message). A checkpoint
+    manager uses it so that all ranks act on one view of the file system."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return box[0]
+
+
+def wait_for_all(group=None) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.barrier(group=group)

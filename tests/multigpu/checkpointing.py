@@ -99,3 +99,44 @@ def resumed_run(kind: str, mesh_kind: str, path: str, flatten: bool, after: int)
     load(model, opt, path, flatten)
     train(model, shadow, opt, after, seed=2)
     return snapshot(model, opt), str(opt.plan) if opt.plan is not None else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checkpoint manager
+
+
+def managed_run(kind: str, root: str, steps: int, every: int, keep: int, async_save: bool, resume: bool,
+                mesh_kind: str = "fsdp"):
+    """Train to ``steps`` with a scheduler, saving through the manager; with ``resume``, start from the latest
+    checkpoint (model built from other weights). Returns (snapshot, lr, resumed-from step, a draw of the RNG,
+    checkpoint names)."""
+    from distopt.checkpoint import CheckpointManager
+
+    model, shadow = build(mesh_kind, seed=123 if resume else 0)
+    opt = make_optimizer(kind, model)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    manager = CheckpointManager(root, model, opt, scheduler, every=every, keep=keep, async_save=async_save)
+    start = manager.resume() if resume else None
+    first = (start or 0) + 1
+    gen = torch.Generator().manual_seed(5)
+    for step in range(1, steps + 1):
+        full_grads = [torch.randn(p.shape, generator=gen) for p in shadow.parameters()]  # same draws every run
+        if step < first:
+            continue
+        for p, g in zip(model.parameters(), full_grads):
+            p.grad = _shard_like(p, g)
+        opt.step()
+        opt.zero_grad()
+        scheduler.step()
+        torch.rand(1)  # the job's own randomness: checkpoints restore it
+        manager.maybe_save(step)
+    manager.close()
+    names = [p.name for p in manager.checkpoints()]
+    return snapshot(model, opt), opt.param_groups[0]["lr"], start, torch.rand(1), names
+
+
+def _shard_like(param, full_grad):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor):
+        return distribute_tensor(full_grad.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full_grad.to(param.device)

@@ -1,0 +1,123 @@
+"""Checkpoint directories: written under a partial name, committed by one atomic rename once complete.
+
+A committed checkpoint ``step-00000100`` holds DCP's files and ``manifest.json`` (size and CRC-32 of every file). Only
+names of that form count as checkpoints, so a save that dies half-way leaves a ``.partial-`` directory that is never
+mistaken for one, and the checkpoints before it stay the latest complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zlib
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_STEP = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, corrupt, or cannot be written."""
+
+
+def final_path(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def partial_path(root: Path, step: int) -> Path:
+    return root / f".partial-step-{step:08d}"
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, step: int, checksums: bool = True) -> None:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entry = {"bytes": path.stat().st_size}
+        if checksums:
+            entry["crc32"] = _crc32(path)
+        files[str(path.relative_to(directory))] = entry
+    manifest = directory / MANIFEST
+    with open(manifest, "w") as stream:
+        json.dump({"step": step, "files": files}, stream, indent=1)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def commit(partial: Path, final: Path, step: int, checksums: bool = True) -> None:
+    """Seal ``partial`` with a manifest and rename it to ``final`` (atomic on one file system)."""
+    write_manifest(partial, step, checksums)
+    if final.exists():  # the same step saved again (say, after a resume): the new one replaces it
+        trash = final.with_name(f".trash-{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(partial, final)
+    _fsync_dir(final.parent)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the committed checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP.match(path.name)
+        if match and (path / MANIFEST).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints; each is renamed away first, so a half-deleted one never
+    looks complete."""
+    for _, path in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        trash = path.with_name(f".trash-{path.name}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def verify(directory: Path) -> int:
+    """Check that ``directory`` is a complete, intact checkpoint; return its step. Raise ``CheckpointError`` naming
+    what is wrong."""
+    manifest = directory / MANIFEST
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if not manifest.is_file():
+        raise CheckpointError(f"checkpoint {directory} is incomplete: it has no {MANIFEST} (a save that did not "
+                              "finish, or a partial copy)")
+    try:
+        with open(manifest) as stream:
+            content = json.load(stream)
+        step, files = int(content["step"]), dict(content["files"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: unreadable {MANIFEST} ({error})") from None
+    if ".metadata" not in files:
+        raise CheckpointError(f"checkpoint {directory} is incomplete: its manifest lists no .metadata")
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} has {size} bytes, the manifest says "
+                                  f"{entry['bytes']}")
+        if "crc32" in entry and _crc32(path) != entry["crc32"]:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} fails its CRC-32 check")
+    return step
