@@ -16,7 +16,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from . import directory as dirs
-from .safe_io import SafeEmptyLoadPlanner, SafeFileSystemReader
+from .safe_io import SafeEmptyLoadPlanner, SafeFileSystemReader, read_metadata_file, reading
 
 
 def load_whole(checkpoint: str | Path) -> dict[str, Any]:
@@ -24,8 +24,10 @@ def load_whole(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint)
     dirs.verify(path)
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeEmptyLoadPlanner(),
-                     no_dist=True)
+    with reading(path):
+        read_metadata_file(path / ".metadata")  # checked before DCP reads it (DCP would flatten the error to text)
+        _load_state_dict(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeEmptyLoadPlanner(),
+                         no_dist=True)
     return state
 
 

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 from ..sharding.exchange import rank_zero_decides, wait_for_all
 from . import directory as dirs
 from .directory import CheckpointError
-from .safe_io import SafeFileSystemReader, SafeLoadPlanner, read_metadata_file
+from .safe_io import SafeFileSystemReader, SafeLoadPlanner, read_metadata_file, reading
 
 RESERVED = ("model", "optim", "scheduler", "train", "rng")
 
@@ -196,12 +196,14 @@ class CheckpointManager:
         problem = rank_zero_decides(problem)
         if problem is not None:
             raise CheckpointError(problem)
-        metadata = read_metadata_file(path / ".metadata")
+        with reading(path):
+            metadata = read_metadata_file(path / ".metadata")
         state = self._state_dict(step=-1)
         same_world = self._check_against(state, metadata.state_dict_metadata, path)
         if not same_world:
             state.pop("rng")
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+        with reading(path):
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self.options)
         if self.scheduler is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint._traverse import set_element
@@ -88,3 +89,30 @@ class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         _load_plain(self, read_item, value)
+
+
+def reading(path) -> "_Reading":
+    """Context for a DCP read of ``path``: DCP wraps every rank's error in a ``CheckpointException``; this re-raises
+    an unsafe entry as :class:`UnsafeCheckpoint` and anything else as a ``CheckpointError`` naming the path."""
+    return _Reading(path)
+
+
+class _Reading:
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        from .directory import CheckpointError
+
+        if error is None or not isinstance(error, (CheckpointException, pickle.UnpicklingError, OSError)):
+            return False
+        failures = error.failures.values() if isinstance(error, CheckpointException) else [(error, None)]
+        causes = [pair[0] if isinstance(pair, tuple) else pair for pair in failures]
+        for cause in causes:
+            if isinstance(cause, UnsafeCheckpoint):
+                raise cause from None
+        first = causes[0] if causes else error
+        raise CheckpointError(f"cannot read checkpoint {self.path}: {type(first).__name__}: {first}") from error

@@ -140,3 +140,37 @@ def _shard_like(param, full_grad):
     if isinstance(param, DTensor):
         return distribute_tensor(full_grad.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     return full_grad.to(param.device)
+
+
+def stateful_save(kind: str, path: str, before: int, after: int):
+    """``dcp.async_save({"model": model, "optim": opt})`` (both DCP-Stateful), training on while it writes."""
+    model, shadow = build("fsdp")
+    opt = make_optimizer(kind, model)
+    train(model, shadow, opt, before, seed=1)
+    future = dcp.async_save({"model": model, "optim": opt}, checkpoint_id=path,
+                            process_group=dist.new_group(backend="gloo"))
+    train(model, shadow, opt, after, seed=2)  # changes the state while the background thread writes
+    future.result()
+    dist.barrier()
+    return snapshot(model, opt)
+
+
+def stateful_load(kind: str, path: str, after: int):
+    model, shadow = build("fsdp", seed=123)
+    opt = make_optimizer(kind, model)
+    dcp.load({"model": model, "optim": opt}, checkpoint_id=path)
+    train(model, shadow, opt, after, seed=2)
+    return snapshot(model, opt)
+
+
+def saved_layout(kind: str):
+    """What get_state_dict hands DCP: per FQN, each state entry's type, global shape and placements."""
+    from torch.distributed.tensor import DTensor
+
+    model, shadow = build("fsdp")
+    opt = make_optimizer(kind, model)
+    train(model, shadow, opt, 2, seed=1)
+    _, osd = get_state_dict(model, opt)
+    in_memory = {n: {k: tuple(v.shape) for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    return ({fqn: {k: (type(v).__name__, tuple(v.shape), str(v.placements) if isinstance(v, DTensor) else None)
+                   for k, v in state.items()} for fqn, state in osd["state"].items()}, in_memory)

@@ -65,3 +65,44 @@ def test_hsdp_checkpoints_reshard(ranks, backend, tmp_path_factory, kind, saved,
     path, reference = _reference(ranks, tmp_path_factory, kind, saved[0], saved[1], True)
     resumed = ranks(loaded[1], ck.resumed_run, kind, loaded[0], path, True, AFTER)
     _assert_same(resumed, reference, (kind, saved, loaded))
+
+
+@pytest.mark.parametrize("kind", ["adamw", "soap", "psgd"])
+def test_stateful_optimizer_with_async_save(ranks, backend, tmp_path, kind):
+    """The optimizer itself is DCP-Stateful; ``dcp.async_save`` returns once the state is staged, so the steps
+    taken while it writes do not leak into the checkpoint."""
+    if backend != "gloo":
+        pytest.skip("checkpoint resharding runs on gloo")
+    path = str(tmp_path / "ckpt")
+    straight = ranks(2, ck.stateful_save, kind, path, BEFORE, AFTER)
+    resumed = ranks(3, ck.stateful_load, kind, path, AFTER)
+    for snapshot in resumed:
+        assert set(snapshot) == set(straight[0])
+        for name, value in straight[0].items():
+            assert torch.equal(snapshot[name], value), name
+
+
+@pytest.mark.parametrize("kind", ["soap", "psgd"])
+def test_saved_state_is_keyed_by_fqn_and_every_tensor_is_a_dtensor_of_logical_shape(ranks, backend, kind):
+    if backend != "gloo":
+        pytest.skip("checkpoint resharding runs on gloo")
+    results = ranks(3, ck.saved_layout, kind)
+    saved = results[0][0]
+    assert all(r[0] == saved for r in results), "ranks disagree on the saved keys or layouts"
+    assert set(saved) == {"embed.weight", "wide.weight", "wide.bias", "tall.weight", "thin.weight", "small.weight",
+                          "small.bias", "smaller.weight", "smaller.bias", "conv.weight", "conv.bias"}
+    for fqn, state in saved.items():
+        for key, (kind_name, _, _) in state.items():
+            assert kind_name == "DTensor", (fqn, key)
+    if kind == "soap":
+        assert saved["wide.weight"]["owner.Q.0"] == ("DTensor", (37, 37), "(Shard(dim=0),)")
+        assert saved["wide.weight"]["owner.exp_avg_sq"][1] == (37, 113)
+        assert saved["wide.weight"]["step"] == ("DTensor", (), "(Replicate(),)")
+        key = "owner.Q.1"
+    else:
+        assert saved["conv.weight"]["owner.Q.0"][1] == (48, 48)  # kron-torch merges (8, 3, 2, 2) into (48, 2)
+        assert saved["conv.weight"]["owner.Q.1"][1] == (2, 2)
+        key = "owner.Q.0"
+    # In memory the owner holds the whole tensor and the others nothing: that layout is never what is saved.
+    in_memory = [r[1]["wide.weight"][key] for r in results]
+    assert sorted(in_memory) == [(0,), (0,), saved["wide.weight"][key][1]]
