@@ -59,7 +59,7 @@ class SavedState:
         for gi, group in enumerate(self.opt.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                out.append((p, gi, names[i] if names else f"param_groups[{gi}]['params'][{i}]"))
+                out.append((p, gi, repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"))
         return out
 
     def _world(self) -> tuple[Any, int, int]:

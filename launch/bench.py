@@ -236,13 +236,18 @@ def machine_line() -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="adamw")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS) + ["checkpoint"], default="adamw")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="checkpoint scenario: saves and loads to time")
+    parser.add_argument("--vocab", type=int, default=64, help="checkpoint scenario: the train.py model's vocabulary")
     args = parser.parse_args(argv)
+    if args.scenario == "checkpoint":
+        from launch.checkpoint_bench import run
+        return run(args)
 
     params = args.layers * 12 * args.dim * args.dim
     print(f"scenario {args.scenario}: {args.layers * 6} matrices, d={args.dim}, {params / 1e6:.1f}M parameters, "

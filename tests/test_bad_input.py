@@ -102,3 +102,36 @@ def test_a_sparse_gradient_in_a_later_group_moves_nothing():
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
     assert torch.equal(dense.detach(), before) and dense not in opt.state
+
+
+def _stepped(shapes, algorithm="soap"):
+    params = [(name, torch.nn.Parameter(torch.randn(shape))) for name, shape in shapes]
+    opt = DistributedOptimizer(params, algorithm=algorithm)
+    for _, p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("algorithm", ["soap", "adamw"])
+def test_state_dict_of_another_shape_names_the_parameter_and_changes_nothing(algorithm):
+    saved = _stepped([("a", (4, 3)), ("b", (5, 2))], algorithm).state_dict()
+    opt = _stepped([("a", (4, 3)), ("b", (5, 6))], algorithm)
+    before = {k: v.clone() for k, v in opt.state[opt.param_groups[0]["params"][0]].items()}
+    with pytest.raises(distopt.StateDictMismatch, match=r"of 'b' has shape \(5, 2\).*expects \(5, 6\)"):
+        opt.load_state_dict(saved)
+    after = opt.state[opt.param_groups[0]["params"][0]]
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # 'a' was not loaded half-way
+
+
+def test_state_dict_of_other_parameters_names_them():
+    saved = _stepped([("a", (4, 3)), ("b", (5, 2))]).state_dict()
+    opt = _stepped([("a", (4, 3)), ("c", (5, 2))])
+    with pytest.raises(distopt.StateDictMismatch, match=r"missing \['c'\], unexpected \['b'\]"):
+        opt.load_state_dict(saved)
+    with pytest.raises(distopt.StateDictMismatch, match="3 param groups"):
+        opt.load_state_dict({"state": {}, "param_groups": saved["param_groups"] * 3})
+    broken = {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": saved["param_groups"]}
+    with pytest.raises(distopt.StateDictMismatch, match=r"state of 'a' \(soap\).*missing \['exp_avg'"):
+        _stepped([("a", (4, 3)), ("b", (5, 2))]).load_state_dict(broken)
