@@ -202,11 +202,13 @@ def _rank_main(rank, world, init_file, args, results):
         dist.destroy_process_group()
 
 
-def run_world(world: int, args) -> dict:
+def run_world(world: int, args, target=None) -> dict:
+    """Spawn ``world`` ranks of ``target(rank, world, init_file, args, results)`` (default: the step benchmark) in
+    a temporary folder; return what rank 0 put in ``results``."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank_main, args=(rank, world, os.path.join(tmp, "rdzv"), args, results))
+        procs = [ctx.Process(target=target or _rank_main, args=(rank, world, os.path.join(tmp, "rdzv"), args, results))
                  for rank in range(world)]
         for proc in procs:
             proc.start()

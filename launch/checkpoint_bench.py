@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import distopt
 from distopt.checkpoint import CheckpointManager
 
+from launch.bench import run_world
 from launch.train import TinyLM
 
 OPTIMIZERS = {"adamw": lambda named: distopt.AdamW(named, lr=1e-3),
@@ -24,7 +23,8 @@ OPTIMIZERS = {"adamw": lambda named: distopt.AdamW(named, lr=1e-3),
               "soap": lambda named: distopt.SOAP(named, lr=1e-3)}
 
 
-def _rank_main(rank, world, init_file, root, args, results):
+def _rank_main(rank, world, init_file, args, results):
+    root = os.path.dirname(init_file)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -77,18 +77,7 @@ def run(args) -> None:
     print(f"checkpoint of the launch/train.py model (TinyLM d={args.dim}, {args.layers} layers, "
           f"{params / 1e6:.2f}M parameters), FSDP2 on gloo, median of {args.repeats} saves; files on local disk")
     for world in args.world_sizes:
-        ctx = mp.get_context("spawn")
-        results = ctx.Queue()
-        with tempfile.TemporaryDirectory() as tmp:
-            procs = [ctx.Process(target=_rank_main, args=(r, world, os.path.join(tmp, "rdzv"), tmp, args, results))
-                     for r in range(world)]
-            for proc in procs:
-                proc.start()
-            out = results.get(timeout=3600)
-            for proc in procs:
-                proc.join()
-        if isinstance(out, str):
-            raise RuntimeError(out)
+        out = run_world(world, args, _rank_main)
         print(f"\nW={world}\n| optimizer | checkpoint MiB | sync save ms | async save: blocking ms | "
               "async save: until committed ms | load ms |\n|---|---|---|---|---|---|")
         for name, t in out.items():
