@@ -124,3 +124,41 @@ def test_state_dict_round_trip_with_owner_state_continues_bitwise(ranks):
     for params, reference in zip(resumed, straight):
         for name, value in reference.items():
             assert torch.equal(params[name], value), name
+
+
+def _add_group_midway(mesh_kind):
+    """SOAP on two matrices for 2 steps, then add_param_group brings three more (a new plan, so owners move with
+    their state), then 2 more steps of all five."""
+    model, shadow = _fsdp_model(mesh_kind) if mesh_kind else (MuonNet(), None)
+    if shadow is None:
+        torch.manual_seed(0)
+        model = MuonNet()
+        shadow = copy.deepcopy(model)
+    named = dict(model.named_parameters())
+    first, later = ["small.weight", "smaller.weight"], ["wide.weight", "tall.weight", "embed.weight"]
+    opt = DistributedOptimizer([(n, named[n]) for n in first], algorithm="soap", precondition_frequency=2)
+    gen = torch.Generator().manual_seed(1)
+    owners = []
+    for step in range(4):
+        if step == 2:
+            owners.append([opt.plan.owner_of(n) for n in first])
+            opt.add_param_group({"params": [(n, named[n]) for n in later], "algorithm": "soap"})
+            owners.append([opt.plan.owner_of(n) for n in first])
+        feed_same_grads(list(model.parameters()), list(shadow.parameters()), gen)
+        opt.step()
+    return _full_params(model), owners
+
+
+def test_add_param_group_moves_owner_state_to_the_new_owners(ranks):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected, _ = _add_group_midway(None)
+    finally:
+        torch.set_num_threads(threads)
+    results = ranks(3, _add_group_midway, "fsdp")
+    before, after = results[0][1]
+    assert before != after, "the new plan should move an existing matrix to another owner"
+    for params, _ in results:
+        for name, value in expected.items():
+            assert torch.equal(params[name], value), name
