@@ -106,8 +106,7 @@ class SavedState:
         items, _ = self._owner_items(lambda e: self.opt.state.get(e.param))
         group, rank, world = self._world()
         old = self.opt._owner.entries
-        wholes = {(i.matrix, i.key): self.opt.state[old[i.matrix].param][i.key] for i in items if i.owner == rank}
-        blocks = rows.scatter(items, wholes, rank, world, group, self._device())
+        blocks = self._scatter_owned(items)
         rebuild()
         entries, owners = self.opt._owner.entries, self.opt._owner.plan.owners
         assert all(entries[m].param is e.param for m, e in enumerate(old)), "new matrices must come last"
@@ -141,17 +140,25 @@ class SavedState:
             state[pid] = out
         return {"state": state, "param_groups": torch_state_dict["param_groups"]}
 
+    def _scatter_owned(self, items: list[OwnerItem]) -> dict[tuple[int, str], Tensor]:
+        """This rank's row block of every owner tensor in ``items``, from the owners' live state."""
+        group, rank, world = self._world()
+        entries = self.opt._owner.entries
+        wholes = {}
+        for item in items:
+            if item.owner == rank:
+                whole = self.opt.state[entries[item.matrix].param][item.key]
+                if tuple(whole.shape) != item.shape:
+                    raise RuntimeError(f"internal error: owner state {item.key} of {entries[item.matrix].fqn} has "
+                                       f"shape {tuple(whole.shape)}, expected {item.shape}")
+                wholes[(item.matrix, item.key)] = whole
+        return rows.scatter(items, wholes, rank, world, group, self._device())
+
     def _owner_blocks(self, items: list[OwnerItem]) -> dict[tuple[int, str], Tensor]:
         entries = self.opt._owner.entries
         if not _distributed():
             return {(i.matrix, i.key): self.opt.state[entries[i.matrix].param][i.key] for i in items}
-        group, rank, world = self._world()
-        wholes = {(i.matrix, i.key): self.opt.state[entries[i.matrix].param][i.key] for i in items if i.owner == rank}
-        for item in items:
-            if item.owner == rank and tuple(wholes[(item.matrix, item.key)].shape) != item.shape:
-                raise RuntimeError(f"internal error: owner state {item.key} of {entries[item.matrix].fqn} has shape "
-                                   f"{tuple(wholes[(item.matrix, item.key)].shape)}, expected {item.shape}")
-        local = rows.scatter(items, wholes, rank, world, group, self._device())
+        local = self._scatter_owned(items)
         out = {}
         for item in items:
             block = local[(item.matrix, item.key)]

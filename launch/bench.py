@@ -11,6 +11,7 @@ installed, or that fail on DTensor parameters, are reported as such. Compare fig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -143,9 +144,7 @@ def _attach(feed):
 
 def _rank_main(rank, world, init_file, args, results):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))
-    try:
+    with rank_process(rank, world, init_file, results):
         mesh = init_device_mesh("cpu", (world,))
         torch.manual_seed(0)
         template = GPTMatrices(args.dim, args.layers)
@@ -195,6 +194,15 @@ def _rank_main(rank, world, init_file, args, results):
             medians[name] = slowest.item()
         if rank == 0:
             results.put(medians)
+
+
+@contextlib.contextmanager
+def rank_process(rank: int, world: int, init_file: str, results):
+    """One benchmark rank's process group; a failure reaches the parent as the rank's traceback."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))
+    try:
+        yield
     except Exception:  # noqa: BLE001
         results.put(traceback.format_exc())
         raise

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 import distopt
 from distopt.checkpoint import CheckpointManager
 
-from launch.bench import run_world
+from launch.bench import rank_process, run_world
 from launch.train import TinyLM
 
 OPTIMIZERS = {"adamw": lambda named: distopt.AdamW(named, lr=1e-3),
@@ -26,8 +26,7 @@ OPTIMIZERS = {"adamw": lambda named: distopt.AdamW(named, lr=1e-3),
 def _rank_main(rank, world, init_file, args, results):
     root = os.path.dirname(init_file)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with rank_process(rank, world, init_file, results):
         out = {}
         for name, factory in OPTIMIZERS.items():
             torch.manual_seed(0)
@@ -64,12 +63,6 @@ def _rank_main(rank, world, init_file, args, results):
             out[name] = {k: statistics.median(v) for k, v in timings.items()} | {"bytes": size}
         if rank == 0:
             results.put(out)
-    except Exception:  # noqa: BLE001
-        import traceback
-        results.put(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def run(args) -> None:
