@@ -5,8 +5,10 @@ the "match_rms_adamw" learning-rate adjustment: Liu et al., "Muon is Scalable fo
 https://arxiv.org/abs/2502.16982.
 
 Where state lives: ``momentum_buffer`` is elementwise, so it stays on each rank's shard in the parameter's layout.
-Only the Nesterov update travels, in bfloat16, to the matrix's owner: Newton-Schulz casts its input to bfloat16 as
-its first operation, so sending bfloat16 changes no bit of the result and halves the bytes.
+Only the Nesterov update travels to the matrix's owner, in the owner's maths dtype ``owner_dtype``: Newton-Schulz
+casts its input to that dtype as its first operation, so sending it in that dtype changes no bit of the result. The
+default, bfloat16, is torch.optim.Muon's (and halves the bytes); ``owner_dtype=torch.float32`` is for CPUs whose
+bfloat16 matmuls are slow, or for a more exact orthogonalization.
 """
 
 from __future__ import annotations
@@ -22,17 +24,26 @@ from ..compile import kernel
 from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+#: Dtypes the owners' maths may run in, by the name that param groups hold (DCP saves param groups as plain data,
+#: and it cannot store a torch.dtype).
+OWNER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                "float64": torch.float64}
+
+
+def owner_dtype(hp: Mapping[str, Any]) -> torch.dtype:
+    return OWNER_DTYPES[hp["owner_dtype"]]
 
 
 @kernel
-def newton_schulz(matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
-    """Quintic Newton-Schulz on a stack of same-shape matrices ``(batch, m, n)``, in bfloat16.
+def newton_schulz(matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Quintic Newton-Schulz on a stack of same-shape matrices ``(batch, m, n)``, in ``dtype``.
 
     Per matrix it performs exactly the operations of torch.optim.Muon's ``_zeropower_via_newtonschulz``; on CPU the
     batched products are bitwise equal to the per-matrix ones.
     """
     a, b, c = coefficients
-    x = matrices.bfloat16()
+    x = matrices.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -59,7 +70,8 @@ class Muon(MatrixAlgorithm):
 
     name = "muon"
     hyperparameters = {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
-                       "ns_coefficients": NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": 5, "adjust_lr_fn": None}
+                       "ns_coefficients": NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": 5, "adjust_lr_fn": None,
+                       "owner_dtype": "bfloat16"}
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -78,6 +90,13 @@ class Muon(MatrixAlgorithm):
         if hp["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"{self.name}: invalid adjust_lr_fn={hp['adjust_lr_fn']!r} (must be None, "
                              "'original' or 'match_rms_adamw')")
+        value = hp["owner_dtype"]
+        if isinstance(value, torch.dtype) and str(value).removeprefix("torch.") in OWNER_DTYPES:
+            if isinstance(hp, dict):
+                hp["owner_dtype"] = str(value).removeprefix("torch.")  # the group holds the name
+        elif value not in OWNER_DTYPES:
+            raise ValueError(f"{self.name}: invalid owner_dtype={value!r} (must be a torch dtype or a name among "
+                             f"{', '.join(OWNER_DTYPES)})")
 
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
         if len(shape) < 2:
@@ -85,7 +104,7 @@ class Muon(MatrixAlgorithm):
                              "it to an elementwise algorithm such as adamw (distopt.Muon does this by itself)")
 
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
-        return torch.bfloat16
+        return owner_dtype(hp)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
         m, n = self.matrix_shape(shape)
@@ -102,7 +121,7 @@ class Muon(MatrixAlgorithm):
         buf = state["momentum_buffer"]
         buf.lerp_(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if hp["nesterov"] else buf
-        return update.bfloat16()
+        return update.to(owner_dtype(hp))
 
     def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """The 2-D view ``(out, rest)`` that Newton-Schulz orthogonalizes."""
@@ -111,7 +130,8 @@ class Muon(MatrixAlgorithm):
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
-        result = newton_schulz(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"])
+        result = newton_schulz(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"],
+                               owner_dtype(hp))
         return [r.reshape(shape) for r in result.unbind(0)]
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],

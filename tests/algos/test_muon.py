@@ -34,6 +34,51 @@ def test_matches_torch_muon_bitwise(kwargs):
         assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
 
 
+def _muon_float32_loop(param, grads, lr, weight_decay, momentum=0.95, steps=5, eps=1e-7):
+    """Muon from the paper's pseudo-code, all in float32: Nesterov momentum, quintic Newton-Schulz, scaled step."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    param, buf = param.clone(), torch.zeros_like(param)
+    for grad in grads:
+        buf = momentum * buf + (1 - momentum) * grad
+        x = (1 - momentum) * grad + momentum * buf
+        transposed = x.shape[0] > x.shape[1]
+        x = x.T if transposed else x
+        x = x / max(x.norm().item(), eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        x = x.T if transposed else x
+        param = param * (1 - lr * weight_decay) - lr * max(1.0, param.shape[0] / param.shape[1]) ** 0.5 * x
+    return param
+
+
+def test_float32_owner_maths_follows_the_paper_in_float32():
+    torch.manual_seed(0)
+    params = [torch.randn(s, requires_grad=True) for s in [(24, 40), (40, 24)]]
+    grads = [[torch.randn(p.shape) for _ in range(3)] for p in params]
+    start = [p.detach().clone() for p in params]
+    opt = distopt.DistributedOptimizer(params, algorithm="muon", lr=0.02, owner_dtype=torch.float32)
+    assert opt.param_groups[0]["owner_dtype"] == "float32"  # by name: DCP cannot save a torch.dtype
+    for step in range(3):
+        for p, g in zip(params, grads):
+            p.grad = g[step]
+        opt.step()
+    for p, p0, g in zip(params, start, grads):
+        expected = _muon_float32_loop(p0, g, lr=0.02, weight_decay=0.1)
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+        # bfloat16 owner maths is measurably further from the float32 reference: the switch is real.
+    bf16 = [p0.clone().requires_grad_() for p0 in start]
+    opt = distopt.DistributedOptimizer(bf16, algorithm="muon", lr=0.02)
+    for step in range(3):
+        for p, g in zip(bf16, grads):
+            p.grad = g[step]
+        opt.step()
+    for p, p0, g, p32 in zip(bf16, start, grads, params):
+        expected = _muon_float32_loop(p0, g, lr=0.02, weight_decay=0.1)
+        assert (p.detach() - expected).abs().max() > 10 * (p32.detach() - expected).abs().max()
+
+
 def test_conv_weights_are_orthogonalized_as_out_by_rest():
     conv = torch.randn(8, 3, 2, 2, requires_grad=True)
     flat = conv.detach().reshape(8, 12).clone().requires_grad_()
@@ -58,6 +103,7 @@ def test_signature_keeps_torch_muons_names_and_defaults():
     ({"lr": -1.0}, "lr=-1.0"), ({"momentum": -0.1}, "momentum=-0.1"), ({"weight_decay": -1}, "weight_decay=-1"),
     ({"ns_steps": 100}, "ns_steps=100"), ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients must be a tuple of 3"),
     ({"adjust_lr_fn": "fancy"}, "adjust_lr_fn='fancy'"), ({"nesterov": 1}, "nesterov must be a bool"),
+    ({"owner_dtype": torch.int32}, "owner_dtype=torch.int32"), ({"owner_dtype": "fp8"}, "owner_dtype='fp8'"),
 ])
 def test_invalid_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
