@@ -1,129 +1,201 @@
-"""The main job: train a small causal language model with FSDP2 and a distopt optimizer.
+"""The main job: train a small GPT with FSDP2 and a distopt optimizer, with sharded checkpoints.
 
-    torchrun --standalone --nproc-per-node 2 launch/train.py --steps 60
+    torchrun --standalone --nproc-per-node 2 launch/train.py                   # CPU, gloo, ~2 minutes
+    torchrun --standalone --nproc-per-node 2 launch/train.py --resume          # continue from the last checkpoint
+    torchrun --standalone --nproc-per-node 2 launch/train.py --compare adamw,muon,soap,psgd
 
-Runs on CPU with gloo (or on GPUs with NCCL when each rank has one). The data is a synthetic token stream from a
-fixed random Markov chain, so the loss has somewhere to go: it starts near ln(vocab) and falls toward the chain's
-entropy. Rank 0 prints the loss, averaged over ranks.
+The data is the Python standard library's source, as bytes (or ``--data FILE``). With one GPU per rank the job runs
+on NCCL. Output in ``--out``: ``metrics.jsonl`` (one line per step), ``loss.png``, and checkpoints under
+``checkpoints/``; ``--compare`` adds ``compare.png`` and ``compare.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distopt  # noqa: E402
+from distopt.checkpoint import CheckpointManager  # noqa: E402
+from launch.data import VOCAB, ByteBatches, read_corpus  # noqa: E402
+from launch.gpt import GPT, GPTConfig  # noqa: E402
+from launch.optimizers import CHOICES, bf16_slowdown, make_optimizer  # noqa: E402
+from launch.report import MetricsLog, compare_table, plot_losses, read_metrics  # noqa: E402
+from launch.trainer import Trainer, warmup_cosine  # noqa: E402
+
+BF16_SLOW = 4.0  # bfloat16 matmuls this many times slower than float32: owners compute in float32
 
 
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq_len: int):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
-            for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq_len = tokens.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(seq_len, device=tokens.device)
-        x = self.embed(tokens) + self.pos[:seq_len]
-        for block in self.blocks:
-            x = block(x, src_mask=mask, is_causal=True)
-        return self.head(self.norm(x))
-
-
-class MarkovTokens:
-    """Token sequences from a fixed random transition matrix (each token has a few likely successors)."""
-
-    def __init__(self, vocab: int, seed: int):
-        gen = torch.Generator().manual_seed(seed)
-        logits = torch.randn(vocab, vocab, generator=gen) * 3.0
-        self.transitions = torch.softmax(logits, dim=-1)
-        self.entropy = -(self.transitions * self.transitions.log()).sum(-1).mean().item()
-
-    def batch(self, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-        tokens = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
-        tokens[:, 0] = torch.randint(self.transitions.shape[0], (batch_size,), generator=gen)
-        for t in range(seq_len):
-            tokens[:, t + 1] = torch.multinomial(self.transitions[tokens[:, t]], 1, generator=gen).squeeze(1)
-        return tokens
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--algorithm", default="adamw", help=f"one of {', '.join(sorted(distopt.ALGORITHMS))}")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per rank and step")
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--optimizer", default="muon", choices=CHOICES)
+    p.add_argument("--compare", default=None, help="comma-separated optimizers to train from the same start")
+    p.add_argument("--steps", type=int, default=300, help="total steps (a resumed run continues up to this step)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per optimizer)")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--owner-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="Muon owners' maths dtype; auto: bfloat16 unless a probe finds it slow here")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank and step")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--data", default=None, help="a text file to train on (default: the Python stdlib's sources)")
+    p.add_argument("--mesh", default=None, help="HSDP mesh REPLICASxSHARDS, e.g. 2x2 (default: FSDP over all ranks)")
+    p.add_argument("--out", default="runs/main", help="output folder (metrics, plots, checkpoints)")
+    p.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: OUT/checkpoints)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="save every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (and at the end)")
+    p.add_argument("--val-batches", type=int, default=4)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step as a killed job would: no final checkpoint (to test --resume)")
+    p.add_argument("--compile", action="store_true", help="compile the owners' maths (torch.compile)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.compare:
+        args.compare = [name.strip() for name in args.compare.split(",") if name.strip()]
+        unknown = [n for n in args.compare if n not in CHOICES]
+        if unknown:
+            p.error(f"--compare: unknown optimizer(s) {unknown}; choose among {', '.join(CHOICES)}")
+        if args.resume:
+            p.error("--compare starts every optimizer from the same initial weights; it does not take --resume")
+    return args
 
 
-def main(argv=None) -> float:
-    args = parse_args(argv)
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    mesh = init_device_mesh(device.type, (world,))
+def init_distributed() -> torch.device:
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python launch/train.py`: one rank
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = TinyLM(args.vocab, args.dim, args.layers, args.heads, args.seq_len).to(device)
+
+def build_mesh(spec: str | None, device: torch.device) -> DeviceMesh:
+    world = dist.get_world_size()
+    if spec is None:
+        return init_device_mesh(device.type, (world,))
+    try:
+        replicas, shards = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--mesh {spec!r}: expected REPLICASxSHARDS, e.g. 2x2") from None
+    if replicas * shards != world:
+        raise SystemExit(f"--mesh {spec}: {replicas} x {shards} = {replicas * shards} ranks, but the job has {world}")
+    return init_device_mesh(device.type, (replicas, shards), mesh_dim_names=("replicate", "shard"))
+
+
+def build_model(config: GPTConfig, mesh: DeviceMesh, device: torch.device, seed: int) -> GPT:
+    torch.manual_seed(seed)  # the same initial weights on every rank, and for every optimizer of --compare
+    model = GPT(config).to(device)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    hyperparameters = {"lr": args.lr}
-    if "weight_decay" in distopt.ALGORITHMS[args.algorithm].hyperparameters:
-        hyperparameters["weight_decay"] = args.weight_decay
-    opt = distopt.DistributedOptimizer(model.named_parameters(), algorithm=args.algorithm, **hyperparameters)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    return model
 
-    data = MarkovTokens(args.vocab, seed=1234)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank sees its own data
-    if rank == 0:
-        print(f"training TinyLM ({sum(p.numel() for p in model.parameters())} parameters) with distopt "
-              f"{args.algorithm} on {world} {backend} rank(s), FSDP2; loss floor (chain entropy) "
-              f"{data.entropy:.3f}, start ~ ln({args.vocab}) = {math.log(args.vocab):.3f}", flush=True)
-    start, loss_value = time.perf_counter(), float("nan")
-    for step in range(1, args.steps + 1):
-        tokens = data.batch(args.batch_size, args.seq_len, gen).to(device)
-        logits = model(tokens[:, :-1])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
-        if step % args.log_every == 0 or step == 1 or step == args.steps:
-            summed = loss.detach().clone()
-            dist.all_reduce(summed)  # gloo has no AVG reduction
-            loss_value = summed.item() / world
-            if rank == 0:
-                print(f"step {step:4d}  loss {loss_value:.4f}  ({time.perf_counter() - start:.1f} s)", flush=True)
+
+def pick_owner_dtype(choice: str, device: torch.device, say) -> str:
+    if choice != "auto":
+        return choice
+    slowdown = bf16_slowdown(device)
+    flag = [slowdown]
+    dist.broadcast_object_list(flag, src=0)  # every rank must run the same maths
+    slowdown = flag[0]
+    if slowdown > BF16_SLOW:
+        say(f"bfloat16 matmuls are {slowdown:.0f}x slower than float32 on this CPU: Muon's owners compute in "
+            "float32 (--owner-dtype bfloat16 to override)")
+        return "float32"
+    say("Muon's owners compute in bfloat16 (as torch.optim.Muon)")
+    return "bfloat16"
+
+
+def run_one(name: str, args: argparse.Namespace, env: dict, out: Path, ckpt_dir: Path | None,
+            resume: bool) -> dict:
+    """Train with optimizer ``name``; returns its summary (final losses, time, optimizer share)."""
+    model = build_model(env["config"], env["mesh"], env["device"], args.seed)
+    opt = make_optimizer(name, model, args.lr, args.weight_decay, env["owner_dtype"], args.compile)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, args.steps))
+    manager = None
+    if ckpt_dir is not None:
+        manager = CheckpointManager(ckpt_dir, model, opt, schedule, every=args.ckpt_every or 0, keep=2)
+    start = 0
+    if resume and manager is not None:
+        found = manager.resume()
+        start = found or 0
+        env["say"](f"resumed from {manager.latest()} at step {start}" if found is not None
+                   else f"--resume: no complete checkpoint in {ckpt_dir}; starting at step 0")
+    if start >= args.steps:
+        env["say"](f"the checkpoint is at step {start}, already at --steps {args.steps}: nothing to train")
+    if getattr(opt, "plan", None) is not None:
+        env["say"](str(opt.plan).splitlines()[0])
+    metrics = MetricsLog(out / "metrics.jsonl", start if resume else None) if dist.get_rank() == 0 else None
+    trainer = Trainer(model, opt, schedule, env["batches"], env["device"], metrics, manager, name, args)
+    summary = trainer.run(start, args.steps, args.stop_at)
+    if metrics is not None:
+        metrics.close()
+    if manager is not None:
+        manager.close()
+    if dist.get_rank() == 0:
+        plot_losses({name: read_metrics(out / "metrics.jsonl")}, out / "loss.png", f"{name}: {env['title']}")
+    return summary
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def say(message: str) -> None:
+        if rank == 0:
+            print(message, flush=True)
+
+    mesh = build_mesh(args.mesh, device)
+    corpus, source = read_corpus(args.data)
+    config = GPTConfig(vocab=VOCAB, dim=args.dim, layers=args.layers, heads=args.heads, seq_len=args.seq_len)
+    batches = ByteBatches(corpus, args.seq_len, args.batch_size, args.seed)
+    names = args.compare or [args.optimizer]
+    owner_dtype = pick_owner_dtype(args.owner_dtype, device, say) if "muon" in names else "bfloat16"
+    n_params = sum(p.numel() for p in GPT(config).parameters()) if rank == 0 else 0
+    say(f"data: {source}, {len(corpus) / 2**20:.1f} MiB; model: GPT d={args.dim} x {args.layers} layers, "
+        f"{n_params / 1e6:.2f}M parameters; {world} {dist.get_backend()} rank(s), "
+        f"{'HSDP ' + args.mesh if args.mesh else 'FSDP2'}; {args.batch_size * args.seq_len * world} tokens per step")
+    env = {"config": config, "mesh": mesh, "device": device, "batches": batches, "owner_dtype": owner_dtype,
+           "say": say, "title": f"GPT {n_params / 1e6:.2f}M on {world} rank(s)"}
+    out = Path(args.out)
+    summaries = []
+    for name in names:
+        run_out = out / name if args.compare else out
+        if args.compare:
+            ckpt_dir = Path(args.ckpt_dir) / name if args.ckpt_dir else None
+        else:
+            ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
+        say(f"== {name} ==" if args.compare else f"optimizer: distopt {name}")
+        summaries.append(run_one(name, args, env, run_out, ckpt_dir, args.resume))
+    if args.compare and rank == 0:
+        plot_losses({s["optimizer"]: read_metrics(out / s["optimizer"] / "metrics.jsonl") for s in summaries},
+                    out / "compare.png", env["title"])
+        table = compare_table(summaries)
+        (out / "compare.md").write_text(table + "\n")
+        print(table)
+    say(f"outputs in {out}/")
+    dist.barrier()
     dist.destroy_process_group()
-    return loss_value
+    return summaries
 
 
 if __name__ == "__main__":
