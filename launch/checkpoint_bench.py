@@ -16,11 +16,15 @@ import distopt
 from distopt.checkpoint import CheckpointManager
 
 from launch.bench import rank_process, run_world
-from launch.train import TinyLM
+from launch.gpt import GPT, GPTConfig
 
 OPTIMIZERS = {"adamw": lambda named: distopt.AdamW(named, lr=1e-3),
               "muon": lambda named: distopt.Muon(named, lr=0.02, adamw_lr=1e-3),
               "soap": lambda named: distopt.SOAP(named, lr=1e-3)}
+
+
+def _config(args) -> GPTConfig:
+    return GPTConfig(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=4, seq_len=32)
 
 
 def _rank_main(rank, world, init_file, args, results):
@@ -30,7 +34,7 @@ def _rank_main(rank, world, init_file, args, results):
         out = {}
         for name, factory in OPTIMIZERS.items():
             torch.manual_seed(0)
-            model = TinyLM(args.vocab, args.dim, args.layers, 4, 32)
+            model = GPT(_config(args))
             mesh = init_device_mesh("cpu", (world,))
             for block in model.blocks:
                 fully_shard(block, mesh=mesh)
@@ -66,8 +70,8 @@ def _rank_main(rank, world, init_file, args, results):
 
 
 def run(args) -> None:
-    params = sum(p.numel() for p in TinyLM(args.vocab, args.dim, args.layers, 4, 32).parameters())
-    print(f"checkpoint of the launch/train.py model (TinyLM d={args.dim}, {args.layers} layers, "
+    params = sum(p.numel() for p in GPT(_config(args)).parameters())
+    print(f"checkpoint of the launch/train.py model (GPT d={args.dim}, {args.layers} layers, "
           f"{params / 1e6:.2f}M parameters), FSDP2 on gloo, median of {args.repeats} saves; files on local disk")
     for world in args.world_sizes:
         out = run_world(world, args, _rank_main)
