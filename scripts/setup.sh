@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up, sourced by the other scripts: `setup_python [test]`.
+# Idempotent set-up, sourced by the other scripts: `setup_python [test]`. Always: torch, and tqdm + matplotlib for
+# the main job; with `test`: the test tools.
 # Keeps a torch that is already installed. Where there is none, installs the CPU wheel of torch 2.13.0, never a
 # CUDA build: a plain `pip install torch` would pull several GB of CUDA packages.
 set -euo pipefail
@@ -7,12 +8,18 @@ set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 TORCH_CPU="torch==2.13.0+cpu"
 TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy" "kron-torch==0.3.3")
+# The main job's progress bar and loss plots (not needed by the library itself).
+JOB_DEPS=("tqdm>=4.60" "matplotlib>=3.7")
 
 setup_python() {
   if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     echo "setup: no torch found; installing $TORCH_CPU (CPU build)"
     "$PYTHON" -m pip install --quiet "$TORCH_CPU" \
       || "$PYTHON" -m pip install --quiet "$TORCH_CPU" --index-url https://download.pytorch.org/whl/cpu
+  fi
+  if ! "$PYTHON" -c "import tqdm, matplotlib" >/dev/null 2>&1; then
+    echo "setup: installing the main job's tools: ${JOB_DEPS[*]}"
+    "$PYTHON" -m pip install --quiet "${JOB_DEPS[@]}"
   fi
   if [ "${1:-}" = "test" ]; then
     if ! "$PYTHON" -c "import pytest, xdist, expecttest, numpy, kron_torch" >/dev/null 2>&1; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set up if needed, then train a small model with FSDP2 + distopt on 2 gloo ranks (CPU).
-# Extra arguments go to launch/train.py, e.g. `bash scripts/train.sh --algorithm lion --steps 100`.
+# The main job: set up if needed, then train a small GPT with FSDP2 + distopt on 2 gloo ranks (CPU, or NCCL on GPUs).
+# Extra arguments go to launch/train.py, e.g. `bash scripts/train.sh --optimizer soap --steps 100` or `--resume`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
