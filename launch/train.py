@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def init_distributed() -> torch.device:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python launch/train.py`: one rank
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -84,6 +85,12 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_mesh(spec: str | None, device: torch.device) -> DeviceMesh:

@@ -1,0 +1,65 @@
+"""The main job end to end, under torchrun with 2 gloo ranks: a killed and resumed run gives the loss curve of an
+uninterrupted one, and --compare leaves its plot and table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch-size", "4", "--val-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    # A small corpus keeps start-up short; the stdlib corpus itself is covered in test_job_parts.py.
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_bytes(b"".join((ROOT / "distopt" / name).read_bytes() for name in ("optimizer.py", "owner.py")))
+    return path
+
+
+def train(*args: str, nproc: int = 2, timeout: float = 240) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(ROOT / "launch" / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTOPT_COMPILE": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert done.returncode == 0, f"train.py {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done.stdout + done.stderr
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_and_resumed_run_repeats_the_uninterrupted_loss_curve(tmp_path, text_file):
+    common = ["--optimizer", "muon", "--steps", "9", "--ckpt-every", "3", "--eval-every", "4", "--data",
+              str(text_file), *TINY]
+    train(*common, "--out", str(tmp_path / "whole"))
+    train(*common, "--out", str(tmp_path / "split"), "--stop-at", "7")  # killed after step 7: last checkpoint 6
+    assert (tmp_path / "split" / "checkpoints" / "step-00000006").is_dir()
+    log = train(*common, "--out", str(tmp_path / "split"), "--resume")
+    assert "resumed from" in log and "at step 6" in log
+
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 10))  # steps 7 of the first run, redone once
+    for a, b in zip(whole, split):
+        assert (a["step"], a["loss"], a["lr"], a.get("val_loss")) == (b["step"], b["loss"], b["lr"], b.get("val_loss"))
+    assert whole[-1]["loss"] < whole[0]["loss"]
+    assert (tmp_path / "split" / "loss.png").stat().st_size > 0
+    # The end of a run always leaves a checkpoint, even off the --ckpt-every grid.
+    assert (tmp_path / "whole" / "checkpoints" / "step-00000009").is_dir()
+
+
+def test_compare_trains_each_optimizer_from_the_same_start(tmp_path, text_file):
+    out = tmp_path / "cmp"
+    log = train("--compare", "adamw,soap", "--steps", "3", "--data", str(text_file), "--out", str(out), *TINY)
+    first = {name: metrics(out / name)[0]["loss"] for name in ("adamw", "soap")}
+    assert first["adamw"] == first["soap"]  # same weights and batch before any step
+    table = (out / "compare.md").read_text()
+    assert "| adamw |" in table and "| soap |" in table and "| adamw |" in log
+    assert (out / "compare.png").stat().st_size > 0
