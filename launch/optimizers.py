@@ -34,7 +34,7 @@ def bf16_slowdown(device: torch.device, size: int = 256, repeats: int = 5) -> fl
 def make_optimizer(name: str, model: nn.Module, lr: float | None, weight_decay: float | None, owner_dtype: str,
                    compile: bool) -> torch.optim.Optimizer:
     """``name`` is one of :data:`CHOICES`; ``lr``/``weight_decay`` of None take the defaults below (learning rates
-    picked by short sweeps of the default job: 200 steps, lr x3 up and down)."""
+    from short runs of the default job, 200 steps: AdamW 3e-3 beat 1e-2, SOAP 1e-2 beat 3e-3, PSGD 3e-3 beat 1e-3)."""
     params = list(model.named_parameters())
     if name == "adamw":
         return distopt.AdamW(params, lr=lr or 3e-3, betas=(0.9, 0.95), weight_decay=_or(weight_decay, 0.1))
