@@ -15,7 +15,6 @@ import argparse
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
