@@ -2,9 +2,9 @@
 
 The five torch.optim look-alikes keep every keyword of their torch.optim namesake, with its default. The
 implementation switches of torch.optim (``foreach``, ``fused``, ``capturable``, ``differentiable``) are accepted
-so that code written for torch.optim runs unchanged; distopt always runs its own per-shard kernel, so ``foreach``
-only selects between equivalent torch kernels there and is ignored here, and the switches that would change
-semantics (``capturable``, ``differentiable``, ``fused=True``) raise.
+so that code written for torch.optim runs unchanged: ``foreach`` only selects between equivalent torch kernels and
+is ignored here; ``fused=True`` runs torch's fused kernel where distopt has one (Adam, AdamW, SGD) and raises
+elsewhere; the switches that would change semantics (``capturable``, ``differentiable``) raise.
 """
 
 from __future__ import annotations
@@ -20,44 +20,59 @@ from .routing import is_embedding_or_head, split_groups
 
 
 def _check_switches(foreach: Any = None, fused: Any = None, capturable: bool = False,
-                    differentiable: bool = False) -> None:
-    if foreach not in (None, True, False):
-        raise ValueError(f"foreach must be None or a bool, got {foreach!r}")
-    for key, value in (("fused", fused), ("capturable", capturable), ("differentiable", differentiable)):
+                    differentiable: bool = False, *, fusable: bool = False) -> None:
+    """``fusable``: the algorithm has a ``fused`` hyperparameter, so ``fused=True`` is accepted (and passed on)."""
+    for key, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{key} must be None or a bool, got {value!r}")
+    if foreach and fused:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused and not fusable:
+        raise ValueError("fused=True is not supported by this distopt optimizer: only Adam, AdamW and SGD have "
+                         "a fused kernel")
+    for key, value in (("capturable", capturable), ("differentiable", differentiable)):
         if value:
             raise ValueError(f"{key}=True is not supported by distopt: its step is not differentiable and not "
-                             "CUDA-graph capturable, and it runs its own kernels instead of torch's fused ones")
+                             "CUDA-graph capturable")
 
 
 class AdamW(DistributedOptimizer):
-    """AdamW (https://arxiv.org/abs/1711.05101), the defaults and results of ``torch.optim.AdamW``."""
+    """AdamW (https://arxiv.org/abs/1711.05101), the defaults and results of ``torch.optim.AdamW``.
+
+    ``fused=True`` runs torch's fused AdamW kernel once over each param group's local shards (per device and
+    dtype): one pass over memory per step, and the results of ``torch.optim.AdamW(..., fused=True)`` bitwise. As in
+    torch.optim it is opt-in: the default (None) is torch's single-tensor arithmetic, the results of torch.optim's
+    default on CPU. Both keep the same state, so checkpoints load either way.
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
-        _check_switches(foreach, fused, capturable, differentiable)
+        _check_switches(foreach, fused, capturable, differentiable, fusable=True)
         super().__init__(params, "adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
+                         amsgrad=amsgrad, maximize=maximize, fused=fused)
 
 
 class Adam(DistributedOptimizer):
-    """Adam (https://arxiv.org/abs/1412.6980), the defaults and results of ``torch.optim.Adam``."""
+    """Adam (https://arxiv.org/abs/1412.6980), the defaults and results of ``torch.optim.Adam``; ``fused`` as in
+    :class:`AdamW`."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
-        _check_switches(foreach, fused, capturable, differentiable)
+        _check_switches(foreach, fused, capturable, differentiable, fusable=True)
         super().__init__(params, "adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, fused=fused)
 
 
 class SGD(DistributedOptimizer):
-    """SGD with momentum, dampening and Nesterov momentum, the defaults and results of ``torch.optim.SGD``."""
+    """SGD with momentum, dampening and Nesterov momentum, the defaults and results of ``torch.optim.SGD``;
+    ``fused=True`` runs torch's fused SGD kernel (the results of ``torch.optim.SGD(..., fused=True)``)."""
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
-        _check_switches(foreach, fused, False, differentiable)
+        _check_switches(foreach, fused, False, differentiable, fusable=True)
         super().__init__(params, "sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                         nesterov=nesterov, maximize=maximize)
+                         nesterov=nesterov, maximize=maximize, fused=fused)
 
 
 class NAdam(DistributedOptimizer):

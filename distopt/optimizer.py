@@ -159,25 +159,38 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Every gradient is checked before any parameter moves, so a bad one leaves nothing half-updated.
         for group_index, group in enumerate(self.param_groups):
             self._check_grads(group, group_index, self.algorithm_of(group))
-        for group_index, group in enumerate(self.param_groups):
-            algorithm = self.algorithm_of(group)
-            if algorithm.kind == MATRIX:
-                continue  # the owner route below runs every matrix group together
-            for i, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state.update(self._init_state(algorithm, param, group))
-                try:
-                    grad = layout.local_grad(param, param.grad)
-                except (TypeError, ValueError) as error:
-                    raise type(error)(f"parameter {_describe(group, group_index, i)}: {error}") from None
-                local_state = {key: layout.local(value) for key, value in state.items()}
-                algorithm.apply(layout.local(param), grad, local_state, group)
+        batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)
+                   if self.algorithm_of(group).kind != MATRIX]  # the owner route below runs the matrix groups
+        for algorithm, params, grads, states, group in batches:
+            if params:
+                algorithm.apply_many(params, grads, states, group)
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state)
         return loss
+
+    def _local_batch(self, group: dict[str, Any], group_index: int):
+        """This rank's tensors of an elementwise group's parameters that have gradients, with local state views,
+        each checked by the algorithm: ``(algorithm, params, grads, states, group)``."""
+        algorithm = self.algorithm_of(group)
+        check, state_of, local_of = algorithm.check_local, self.state, layout.local  # hot loop: bound once
+        params, grads, states = [], [], []
+        for i, param in enumerate(group["params"]):
+            if param.grad is None:
+                continue
+            state = state_of[param]
+            if not state:
+                state.update(self._init_state(algorithm, param, group))
+            local = local_of(param)
+            try:
+                grad = layout.local_grad(param, param.grad)
+                check(local, grad, group)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise type(error)(f"parameter {_describe(group, group_index, i)}: {error}") from None
+            params.append(local)
+            grads.append(grad)
+            # A plain tensor's state is already local: hand over the dict itself rather than a copy.
+            states.append(state if local is param else {key: local_of(value) for key, value in state.items()})
+        return algorithm, params, grads, states, group
 
     def _check_grads(self, group: dict[str, Any], group_index: int, algorithm: Algorithm) -> None:
         for i, param in enumerate(group["params"]):

@@ -43,8 +43,8 @@ def test_invalid_hyperparameters_raise_value_error_naming_them(algorithm, kwargs
 def test_thin_constructors_validate_too():
     with pytest.raises(ValueError, match="lr=-1"):
         distopt.Lion([torch.zeros(2, requires_grad=True)], lr=-1)
-    with pytest.raises(ValueError, match="fused=True is not supported"):
-        distopt.AdamW([torch.zeros(2, requires_grad=True)], fused=True)
+    with pytest.raises(ValueError, match="capturable=True is not supported"):
+        distopt.AdamW([torch.zeros(2, requires_grad=True)], capturable=True)
 
 
 def test_same_tensor_twice_is_named():

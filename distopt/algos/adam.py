@@ -2,6 +2,10 @@
 
 Adam: Kingma & Ba, https://arxiv.org/abs/1412.6980. AdamW: Loshchilov & Hutter, https://arxiv.org/abs/1711.05101.
 AMSGrad: Reddi et al., https://openreview.net/forum?id=ryQu7f-RZ.
+
+``fused=True`` runs torch's fused kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``) once per device and dtype
+over all of a param group's local tensors: one pass over memory, and the results of ``torch.optim.Adam(W)(...,
+fused=True)`` bitwise. The default (None or False) is the single-tensor arithmetic, as torch.optim's default on CPU.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ from typing import Any
 from torch import Tensor
 import torch
 
-from .base import (Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like)
+from .base import (Algorithm, check_betas, check_bool, check_fusable, check_nonnegative, check_optional_bool,
+                   group_by_device_and_dtype, new_step_counter, zeros_like)
 
 
 class Adam(Algorithm):
-    """Adam. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with AMSGrad)."""
+    """Adam. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with AMSGrad), the
+    same keys with and without ``fused``, so checkpoints move between the two."""
 
     name = "adam"
     hyperparameters = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
-                       "maximize": False, "decoupled_weight_decay": False}
+                       "maximize": False, "decoupled_weight_decay": False, "fused": None}
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -28,12 +34,16 @@ class Adam(Algorithm):
         check_betas(self.name, hp)
         check_nonnegative(self.name, hp, "weight_decay")
         check_bool(self.name, hp, "amsgrad", "maximize")
+        check_optional_bool(self.name, hp, "fused")
 
     def _decoupled(self, hp: Mapping[str, Any]) -> bool:
         return hp["decoupled_weight_decay"]
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
-        state = {"step": new_step_counter(), "exp_avg": zeros_like(param), "exp_avg_sq": zeros_like(param)}
+        step = new_step_counter()
+        if hp["fused"]:
+            step = step.to(param.device)  # the fused kernels read the step on the tensors' device, as torch keeps it
+        state = {"step": step, "exp_avg": zeros_like(param), "exp_avg_sq": zeros_like(param)}
         if hp["amsgrad"]:
             state["max_exp_avg_sq"] = zeros_like(param)
         return state
@@ -67,6 +77,38 @@ class Adam(Algorithm):
             second_moment = max_exp_avg_sq
         denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def check_local(self, param: Tensor, grad: Tensor, hp: Mapping[str, Any]) -> None:
+        if hp["fused"]:
+            check_fusable(self.name, param, grad)
+
+    def apply_many(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                   hp: Mapping[str, Any]) -> None:
+        if not hp["fused"]:
+            return super().apply_many(params, grads, states, hp)
+        kernel = torch._fused_adamw_ if self._decoupled(hp) else torch._fused_adam_
+        beta1, beta2 = hp["betas"]
+        options = {"lr": hp["lr"], "beta1": float(beta1), "beta2": float(beta2),
+                   "weight_decay": float(hp["weight_decay"]), "eps": float(hp["eps"]), "amsgrad": hp["amsgrad"],
+                   "maximize": hp["maximize"]}
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        groups = group_by_device_and_dtype(params)
+        for indices in groups:
+            if len(groups) == 1:
+                ps, gs, ss, counts = params, grads, states, steps
+            else:
+                ps, gs = [params[i] for i in indices], [grads[i] for i in indices]
+                ss, counts = [states[i] for i in indices], [steps[i] for i in indices]
+            device = ps[0].device
+            if device.type != "cpu" and any(count.device != device for count in counts):
+                # Counters made without fused live on the CPU; this kernel reads them on its device.
+                counts = [count.to(device, non_blocking=True) for count in counts]
+            lr = options["lr"]
+            if isinstance(lr, Tensor) and lr.device.type != "cpu" and lr.device != device:
+                options = {**options, "lr": lr.to(device)}
+            kernel(ps, gs, [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss],
+                   [s["max_exp_avg_sq"] for s in ss] if hp["amsgrad"] else [], counts, **options)
 
 
 class AdamW(Adam):

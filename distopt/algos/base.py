@@ -5,6 +5,9 @@ An algorithm is a stateless object with two functions, in the spirit of optax's 
 * ``init(param, hp)`` returns the per-parameter state as a dict of tensors;
 * ``update(param, grad, state, hp)`` updates ``param`` and ``state`` in place.
 
+The optimizer hands a param group's tensors to ``apply_many`` in one call, so that an algorithm with a batched
+kernel (torch's fused AdamW) can run it once over all of them; by default it applies ``update`` to each.
+
 The tensors are whatever the caller hands in: a whole parameter in one process, or one rank's local shard of a
 DTensor. Elementwise algorithms cannot tell the difference, which is why they never communicate. ``hp`` is the
 live param-group dict, so schedulers that edit ``group["lr"]`` take effect at the next step.
@@ -18,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 ELEMENTWISE = "elementwise"
 
@@ -51,6 +55,20 @@ class Algorithm:
             state = {k: (torch.view_as_real(v) if torch.is_complex(v) else v) for k, v in state.items()}
         self.update(param, grad, state, hp)
 
+    def check_local(self, param: Tensor, grad: Tensor, hp: Mapping[str, Any]) -> None:
+        """Raise (``TypeError``, ``ValueError`` or ``RuntimeError``) if this local tensor and gradient cannot run
+        with ``hp``. The optimizer calls it for every tensor of a step before any update, and names the parameter."""
+
+    def apply_many(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                   hp: Mapping[str, Any]) -> None:
+        """One step of a param group's tensors (those with gradients), as :meth:`apply` on each.
+
+        Algorithms with a kernel that runs many tensors in one pass override this; results must not depend on how
+        the tensors are batched, because each rank batches its own shards.
+        """
+        for param, grad, state in zip(params, grads, states):
+            self.apply(param, grad, state, hp)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -62,6 +80,31 @@ def new_step_counter() -> Tensor:
 
 def zeros_like(param: Tensor) -> Tensor:
     return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+#: Device types that have torch's fused optimizer kernels.
+FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+
+
+def check_fusable(algo: str, param: Tensor, grad: Tensor) -> None:
+    """Raise ``RuntimeError`` unless torch's fused kernels can take ``param`` and ``grad``: floating point, a device
+    that has them, and the gradient in the parameter's dtype and device (the kernels take one of each per call)."""
+    device = param.device
+    if not (param.is_floating_point() and device.type in FUSED_DEVICES):
+        raise RuntimeError(f"{algo}: fused=True needs floating-point tensors on a device of {sorted(FUSED_DEVICES)}, "
+                           f"got {param.dtype} on {device}")
+    if grad.dtype != param.dtype or grad.device != device:
+        raise RuntimeError(f"{algo}: fused=True needs the gradient in the parameter's dtype and device "
+                           f"({param.dtype} on {device}), got {grad.dtype} on {grad.device}")
+
+
+def group_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in first-seen order: torch's fused kernels take one
+    device and one dtype per call."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    return list(groups.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,6 +152,11 @@ def check_bool(algo: str, hp: Mapping[str, Any], *keys: str) -> None:
     for key in keys:
         if not isinstance(hp[key], bool):
             raise ValueError(f"{algo}: {key} must be a bool, got {hp[key]!r}")
+
+
+def check_optional_bool(algo: str, hp: Mapping[str, Any], key: str) -> None:
+    if hp[key] is not None and not isinstance(hp[key], bool):
+        raise ValueError(f"{algo}: {key} must be None or a bool, got {hp[key]!r}")
 
 
 def check_optional_positive_int(algo: str, hp: Mapping[str, Any], key: str) -> None:
