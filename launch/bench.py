@@ -1,11 +1,16 @@
 """Side-by-side optimizer-step benchmarks on FSDP2, at several world sizes, in one run.
 
-    python launch/bench.py --scenario adamw --world-sizes 1 2 4
+    python launch/bench.py --scenario adamw                      # world sizes 1, 2 and 4
+    python launch/bench.py --scenario muon --dion-path ~/dion     # with microsoft/dion's Muon as a peer
+    python launch/bench.py --scenario checkpoint                 # checkpoint save/load (launch/checkpoint_bench.py)
 
-Each world size spawns W gloo ranks on this machine (CPU). Every candidate gets its own FSDP2 copy of the same
-GPT-like model and the same gradients; steps are interleaved across candidates, so machine noise hits them alike.
-The figure is the median step time over the timed steps, taken as the slowest rank's median. Peers that are not
-installed, or that fail on DTensor parameters, are reported as such. Compare figures only within one run.
+Each world size spawns W gloo ranks on this machine (CPU). Every candidate (launch/bench_candidates.py) gets its own
+FSDP2 copy of the same GPT-like model and the same gradients; steps are interleaved across candidates, so machine
+noise hits them alike. All ranks start each step together; a step's time is its slowest rank's, and the figures are
+the median, min and max over the timed steps after warm-up. Two extra untimed steps count the collectives and the
+bytes sent, and the step's peak memory (launch/bench_measure.py). Peers that are not installed, or that fail on
+DTensor parameters, are reported as such. Output: markdown tables and a JSON file (launch/bench_report.py).
+Compare figures only within one run.
 """
 
 from __future__ import annotations
@@ -13,10 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
+import queue
 import sys
 import tempfile
-import time
 import traceback
 from datetime import timedelta
 
@@ -29,7 +33,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distopt  # noqa: E402
+from launch.bench_candidates import SCENARIOS, candidates  # noqa: E402
+from launch.bench_measure import machine, machine_line  # noqa: E402,F401 - machine_line: part of this module's API
+from launch.bench_report import (BYTES_NOTE, MEMORY_NOTE, NOTE, add_ratios, default_json_path,  # noqa: E402
+                                 detail_table, summary_table, write_json)
+from launch.bench_run import CandidateRun  # noqa: E402
 
 
 class Block(nn.Module):
@@ -47,8 +55,11 @@ class Block(nn.Module):
 
 
 class GPTMatrices(nn.Module):
+    """``layers`` blocks of :class:`Block`: 6 matrices, 12 d^2 parameters each."""
+
     def __init__(self, dim: int, layers: int):
         super().__init__()
+        self.dim = dim
         self.layers = nn.ModuleList(Block(dim) for _ in range(layers))
 
     def forward(self, x):
@@ -57,143 +68,42 @@ class GPTMatrices(nn.Module):
         return x
 
 
-def _heavyball_adamw(params):
-    import heavyball
-
-    return heavyball.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
+def threads_per_rank(args, world: int) -> int:
+    return args.threads or max(1, (os.cpu_count() or 1) // world)
 
 
-def _optimi_adamw(params):
-    import optimi
-
-    return optimi.AdamW(params, lr=1e-3, weight_decay=0.01)
-
-
-def _heavyball_muon(params):
-    import heavyball
-
-    return heavyball.Muon(params, lr=0.02, weight_decay=0.1)
-
-
-def _heavyball_soap(params):
-    import heavyball
-
-    return heavyball.SOAP(params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=0.95, weight_decay=0.01,
-                          precondition_frequency=10, use_precond_schedule=False, merge_dims=False)
-
-
-def _heavyball_psgd(params):
-    import heavyball
-
-    return heavyball.PSGDKron(params, lr=3e-4, betas=(0.9, 0.999), preconditioner_update_probability=1.0,
-                              max_size_triangular=8192)
-
-
-def _distopt(algorithm, compile, **hp):
-    return lambda ps: distopt.DistributedOptimizer(ps, algorithm=algorithm, compile=compile, **hp)
-
-
-def state_bytes(opt) -> int:
-    """Bytes of optimizer state held on this rank (local shards of DTensors, whole owner-held tensors)."""
-    def walk(value):
-        if isinstance(value, torch.Tensor):
-            local = value.to_local() if hasattr(value, "to_local") else value
-            return local.numel() * local.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(walk(v) for v in value)
-        return 0
-    return sum(walk(state) for state in opt.state.values())
-
-
-SOAP_HP = {"lr": 3e-3, "precondition_frequency": 10}
-PSGD_HP = {"lr": 3e-4, "preconditioner_update_probability": 1.0}
-
-#: scenario -> candidate name -> factory(params) -> optimizer. The first candidate is the baseline of the ratios.
-SCENARIOS = {
-    "adamw": {
-        "distopt.AdamW": lambda ps: distopt.AdamW(ps, lr=1e-3, weight_decay=0.01),
-        "torch.optim.AdamW (for-loop)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=False),
-        "torch.optim.AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True),
-        "heavyball.AdamW": _heavyball_adamw,
-        "optimi.AdamW": _optimi_adamw,
-    },
-    "muon": {
-        "distopt.Muon": _distopt("muon", False, lr=0.02),
-        "torch.optim.Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),
-        "heavyball.Muon": _heavyball_muon,
-    },
-    "soap": {
-        "distopt.SOAP (eager)": _distopt("soap", False, **SOAP_HP),
-        "distopt.SOAP (compiled)": _distopt("soap", True, **SOAP_HP),
-        "heavyball.SOAP": _heavyball_soap,
-    },
-    "psgd": {
-        "distopt.PSGDKron (eager)": _distopt("psgdkron", False, **PSGD_HP),
-        "distopt.PSGDKron (compiled)": _distopt("psgdkron", True, **PSGD_HP),
-        "heavyball.PSGDKron": _heavyball_psgd,
-    },
-}
-
-
-def _attach(feed):
-    for p, g in feed:
-        p.grad = g
+def _copy(template: nn.Module, mesh) -> nn.Module:
+    """An FSDP2 copy of ``template``: every block a unit, then the root, as in a real job."""
+    model = GPTMatrices(template.dim, len(template.layers))
+    model.load_state_dict(template.state_dict())
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def _rank_main(rank, world, init_file, args, results):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    """One rank of the step benchmark of ``args.scenario``: every candidate on its own model copy, the same
+    gradients, steps interleaved across candidates so that machine noise hits them alike."""
+    torch.set_num_threads(threads_per_rank(args, world))
     with rank_process(rank, world, init_file, results):
         mesh = init_device_mesh("cpu", (world,))
         torch.manual_seed(0)
         template = GPTMatrices(args.dim, args.layers)
         grads = [torch.randn_like(p) * 1e-2 for p in template.parameters()]
-        candidates, times, feeds = {}, {}, {}
-        for name, factory in SCENARIOS[args.scenario].items():
-            model = GPTMatrices(args.dim, args.layers)
-            model.load_state_dict(template.state_dict())
-            for block in model.layers:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            params = list(model.parameters())
+        runs = []
+        for candidate in candidates(args.scenario, args.dion_path):
+            params = list(_copy(template, mesh).parameters())
             sharded = [distribute_tensor(g, mesh, p.placements, src_data_rank=None) for p, g in zip(params, grads)]
-            feeds[name] = list(zip(params, sharded))
-            _attach(feeds[name])
-            try:
-                candidates[name] = factory(params)
-                candidates[name].step()  # first step: state allocation, fail fast here
-                times[name] = []
-            except Exception as error:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-                times[name] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+            runs.append(CandidateRun(candidate, params, sharded, mesh))
         for step in range(args.warmup + args.steps):
-            for name, opt in candidates.items():
-                if isinstance(times[name], str):
-                    continue
-                _attach(feeds[name])  # some peers (heavyball 3) consume p.grad in step()
-                start = time.perf_counter()
-                opt.step()
-                elapsed = time.perf_counter() - start
-                if step >= args.warmup:
-                    times[name].append(elapsed)
-        medians, memory = {}, {}
-        for name, opt in candidates.items():
-            plan = getattr(opt, "plan", None)
-            if plan is not None and "plan" not in medians:
-                medians["plan"] = (max(plan.sent_bytes_per_rank), plan.collectives_per_step, plan.imbalance)
-            peak = torch.tensor([state_bytes(opt)], dtype=torch.float64)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            memory[name] = peak.item()
-        medians["memory"] = memory
-        for name, value in times.items():
-            if isinstance(value, str):
-                medians[name] = value
-                continue
-            slowest = torch.tensor([statistics.median(value)], dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            medians[name] = slowest.item()
+            for run in runs:
+                run.timed_step(record=step >= args.warmup)
+        for run in runs:
+            run.measure()
+        out = {run.name: run.summary() for run in runs}
         if rank == 0:
-            results.put(medians)
+            results.put(out)
 
 
 @contextlib.contextmanager
@@ -220,7 +130,7 @@ def run_world(world: int, args, target=None) -> dict:
                  for rank in range(world)]
         for proc in procs:
             proc.start()
-        out = results.get(timeout=3600)
+        out = _first_result(results, procs, world)
         for proc in procs:
             proc.join()
     if isinstance(out, str):
@@ -228,63 +138,82 @@ def run_world(world: int, args, target=None) -> dict:
     return out
 
 
-def machine_line() -> str:
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-
-    def matmul_ms(dtype):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y
-        start = time.perf_counter()
-        for _ in range(5):
-            x @ y
-        return (time.perf_counter() - start) / 5 * 1e3
-
-    return (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"{os.cpu_count()} cores; 512x512 matmul: float32 {matmul_ms(torch.float32):.2f} ms, "
-            f"bfloat16 {matmul_ms(torch.bfloat16):.2f} ms")
+def _first_result(results, procs, world: int):
+    """What the first rank to report put in ``results``; an error if every rank exits without a word."""
+    while True:
+        try:
+            return results.get(timeout=5)
+        except queue.Empty:
+            if not any(proc.is_alive() for proc in procs):
+                codes = [proc.exitcode for proc in procs]
+                raise RuntimeError(f"benchmark ranks at world size {world} exited with codes {codes} and no result")
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS) + ["checkpoint"], default="adamw")
+    parser.add_argument("--scenario", nargs="+", choices=sorted(SCENARIOS) + ["checkpoint"], default=["adamw"],
+                        help="one or more step scenarios, or checkpoint alone")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=256, help="model width d (matrices d x d and d x 4d)")
+    parser.add_argument("--layers", type=int, default=4, help="blocks of 6 matrices")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per candidate")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them (after the first step)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores // W)")
+    parser.add_argument("--json", help="where to write every figure (default: bench_results/bench-<scenario>-"
+                                       "<time>.json, ignored by git)")
+    parser.add_argument("--dion-path", default=os.environ.get("DISTOPT_DION_PATH"),
+                        help="a microsoft/dion source tree (git clone https://github.com/microsoft/dion); "
+                             "default: $DISTOPT_DION_PATH")
     parser.add_argument("--repeats", type=int, default=5, help="checkpoint scenario: saves and loads to time")
     parser.add_argument("--vocab", type=int, default=64, help="checkpoint scenario: the train.py model's vocabulary")
     args = parser.parse_args(argv)
-    if args.scenario == "checkpoint":
+    if "checkpoint" in args.scenario and len(args.scenario) > 1:
+        parser.error("--scenario checkpoint runs alone")
+    if min(args.world_sizes) < 1 or min(args.steps, args.dim, args.layers) < 1 or min(args.warmup, args.threads) < 0:
+        parser.error("--world-sizes, --steps, --dim and --layers must be positive, --warmup and --threads not negative")
+    if args.dion_path:
+        args.dion_path = os.path.abspath(os.path.expanduser(args.dion_path))
+    return args
+
+
+def settings(args) -> dict:
+    return {"scenarios": args.scenario, "world_sizes": args.world_sizes, "dim": args.dim, "layers": args.layers,
+            "matrices": 6 * args.layers, "parameters": 12 * args.layers * args.dim ** 2, "steps": args.steps,
+            "warmup": args.warmup, "dion_path": args.dion_path,
+            "threads_per_rank": args.threads or "cores // W (at least 1)",
+            "setup": "FSDP2 (fully_shard per block and root) on gloo ranks of this CPU, float32 parameters"}
+
+
+def run_scenario(scenario: str, args) -> dict:
+    """{world size: {candidate: figures}} of one scenario; prints its tables."""
+    table = {world: run_world(world, argparse.Namespace(**{**vars(args), "scenario": scenario}))
+             for world in args.world_sizes}
+    add_ratios(table)
+    names = list(table[args.world_sizes[0]])
+    print(f"\n## {scenario}\n\n{summary_table(scenario, table, names)}\n\n{detail_table(table, names)}")
+    return table
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.scenario == ["checkpoint"]:
         from launch.checkpoint_bench import run
         return run(args)
-
-    params = args.layers * 12 * args.dim * args.dim
-    print(f"scenario {args.scenario}: {args.layers * 6} matrices, d={args.dim}, {params / 1e6:.1f}M parameters, "
-          f"FSDP2 on gloo; median step over {args.steps} steps after {args.warmup} warm-up")
-    print(machine_line())
-    table = {world: run_world(world, args) for world in args.world_sizes}
-    names = list(SCENARIOS[args.scenario])
-    baseline = names[0]
-    header = "| candidate | " + " | ".join(f"W={w} ms (x {baseline})" for w in args.world_sizes) + " |"
-    print(header)
-    print("|" + "---|" * (len(args.world_sizes) + 1))
-    for name in names:
-        cells = []
-        for world in args.world_sizes:
-            value, base = table[world][name], table[world][baseline]
-            cells.append(value if isinstance(value, str) else
-                         f"{value * 1e3:.2f} ({value / base:.2f}x)" if isinstance(base, float) else f"{value * 1e3:.2f}")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"\noptimizer state per rank (MiB, the largest rank): " + "; ".join(
-        f"W={w}: " + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in table[w]["memory"].items())
-        for w in args.world_sizes))
-    if any("plan" in table[w] for w in args.world_sizes):
-        print(f"\n{baseline} owner plan per world size: max bytes sent per rank per step, collectives per step, "
-              "compute imbalance (max/mean)")
-        for world in args.world_sizes:
-            sent, collectives, imbalance = table[world]["plan"]
-            print(f"  W={world}: {sent / 2**20:.2f} MiB, {collectives} collectives, imbalance {imbalance:.3f}")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the memory step's profiler: no start/stop lines per step
+    info, config = machine(), settings(args)
+    print(f"{NOTE}\nsettings: scenarios {' '.join(args.scenario)}; {config['matrices']} matrices, d={args.dim}, "
+          f"{config['parameters'] / 1e6:.2f}M parameters; {config['setup']}; world sizes "
+          f"{' '.join(map(str, args.world_sizes))}; torch threads per rank: {config['threads_per_rank']}; "
+          f"median over {args.steps} steps after {args.warmup} warm-up\n"
+          f"machine: {machine_line(info)}")
+    results = {scenario: run_scenario(scenario, args) for scenario in args.scenario}
+    print(f"\n{BYTES_NOTE}\n{MEMORY_NOTE}")
+    document = {"note": NOTE, "settings": config, "machine": info, "bytes_note": BYTES_NOTE,
+                "memory_note": MEMORY_NOTE, "results": results}
+    path = args.json or default_json_path(args.scenario)
+    write_json(path, document)
+    print(f"\nJSON: {path}")
+    return document
 
 
 if __name__ == "__main__":

@@ -1,0 +1,176 @@
+"""The candidates of each step-benchmark scenario: distopt's optimizers and their peers, with the same
+hyperparameters where the peer has them.
+
+A candidate is built from a list of FSDP2 (DTensor) parameters and the device mesh. Peers come from PyPI
+(``pip install -e .[peers]``: heavyball 3.2.1, torch-optimi, kron-torch) except microsoft/dion, which is not on PyPI:
+its Muon is imported from a source tree given by ``--dion-path`` or ``DISTOPT_DION_PATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import distopt
+
+DION_HINT = ("git clone https://github.com/microsoft/dion, then pass --dion-path <clone> "
+             "(or set DISTOPT_DION_PATH)")
+
+
+class NotInstalled(Exception):
+    """A peer that this machine does not have; the message says how to get it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    build: Callable[[list, object], torch.optim.Optimizer]  # (params, device mesh) -> optimizer
+    ours: bool = False  # distopt's own: a failure is "unavailable"; a peer's is "not installed" or "unsupported"
+
+
+def failure(candidate: Candidate, error: BaseException) -> tuple[str, str]:
+    """(status, short reason) of a candidate that could not be built or stepped."""
+    if isinstance(error, NotInstalled):
+        return "not installed", str(error)
+    if isinstance(error, ModuleNotFoundError) and not candidate.ours:
+        return "not installed", f"no module {error.name!r} ({_pip_hint(error.name)})"
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0][:120] if lines else ''}".rstrip(": ")
+    return ("unavailable" if candidate.ours else "unsupported"), reason
+
+
+def _pip_hint(module: str | None) -> str:
+    return "pip install -e .[peers]" if module in ("heavyball", "optimi", "kron_torch") else "missing dependency"
+
+
+def import_dion(path: str | None):
+    """microsoft/dion's package from the source tree at ``path``."""
+    if not path:
+        raise NotInstalled(DION_HINT)
+    if not os.path.isfile(os.path.join(path, "dion", "__init__.py")):
+        raise NotInstalled(f"no dion/__init__.py under {path!r}; {DION_HINT}")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import dion
+
+    return dion
+
+
+# -- elementwise ------------------------------------------------------------------------------------------------
+ADAMW = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+SGD = {"lr": 1e-2, "momentum": 0.9}
+LION = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}
+
+
+def _heavyball(cls_name: str, **hp):
+    def build(ps, mesh):
+        import heavyball
+
+        return getattr(heavyball, cls_name)(ps, **hp)
+    return build
+
+
+def _optimi(cls_name: str, **hp):
+    def build(ps, mesh):
+        import optimi
+
+        return getattr(optimi, cls_name)(ps, **hp)
+    return build
+
+
+def _torch_variants(cls: type, label: str, hp: dict) -> list[Candidate]:
+    """torch.optim's three implementations: per-tensor loop, foreach (multi-tensor) and fused kernels."""
+    return [Candidate(f"torch.optim.{label} (for-loop)", lambda ps, mesh: cls(ps, **hp, foreach=False)),
+            Candidate(f"torch.optim.{label} (foreach)", lambda ps, mesh: cls(ps, **hp, foreach=True)),
+            Candidate(f"torch.optim.{label} (fused)", lambda ps, mesh: cls(ps, **hp, fused=True))]
+
+
+def _adamw() -> list[Candidate]:
+    return [Candidate("distopt.AdamW", lambda ps, mesh: distopt.AdamW(ps, **ADAMW), ours=True),
+            Candidate("distopt.AdamW (fused)", lambda ps, mesh: distopt.AdamW(ps, **ADAMW, fused=True), ours=True),
+            *_torch_variants(torch.optim.AdamW, "AdamW", ADAMW),
+            Candidate("heavyball.AdamW", _heavyball("AdamW", **ADAMW)),
+            Candidate("optimi.AdamW", _optimi("AdamW", **ADAMW))]
+
+
+def _sgd() -> list[Candidate]:
+    return [Candidate("distopt.SGD", lambda ps, mesh: distopt.SGD(ps, **SGD), ours=True),
+            *_torch_variants(torch.optim.SGD, "SGD", SGD),
+            Candidate("heavyball.SGD", _heavyball("SGD", lr=SGD["lr"], beta=SGD["momentum"])),
+            Candidate("optimi.SGD", _optimi("SGD", **SGD))]
+
+
+def _lion() -> list[Candidate]:
+    return [Candidate("distopt.Lion", lambda ps, mesh: distopt.Lion(ps, **LION), ours=True),
+            Candidate("optimi.Lion", _optimi("Lion", **LION))]
+
+
+# -- matrix (owner compute in distopt) ----------------------------------------------------------------------------
+MUON = {"lr": 0.02, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1}
+SOAP = {"lr": 3e-3, "betas": (0.95, 0.95), "shampoo_beta": 0.95, "weight_decay": 0.01, "precondition_frequency": 10}
+PSGD = {"lr": 3e-4, "b1": 0.9, "preconditioner_update_probability": 1.0, "max_size_triangular": 8192}
+
+
+def _distopt(algorithm: str, compile: bool, hp: dict):
+    return lambda ps, mesh: distopt.DistributedOptimizer(ps, algorithm=algorithm, compile=compile, **hp)
+
+
+def _dion_muon(dion_path: str | None):
+    def build(ps, mesh):
+        # use_polar_express=False: the same 5-step quintic Newton-Schulz in bfloat16 as distopt and torch.
+        return import_dion(dion_path).Muon(ps, distributed_mesh=mesh, lr=MUON["lr"], mu=MUON["momentum"],
+                                           nesterov=MUON["nesterov"], weight_decay=MUON["weight_decay"],
+                                           use_polar_express=False)
+    return build
+
+
+def _muon(dion_path: str | None) -> list[Candidate]:
+    return [Candidate("distopt.Muon (eager)", _distopt("muon", False, MUON), ours=True),
+            Candidate("distopt.Muon (compiled)", _distopt("muon", True, MUON), ours=True),
+            Candidate("torch.optim.Muon", lambda ps, mesh: torch.optim.Muon(ps, **MUON)),
+            Candidate("heavyball.Muon", _heavyball("Muon", lr=MUON["lr"], betas=(MUON["momentum"], 0.99),
+                                                   weight_decay=MUON["weight_decay"])),
+            Candidate("dion.Muon", _dion_muon(dion_path))]
+
+
+def _soap() -> list[Candidate]:
+    return [Candidate("distopt.SOAP (eager)", _distopt("soap", False, SOAP), ours=True),
+            Candidate("distopt.SOAP (compiled)", _distopt("soap", True, SOAP), ours=True),
+            Candidate("heavyball.SOAP", _heavyball("SOAP", **SOAP, merge_dims=False, use_precond_schedule=False))]
+
+
+def _psgd() -> list[Candidate]:
+    peer = {k: v for k, v in PSGD.items() if k != "b1"}
+    return [Candidate("distopt.PSGDKron (eager)", _distopt("psgdkron", False, PSGD), ours=True),
+            Candidate("distopt.PSGDKron (compiled)", _distopt("psgdkron", True, PSGD), ours=True),
+            Candidate("heavyball.PSGDKron", _heavyball("PSGDKron", **peer, betas=(PSGD["b1"], 0.999))),
+            Candidate("kron_torch.Kron", _kron(PSGD))]
+
+
+def _kron(hp: dict):
+    def build(ps, mesh):
+        import kron_torch
+
+        return kron_torch.Kron(ps, **hp)
+    return build
+
+
+SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
+    "adamw": lambda dion_path: _adamw(),
+    "sgd": lambda dion_path: _sgd(),
+    "lion": lambda dion_path: _lion(),
+    "muon": _muon,
+    "soap": lambda dion_path: _soap(),
+    "psgd": lambda dion_path: _psgd(),
+}
+
+
+def candidates(scenario: str, dion_path: str | None = None) -> list[Candidate]:
+    """The candidates of ``scenario``; the first is the baseline of the ratios."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose among {', '.join(SCENARIOS)}")
+    return SCENARIOS[scenario](dion_path)
