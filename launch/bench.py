@@ -92,7 +92,7 @@ def _rank_main(rank, world, init_file, args, results):
         template = GPTMatrices(args.dim, args.layers)
         grads = [torch.randn_like(p) * 1e-2 for p in template.parameters()]
         runs = []
-        for candidate in candidates(args.scenario, args.dion_path):
+        for candidate in candidates(args.scenario, args.dion_path, args.only):
             params = list(_copy(template, mesh).parameters())
             sharded = [distribute_tensor(g, mesh, p.placements, src_data_rank=None) for p, g in zip(params, grads)]
             runs.append(CandidateRun(candidate, params, sharded, mesh))
@@ -159,6 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them (after the first step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores // W)")
+    parser.add_argument("--only", nargs="+", help="run only the candidates whose names contain one of these")
     parser.add_argument("--json", help="where to write every figure (default: bench_results/bench-<scenario>-"
                                        "<time>.json, ignored by git)")
     parser.add_argument("--dion-path", default=os.environ.get("DISTOPT_DION_PATH"),
@@ -171,6 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--scenario checkpoint runs alone")
     if min(args.world_sizes) < 1 or min(args.steps, args.dim, args.layers) < 1 or min(args.warmup, args.threads) < 0:
         parser.error("--world-sizes, --steps, --dim and --layers must be positive, --warmup and --threads not negative")
+    for scenario in set(args.scenario) - {"checkpoint"}:
+        try:
+            candidates(scenario, args.dion_path, args.only)
+        except ValueError as error:
+            parser.error(str(error))
     if args.dion_path:
         args.dion_path = os.path.abspath(os.path.expanduser(args.dion_path))
     return args
@@ -179,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings(args) -> dict:
     return {"scenarios": args.scenario, "world_sizes": args.world_sizes, "dim": args.dim, "layers": args.layers,
             "matrices": 6 * args.layers, "parameters": 12 * args.layers * args.dim ** 2, "steps": args.steps,
-            "warmup": args.warmup, "dion_path": args.dion_path,
+            "warmup": args.warmup, "dion_path": args.dion_path, "only": args.only,
             "threads_per_rank": args.threads or "cores // W (at least 1)",
             "setup": "FSDP2 (fully_shard per block and root) on gloo ranks of this CPU, float32 parameters"}
 

@@ -99,6 +99,7 @@ def _adamw() -> list[Candidate]:
 
 def _sgd() -> list[Candidate]:
     return [Candidate("distopt.SGD", lambda ps, mesh: distopt.SGD(ps, **SGD), ours=True),
+            Candidate("distopt.SGD (fused)", lambda ps, mesh: distopt.SGD(ps, **SGD, fused=True), ours=True),
             *_torch_variants(torch.optim.SGD, "SGD", SGD),
             Candidate("heavyball.SGD", _heavyball("SGD", lr=SGD["lr"], beta=SGD["momentum"])),
             Candidate("optimi.SGD", _optimi("SGD", **SGD))]
@@ -169,8 +170,12 @@ SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
 }
 
 
-def candidates(scenario: str, dion_path: str | None = None) -> list[Candidate]:
-    """The candidates of ``scenario``; the first is the baseline of the ratios."""
+def candidates(scenario: str, dion_path: str | None = None, only: list[str] | None = None) -> list[Candidate]:
+    """The candidates of ``scenario`` whose names contain one of ``only`` (all by default); the first is the
+    baseline of the ratios."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose among {', '.join(SCENARIOS)}")
-    return SCENARIOS[scenario](dion_path)
+    chosen = [c for c in SCENARIOS[scenario](dion_path) if not only or any(s in c.name for s in only)]
+    if not chosen:
+        raise ValueError(f"no candidate of scenario {scenario!r} matches {only}")
+    return chosen
