@@ -41,8 +41,9 @@ CONFIGS = [
 ]
 OURS = {"adamw": distopt.AdamW, "adam": distopt.Adam, "sgd": distopt.SGD}
 TORCH = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-#: Uneven shards against whole tensors: ``exp_avg_sq`` differs by an ulp where a shard's scalar tail meets the
-#: whole tensor's vector body; through sqrt and an lr of at most 3e-2 that moves a parameter by far less than this.
+#: Uneven shards against whole tensors: where a shard's scalar tail meets the whole tensor's vector body, Adam's
+#: ``exp_avg_sq`` (SGD's momentum buffer) differs by an ulp; with lr at most 3e-2 over 4 steps a parameter moves by
+#: far less than this.
 CLOSE = {"rtol": 1e-5, "atol": 1e-7}
 
 
