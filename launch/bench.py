@@ -1,8 +1,9 @@
 """Side-by-side optimizer-step benchmarks on FSDP2, at several world sizes, in one run.
 
-    python launch/bench.py --scenario adamw                      # world sizes 1, 2 and 4
-    python launch/bench.py --scenario muon --dion-path ~/dion     # with microsoft/dion's Muon as a peer
+    python launch/bench.py --scenario adamw sgd lion             # elementwise; world sizes 1, 2 and 4
+    python launch/bench.py --scenario muon --dion-path ~/dion     # soap and psgd alike; dion's Muon as a peer
     python launch/bench.py --scenario checkpoint                 # checkpoint save/load (launch/checkpoint_bench.py)
+    bash scripts/peers.sh --dion ~/dion                          # installs the peers; clones microsoft/dion
 
 Each world size spawns W gloo ranks on this machine (CPU). Every candidate (launch/bench_candidates.py) gets its own
 FSDP2 copy of the same GPT-like model and the same gradients; steps are interleaved across candidates, so machine

@@ -179,7 +179,8 @@ def matmul_ms(dtype: torch.dtype, size: int = 512, repeats: int = 5) -> float:
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+            "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "matmul_512_ms": {"float32": matmul_ms(torch.float32), "bfloat16": matmul_ms(torch.bfloat16)}}
 
@@ -187,5 +188,10 @@ def machine() -> dict:
 def machine_line(info: dict | None = None) -> str:
     info = info or machine()
     ms = info["matmul_512_ms"]
-    return (f"{info['cpu']}, {info['cores']} cores, CPU capability {info['cpu_capability']}, torch {info['torch']}; "
-            f"512x512 matmul: float32 {ms['float32']:.2f} ms, bfloat16 {ms['bfloat16']:.2f} ms")
+    line = (f"{info['cpu']}, {info['cores']} cores, CPU capability {info['cpu_capability']}, torch {info['torch']}; "
+            f"512x512 matmul: float32 {ms['float32']:.2f} ms, bfloat16 {ms['bfloat16']:.2f} ms; "
+            f"load average {info['load_average_1min']:.2f} at start")
+    if info["load_average_1min"] > 0.5 * (info["cores"] or 1):
+        # Other work takes cores: a rank's multithreaded ops then wait for descheduled threads, W=1 most of all.
+        line += " (busy machine: figures are noisy, multithreaded ranks suffer most; --threads 1 limits that)"
+    return line
