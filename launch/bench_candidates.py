@@ -9,6 +9,7 @@ its Muon is imported from a source tree given by ``--dion-path`` or ``DISTOPT_DI
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +39,18 @@ def failure(candidate: Candidate, error: BaseException) -> tuple[str, str]:
         return "not installed", str(error)
     if isinstance(error, ModuleNotFoundError) and not candidate.ours:
         return "not installed", f"no module {error.name!r} ({_pip_hint(error.name)})"
-    lines = str(error).strip().splitlines()
-    reason = f"{type(error).__name__}: {lines[0][:120] if lines else ''}".rstrip(": ")
-    return ("unavailable" if candidate.ours else "unsupported"), reason
+    return ("unavailable" if candidate.ours else "unsupported"), short_reason(error)
+
+
+def short_reason(error: BaseException) -> str:
+    """``Type: first line``; for torch.compile's errors, the error the traced code raised, which names the cause
+    (their first line is generic)."""
+    text = str(error).strip()
+    inner = re.search(r"got (\w+(?:Error|Exception))\((['\"])(.+?)\2\)", text)
+    if inner:
+        return f"{inner.group(1)}: {inner.group(3)[:120]}"
+    lines = text.splitlines()
+    return f"{type(error).__name__}: {lines[0][:120] if lines else ''}".rstrip(": ")
 
 
 def _pip_hint(module: str | None) -> str:
