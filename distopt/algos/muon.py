@@ -107,8 +107,10 @@ class Muon(MatrixAlgorithm):
         return owner_dtype(hp)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
-        m, n = self.matrix_shape(shape)
-        return float(hp["ns_steps"] * m * n * min(m, n))
+        """Flops of :func:`newton_schulz` on the ``(m, n)`` view, ``m <= n`` after the transpose: per iteration
+        ``X Xᵀ`` (2m²n), ``b A + c A A`` (2m³) and ``(..) X`` (2m²n)."""
+        m, n = sorted(self.matrix_shape(shape))
+        return float(hp["ns_steps"] * (4 * m * m * n + 2 * m**3))
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         if torch.is_complex(param):

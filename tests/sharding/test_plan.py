@@ -9,7 +9,7 @@ import torch
 from torch.distributed.tensor import Shard
 
 from distopt.sharding.layout import ParamMeta, box_at
-from distopt.sharding.plan import MatrixSpec, assign_owners, make_plan
+from distopt.sharding.plan import MatrixSpec, assign_owners, lpt_owners, make_plan
 
 
 def fsdp_meta(fqn, shape, world):
@@ -24,12 +24,31 @@ def spec(fqn, shape, world, cost=None):
                       torch.bfloat16)
 
 
-def test_lpt_example():
-    """Costs 5, 4, 3, 3, 3 on two ranks: LPT puts 5 on rank 0, 4 on 1, then 3 on 1 (load 4), 3 on 0, 3 on 1."""
-    specs = [spec(f"m{i}", (2, 2), 2, cost) for i, cost in enumerate([3, 5, 3, 4, 3])]
+def test_lpt_example_and_its_refinement():
+    """Costs 5, 4, 3, 3, 3 on two ranks: LPT puts 5 on rank 0, 4 on 1, then 3 on 1 (load 4), 3 on 0, 3 on 1, loads
+    8 and 10 (LPT's worst case, 10/9 of the optimum). The refinement splits the five between the two ranks as 5 + 4
+    and 3 + 3 + 3: loads 9 and 9, the optimum (the total is 18)."""
+    costs = [3, 5, 3, 4, 3]
+    order = sorted(range(5), key=lambda i: (-costs[i], f"m{i}"))  # ties in cost broken by fqn: m0, m2, m4
+    assert lpt_owners([float(c) for c in costs], order, 2) == [1, 0, 0, 1, 1]
+    specs = [spec(f"m{i}", (2, 2), 2, cost) for i, cost in enumerate(costs)]
     owners, loads = assign_owners(specs, 2)
-    assert owners == [1, 0, 0, 1, 1]  # ties in cost broken by fqn: m0 before m2 before m4
-    assert loads == [8.0, 10.0]
+    assert owners == [1, 0, 1, 0, 1]  # rank 0 keeps 5 and takes 4; the 3s gather on rank 1
+    assert loads == [9.0, 9.0]
+
+
+def test_muon_cost_counts_the_flops_of_newton_schulz():
+    """Muon.cost against torch's own flop counter running the owners' Newton-Schulz, wide and tall."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distopt.algos.muon import NS_COEFFICIENTS, Muon, newton_schulz
+
+    muon, hp = Muon(), dict(Muon.hyperparameters)
+    for shape in [(8, 24), (24, 8), (16, 16), (3, 40)]:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            newton_schulz(torch.randn(2, *shape), NS_COEFFICIENTS, hp["ns_steps"], 1e-7, torch.float32)
+        assert muon.cost(shape, hp) * 2 == counter.get_total_flops(), shape  # a batch of two matrices
 
 
 def gpt_specs(world, dim=256, layers=4):
