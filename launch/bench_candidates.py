@@ -48,9 +48,16 @@ def short_reason(error: BaseException) -> str:
     text = str(error).strip()
     inner = re.search(r"got (\w+(?:Error|Exception))\((['\"])(.+?)\2\)", text)
     if inner:
-        return f"{inner.group(1)}: {inner.group(3)[:120]}"
+        return f"{inner.group(1)}: {_clip(inner.group(3))}"
     lines = text.splitlines()
-    return f"{type(error).__name__}: {lines[0][:120] if lines else ''}".rstrip(": ")
+    return f"{type(error).__name__}: {_clip(lines[0]) if lines else ''}".rstrip(": ")
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """At most ``limit`` characters, cut at a word and marked, so a table cell never ends mid-word."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _pip_hint(module: str | None) -> str:

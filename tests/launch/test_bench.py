@@ -12,6 +12,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from launch.bench import main
+from launch.bench_candidates import short_reason
 from launch.bench_measure import CollectiveCounter
 
 
@@ -63,3 +64,14 @@ def test_bench_writes_every_figure_and_counts_the_plans_bytes(tmp_path):
     # Muon keeps one float32 momentum buffer of 12 d^2 values, half on each rank, and a step count per matrix.
     momentum = 12 * 32 * 32 * 4 // 2
     assert momentum <= entry["state_bytes_per_rank"] <= momentum + 6 * 8
+
+
+def test_a_failure_reason_is_one_short_line_cut_at_a_word():
+    long = RuntimeError("aten.op got mixed torch.Tensor and DTensor, " + "need to convert all of them " * 8 + "\nsecond line")
+    reason = short_reason(long)
+    assert reason.startswith("RuntimeError: aten.op got mixed") and reason.endswith(" ...")
+    assert "\n" not in reason and len(reason) <= len("RuntimeError: ") + 124 and " ..." not in reason[:-4]
+    assert reason[: -len(" ...")].endswith(("them", "to", "convert", "all", "of", "need"))
+    compiled = RuntimeError("Dynamo failed to run FX node\nsaw: got ValueError('shapes differ') from user code")
+    assert short_reason(compiled) == "ValueError: shapes differ"
+    assert short_reason(KeyError()) == "KeyError"
