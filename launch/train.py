@@ -56,8 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (and at the end)")
     p.add_argument("--val-batches", type=int, default=4)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step as a killed job would: no final checkpoint (to test --resume)")
     p.add_argument("--compile", action="store_true", help="compile the owners' maths (torch.compile)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -151,7 +149,7 @@ def run_one(name: str, args: argparse.Namespace, env: dict, out: Path, ckpt_dir:
         env["say"](str(opt.plan).splitlines()[0])
     metrics = MetricsLog(out / "metrics.jsonl", start if resume else None) if dist.get_rank() == 0 else None
     trainer = Trainer(model, opt, schedule, env["batches"], env["device"], metrics, manager, name, args)
-    summary = trainer.run(start, args.steps, args.stop_at)
+    summary = trainer.run(start, args.steps)
     if metrics is not None:
         metrics.close()
     if manager is not None:
@@ -191,7 +189,14 @@ def main(argv=None) -> list[dict]:
         else:
             ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
         say(f"== {name} ==" if args.compare else f"optimizer: distopt {name}")
-        summaries.append(run_one(name, args, env, run_out, ckpt_dir, args.resume))
+        try:
+            summaries.append(run_one(name, args, env, run_out, ckpt_dir, args.resume))
+        except KeyboardInterrupt:
+            # torchrun passes Ctrl-C to every rank: one line instead of a traceback per rank.
+            say("\ninterrupted: " + (f"the same command with --resume continues from the latest complete "
+                                      f"checkpoint in {ckpt_dir}" if ckpt_dir else "no checkpoints were written "
+                                      "(--compare saves them only with --ckpt-dir)"))
+            raise SystemExit(130) from None
     if args.compare and rank == 0:
         plot_losses({s["optimizer"]: read_metrics(out / s["optimizer"] / "metrics.jsonl") for s in summaries},
                     out / "compare.png", env["title"])

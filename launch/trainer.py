@@ -48,8 +48,8 @@ class Trainer:
                   for i in range(self.args.val_batches)]
         return mean_over_ranks(torch.stack(losses).mean())
 
-    def run(self, start: int, steps: int, stop_at: int | None = None) -> dict:
-        """Train from step ``start`` to ``steps``; ``stop_at`` ends the loop early, as a kill would."""
+    def run(self, start: int, steps: int) -> dict:
+        """Train from step ``start`` to ``steps``."""
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, desc=self.name, unit="step", disable=self.rank != 0,
@@ -86,8 +86,6 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             opt=f"{100 * optimizer_time / step_time:.0f}%", refresh=False)
-            if step == stop_at:
-                break
         bar.close()
         window = losses[-FINAL_WINDOW:]
         return {"optimizer": self.name, "train_loss": sum(window) / len(window) if window else float("nan"),

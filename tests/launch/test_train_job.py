@@ -1,12 +1,15 @@
 """The main job end to end, under torchrun with 2 gloo ranks: a killed and resumed run gives the loss curve of an
-uninterrupted one, and --compare leaves its plot and table."""
+uninterrupted one (interrupted with Ctrl-C part-way), and --compare leaves its plot and table."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,23 +39,50 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_and_resumed_run_repeats_the_uninterrupted_loss_curve(tmp_path, text_file):
-    common = ["--optimizer", "muon", "--steps", "9", "--ckpt-every", "3", "--eval-every", "4", "--data",
+def interrupt_after(step: int, *args: str, timeout: float = 240) -> tuple[int, str]:
+    """Run the job and press Ctrl-C (SIGINT to torchrun, which passes it to the ranks) once ``step`` is logged."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "launch" / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTOPT_COMPILE": "0"}
+    log = Path(args[args.index("--out") + 1]) / "metrics.jsonl"
+    with tempfile.TemporaryFile("w+") as output:
+        job = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while job.poll() is None and time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= step:
+                job.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.02)
+        try:
+            code = job.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            job.kill()
+            raise
+        output.seek(0)
+        return code, output.read()
+
+
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_loss_curve(tmp_path, text_file):
+    steps = 60
+    common = ["--optimizer", "muon", "--steps", str(steps), "--ckpt-every", "3", "--eval-every", "4", "--data",
               str(text_file), *TINY]
     train(*common, "--out", str(tmp_path / "whole"))
-    train(*common, "--out", str(tmp_path / "split"), "--stop-at", "7")  # killed after step 7: last checkpoint 6
-    assert (tmp_path / "split" / "checkpoints" / "step-00000006").is_dir()
+    code, log = interrupt_after(7, *common, "--out", str(tmp_path / "split"))
+    assert code != 0 and "interrupted: the same command with --resume continues" in log, log[-3000:]
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-3000:]
+    saved = sorted(int(p.name.split("-")[-1]) for p in (tmp_path / "split" / "checkpoints").glob("step-*"))
+    assert saved and 6 <= saved[-1] < steps, saved  # stopped part-way, after a checkpoint
     log = train(*common, "--out", str(tmp_path / "split"), "--resume")
-    assert "resumed from" in log and "at step 6" in log
+    assert "resumed from" in log and f"at step {saved[-1]}" in log
 
     whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
-    assert [r["step"] for r in split] == list(range(1, 10))  # steps 7 of the first run, redone once
+    assert [r["step"] for r in split] == list(range(1, steps + 1))  # steps past the checkpoint, redone once
     for a, b in zip(whole, split):
         assert (a["step"], a["loss"], a["lr"], a.get("val_loss")) == (b["step"], b["loss"], b["lr"], b.get("val_loss"))
     assert whole[-1]["loss"] < whole[0]["loss"]
     assert (tmp_path / "split" / "loss.png").stat().st_size > 0
     # The end of a run always leaves a checkpoint, even off the --ckpt-every grid.
-    assert (tmp_path / "whole" / "checkpoints" / "step-00000009").is_dir()
+    assert (tmp_path / "whole" / "checkpoints" / f"step-{steps:08d}").is_dir()
 
 
 def test_compare_trains_each_optimizer_from_the_same_start(tmp_path, text_file):
