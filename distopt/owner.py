@@ -42,6 +42,13 @@ def group_layout(process_group) -> tuple[Any, tuple[int, ...], int]:
     return group, tuple(dist.get_process_group_ranks(group)), dist.get_rank(group)
 
 
+def matrix_spec(meta: layout.ParamMeta, algorithm: MatrixAlgorithm, hp: dict[str, Any],
+                param_dtype: torch.dtype) -> MatrixSpec:
+    """What the planner needs of one matrix: its layout, and its algorithm's cost, wire dtype and owner state."""
+    return MatrixSpec(meta, algorithm.cost(meta.shape, hp), algorithm.wire_dtype(hp, param_dtype),
+                      algorithm.owner_state_bytes(meta.shape, hp, param_dtype), algorithm.channels(hp))
+
+
 class OwnerRoute:
     """Plan, exchange and per-step orchestration of every matrix parameter of one optimizer."""
 
@@ -49,14 +56,11 @@ class OwnerRoute:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool = False):
         self.entries, self.compile = entries, compile
         self.group, ranks, self.rank = group_layout(process_group)
-        metas = [layout.describe(e.param, e.fqn, ranks, self.rank) for e in entries]
+        boxes: dict = {}
+        metas = [layout.describe(e.param, e.fqn, ranks, self.rank, boxes) for e in entries]
         if len(ranks) > 1:
             exchange.agree_on_metadata(metas, self.group)
-        specs = []
-        for meta, e in zip(metas, entries):
-            hp = groups[e.group_index]
-            specs.append(MatrixSpec(meta, e.algorithm.cost(meta.shape, hp), e.algorithm.wire_dtype(hp, e.param.dtype),
-                                    e.algorithm.owner_state_bytes(meta.shape, hp, e.param.dtype), e.algorithm.channels(hp)))
+        specs = [matrix_spec(meta, e.algorithm, groups[e.group_index], e.param.dtype) for meta, e in zip(metas, entries)]
         self.plan: Plan = make_plan(specs, len(ranks), bucket_bytes)
         self.exchange = exchange.Exchange(self.plan, self.rank, self.group)
         self.index = {e.param: m for m, e in enumerate(entries)}

@@ -7,7 +7,7 @@
 Models: gpt2-small, gpt2-xl, llama3-8b, llama3-70b, llama3-405b (``distopt/sharding/shapes.py``). The optimizer's
 routing picks the matrices (embeddings and the output head go to AdamW), each gets the FSDP2 layout (``Shard(0)``
 over W ranks, or ``(Replicate(), Shard(0))`` over an ``(R, W/R)`` mesh) and the algorithm's cost, and the planner
-the optimizer runs (``assign_owners``, ``bucket_members``) plans them. Printed per world size, as markdown: the
+the optimizer runs (``make_plan``, then ``Plan.routes``) plans them, timed. Printed per world size, as markdown: the
 busiest rank's cost against lower bounds (``distopt/sharding/balance.py``), the same for two reference schemes,
 per-rank cost and bytes sent (min, median, max; every rank with ``--show``), and a PNG of the sorted per-rank costs.
 """
@@ -28,11 +28,11 @@ from torch.distributed.tensor import Replicate, Shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distopt import ALGORITHMS  # noqa: E402
-from distopt.owner import DEFAULT_BUCKET_BYTES  # noqa: E402
+from distopt.owner import DEFAULT_BUCKET_BYTES, matrix_spec  # noqa: E402
 from distopt.routing import is_embedding_or_head  # noqa: E402
 from distopt.sharding import balance  # noqa: E402
 from distopt.sharding.layout import ParamMeta, box_at  # noqa: E402
-from distopt.sharding.plan import MatrixSpec, assign_owners, bucket_members  # noqa: E402
+from distopt.sharding.plan import MatrixSpec, make_plan  # noqa: E402
 from distopt.sharding.shapes import MODELS, Shapes, model_shapes, shapes_from_json  # noqa: E402
 
 
@@ -63,42 +63,8 @@ def matrix_specs(matrices: Shapes, world: int, algorithm: str = "muon", replicas
     algo = ALGORITHMS[algorithm]()
     hp = dict(algo.hyperparameters)
     cache: dict = {}
-    return [MatrixSpec(fsdp_meta(fqn, s, world, replicas, str(param_dtype), cache), algo.cost(s, hp),
-                       algo.wire_dtype(hp, param_dtype), algo.owner_state_bytes(s, hp, param_dtype), algo.channels(hp))
+    return [matrix_spec(fsdp_meta(fqn, s, world, replicas, str(param_dtype), cache), algo, hp, param_dtype)
             for fqn, s in matrices]
-
-
-def sent_bytes_per_rank(specs: list[MatrixSpec], owners: list[int], world: int) -> list[int]:
-    """What :attr:`Plan.sent_bytes_per_rank` counts, without listing every transfer (millions at W=8192): each box
-    travels from one holder to the owner (the owner's own box stays; replicas take turns by matrix index) and the
-    owner's result back to every other holder. Tests hold it equal to the plan's count."""
-    sent = [0] * world
-    layouts: dict[int, tuple] = {}
-    turns: dict[tuple[int, int, int], int] = defaultdict(int)  # (layout, holders, turn) -> bytes per element
-    for i, (spec, owner) in enumerate(zip(specs, owners)):
-        key = id(spec.meta.boxes)
-        if key not in layouts:
-            groups: dict = {}
-            for rank in spec.meta.holders():
-                groups.setdefault(spec.meta.boxes[rank], []).append(rank)
-            groups = [(_numel(box[1]), ranks) for box, ranks in groups.items()]
-            group_of = {rank: g for g, (_, ranks) in enumerate(groups) for rank in ranks}
-            layouts[key] = (groups, group_of, sum(n * len(r) for n, r in groups), {len(r) for _, r in groups})
-        groups, group_of, held, lengths = layouts[key]
-        forward = spec.channels_out * spec.wire_itemsize
-        for length in lengths:
-            turns[key, length, i % length] += forward
-        mine = group_of.get(owner)
-        own = 0 if mine is None else groups[mine][0]
-        sent[owner] += spec.wire_itemsize * (held - own)  # back to every holder but itself
-        if mine is not None:  # the owner's own box does not travel: undo its turn below
-            numel, ranks = groups[mine]
-            sent[ranks[i % len(ranks)]] -= numel * forward
-    for (key, length, turn), per_element in turns.items():
-        for numel, ranks in layouts[key][0]:
-            if len(ranks) == length:
-                sent[ranks[turn]] += numel * per_element
-    return sent
 
 
 def _numel(sizes) -> int:
@@ -121,7 +87,8 @@ class Simulation:
     bounds: dict[str, float]
     schemes: dict[str, list[float]] = field(default_factory=dict)
     shard_bytes: float = 0.0   # mean parameter bytes per rank (the matrices' shards, in the parameter dtype)
-    seconds: float = 0.0
+    plan_seconds: float = 0.0  # make_plan: what every rank computes once, at the first step
+    route_seconds: float = 0.0  # the busiest rank's routes: the only per-rank part of the plan
 
     @property
     def tight(self) -> float:
@@ -130,25 +97,28 @@ class Simulation:
 
 def simulate(matrices: Shapes, world: int, algorithm: str = "muon", replicas: int = 1,
              bucket_bytes: int = DEFAULT_BUCKET_BYTES, param_dtype: torch.dtype = torch.float32) -> Simulation:
-    start = time.perf_counter()
+    """The runtime planner (``make_plan``, then one rank's ``Plan.routes``) on the FSDP2 layout, timed, with the
+    bounds and the reference schemes beside it."""
     specs = matrix_specs(matrices, world, algorithm, replicas, param_dtype)
-    owners, cost = assign_owners(specs, world)
+    start = time.perf_counter()
+    plan = make_plan(specs, world, bucket_bytes)
+    plan_seconds = time.perf_counter() - start
+    cost = plan.cost_per_rank
+    busiest = max(range(world), key=lambda r: (cost[r], -r))
+    start = time.perf_counter()
+    plan.routes(busiest, frozenset(range(len(specs))))
+    route_seconds = time.perf_counter() - start
     costs = [s.cost for s in specs]
-    state = [0] * world
-    for spec, owner in zip(specs, owners):
-        state[owner] += spec.state_bytes
-    busiest = max(cost, default=0.0)
-    bounds = {"simple": balance.simple_bound(costs, world), "L2": balance.l2_bound(costs, world, busiest),
-              "configuration LP": balance.configuration_bound(costs, world, busiest)}
+    bounds = {"simple": balance.simple_bound(costs, world), "L2": balance.l2_bound(costs, world, cost[busiest]),
+              "configuration LP": balance.configuration_bound(costs, world, cost[busiest])}
     shapes = [s.meta.shape for s in specs]
     schemes = {"planner (LPT + pair refinement)": cost,
                "round robin, sorted by shape (Muon reference)": balance.round_robin_loads(shapes, costs, world),
                "shape groups padded to W (dion)": balance.padding_loads(shapes, costs, world)}
     held = sum(s.numel for s in specs) * replicas  # every element is held by one rank of each replica group
-    sim = Simulation(world, replicas, specs, owners, cost, state, sent_bytes_per_rank(specs, owners, world),
-                     len(bucket_members(specs, bucket_bytes)), bounds, schemes, held * param_dtype.itemsize / world)
-    sim.seconds = time.perf_counter() - start
-    return sim
+    return Simulation(world, replicas, specs, list(plan.owners), cost, plan.state_bytes_per_rank,
+                      plan.sent_bytes_per_rank, len(plan.buckets), bounds, schemes,
+                      held * param_dtype.itemsize / world, plan_seconds, route_seconds)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -192,7 +162,8 @@ def report(name: str, sim: Simulation, algorithm: str, show: bool = False) -> st
               f"parameter shard per rank (these matrices, {sim.specs[0].meta.dtype.removeprefix('torch.')}) {shard / 2**20:.4g} MiB; sent "
               f"per rank: median {statistics.median(sim.sent) / 2**20:.4g} MiB "
               f"({statistics.median(sim.sent) / shard:.2f}x the shard), busiest {max(sim.sent) / 2**20:.4g} MiB "
-              f"({max(sim.sent) / shard:.2f}x). Simulated in {sim.seconds * 1e3:.0f} ms."]
+              f"({max(sim.sent) / shard:.2f}x). Planned in {sim.plan_seconds * 1e3:.0f} ms (make_plan, on every rank), the "
+              f"busiest rank's routes in {sim.route_seconds * 1e3:.0f} ms."]
     if show:
         lines += ["", f"| rank | compute ({unit}) | sent (MiB) | owner state (MiB) | matrices |", "|---|---|---|---|---|"]
         owned = defaultdict(list)
@@ -207,14 +178,14 @@ def report(name: str, sim: Simulation, algorithm: str, show: bool = False) -> st
 def summary(sims: list[Simulation]) -> str:
     names = list(sims[0].schemes)
     lines = ["| W | busiest ÷ simple | busiest ÷ tight | ≤ 1.03x simple | ≤ 1.03x tight | round robin ÷ tight | "
-             "padding ÷ tight | max MiB sent per rank | ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "padding ÷ tight | max MiB sent per rank | plan ms | route ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for sim in sims:
         busiest = max(sim.cost)
         simple, tight = busiest / sim.bounds["simple"], busiest / sim.tight
         lines.append(f"| {sim.world} | {simple:.3f} | {tight:.3f} | {'yes' if simple <= 1.03 else 'no'} | "
                      f"{'yes' if tight <= 1.03 else 'no'} | {max(sim.schemes[names[1]]) / sim.tight:.3f} | "
                      f"{max(sim.schemes[names[2]]) / sim.tight:.3f} | {max(sim.sent) / 2**20:.4g} | "
-                     f"{sim.seconds * 1e3:.0f} |")
+                     f"{sim.plan_seconds * 1e3:.0f} | {sim.route_seconds * 1e3:.0f} |")
     return "\n".join(lines)
 
 
@@ -256,8 +227,20 @@ def main(argv=None) -> list[Simulation]:
     parser.add_argument("--png", help="per-rank load plot (default runs/plan/<model>.png; 'none' for no plot)")
     parser.add_argument("--show", action="store_true", help="every rank's cost, bytes and matrices")
     args = parser.parse_args(argv)
+    bad_worlds = [w for w in args.world_sizes if w < 1]
+    if bad_worlds:
+        parser.error(f"--world-sizes must be positive, got {bad_worlds[0]}")
+    if args.replicas < 1:
+        parser.error(f"--replicas must be >= 1, got {args.replicas}")
+    if not args.bucket_mb > 0:
+        parser.error(f"--bucket-mb must be > 0, got {args.bucket_mb}")
     name = Path(args.json).stem if args.json else args.model
-    shapes = shapes_from_json(args.json) if args.json else model_shapes(args.model)
+    try:
+        shapes = shapes_from_json(args.json) if args.json else model_shapes(args.model)
+    except OSError as error:
+        parser.error(f"--json {args.json}: {error.strerror or error}")
+    except ValueError as error:
+        parser.error(f"--json {error}")
     matrices = owner_matrices(shapes)
     if not matrices:
         parser.error(f"{name}: no parameter is a matrix for {args.algorithm} (all are embeddings, heads or 1-D)")

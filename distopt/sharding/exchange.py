@@ -12,7 +12,6 @@ The collectives are kept out of ``torch.compile`` regions.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .layout import Box, ParamMeta
-from .plan import Plan, Transfer
+from .plan import Plan, Route
 
 
 class MetadataMismatch(RuntimeError):
@@ -37,7 +36,8 @@ def agree_on_metadata(metas: list[ParamMeta], group=None) -> None:
     world = dist.get_world_size(group)
     if world == 1:
         return
-    digest = hashlib.sha256(repr(metas).encode()).hexdigest()
+    # The boxes are a function of the summary and the mesh's ranks: hashing those keeps the digest small at scale.
+    digest = hashlib.sha256(repr([(_summary(m), m.mesh_ranks) for m in metas]).encode()).hexdigest()
     digests: list = [None] * world
     dist.all_gather_object(digests, (len(metas), digest), group=group)
     if all(d == digests[0] for d in digests):
@@ -54,7 +54,7 @@ def agree_on_metadata(metas: list[ParamMeta], group=None) -> None:
                     f"ranks disagree on the parameters to optimize: at position {position}, rank 0 has "
                     f"{_describe(mine)} but rank {rank} has {_describe(theirs)} (rank 0 holds {len(reference)} "
                     f"parameters, rank {rank} holds {len(table)}). Every rank must build the same model.")
-    raise MetadataMismatch("ranks disagree on the layout of their parameters (the boxes each rank holds)")
+    raise MetadataMismatch("ranks disagree on the layout of their parameters (the ranks of their device meshes)")
 
 
 def _describe(entry) -> str:
@@ -68,57 +68,13 @@ def _slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(*box))
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One rank's view of one bucket: what it sends and receives, in order, in each direction."""
-
-    matrices: tuple[int, ...]
-    owned: tuple[int, ...]
-    send: tuple[Transfer, ...]
-    send_splits: tuple[int, ...]
-    recv: tuple[Transfer, ...]
-    recv_splits: tuple[int, ...]
-    back_send: tuple[Transfer, ...]
-    back_send_splits: tuple[int, ...]
-    back_recv: tuple[Transfer, ...]
-    back_recv_splits: tuple[int, ...]
-
-
-def _split(transfers: list[Transfer], world: int, peer, width=lambda t: 1):
-    """Order transfers by peer (stable: the plan's order within a peer) and sum their sizes per peer."""
-    ordered = sorted(transfers, key=peer)
-    splits = [0] * world
-    for t in ordered:
-        splits[peer(t)] += t.numel * width(t)
-    return tuple(ordered), tuple(splits)
-
-
 class Exchange:
     """Moves boxes to owners and results back, one bucket at a time, with precomputed splits."""
 
     def __init__(self, plan: Plan, rank: int, group=None):
         self.plan, self.rank, self.group = plan, rank, group
-        self.routes = lru_cache(maxsize=8)(self._routes)
-
-    def _routes(self, active: frozenset[int]) -> tuple[Route, ...]:
-        """Routes for the matrices in ``active`` (those with gradients this step; the same set on every rank)."""
-        rank, world = self.rank, self.plan.world_size
-        routes = []
-        for bucket in self.plan.buckets:
-            matrices = tuple(m for m in bucket.matrices if m in active)
-            if not matrices:
-                continue
-            forward = [t for t in bucket.to_owners if t.matrix in active]
-            backward = [t for t in bucket.to_holders if t.matrix in active]
-            channels = lambda t: self.plan.matrices[t.matrix].channels_out  # noqa: E731
-            send, send_splits = _split([t for t in forward if t.src == rank], world, lambda t: t.dst, channels)
-            recv, recv_splits = _split([t for t in forward if t.dst == rank], world, lambda t: t.src, channels)
-            back_send, back_send_splits = _split([t for t in backward if t.src == rank], world, lambda t: t.dst)
-            back_recv, back_recv_splits = _split([t for t in backward if t.dst == rank], world, lambda t: t.src)
-            owned = tuple(m for m in matrices if self.plan.owners[m] == rank)
-            routes.append(Route(matrices, owned, send, send_splits, recv, recv_splits, back_send,
-                                back_send_splits, back_recv, back_recv_splits))
-        return tuple(routes)
+        # Routes for a set of matrices with gradients (the same set on every rank); a job steps with one or two.
+        self.routes = lru_cache(maxsize=8)(lambda active: plan.routes(rank, active))
 
     @torch.compiler.disable
     def _all_to_all(self, send: list[Tensor], send_splits, recv_splits, dtype, device) -> Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
@@ -96,9 +95,12 @@ def box_at(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tupl
     return tuple(offsets), tuple(sizes)
 
 
-def describe(param: Tensor, fqn: str, group_ranks: tuple[int, ...], rank: int) -> ParamMeta:
+def describe(param: Tensor, fqn: str, group_ranks: tuple[int, ...], rank: int, boxes_cache: dict | None = None
+             ) -> ParamMeta:
     """Metadata of ``param`` over the process group whose global ranks are ``group_ranks`` (``rank`` is this
-    rank's index in it). A plain tensor in a multi-rank job counts as replicated on every rank (DDP-style)."""
+    rank's index in it). A plain tensor in a multi-rank job counts as replicated on every rank (DDP-style).
+    Parameters laid out alike share one tuple of boxes through ``boxes_cache``: at thousands of ranks, computing
+    them per parameter would dominate the optimizer's set-up."""
     shape = tuple(param.shape)
     world_size = len(group_ranks)
     if not isinstance(param, DTensor):
@@ -115,13 +117,27 @@ def describe(param: Tensor, fqn: str, group_ranks: tuple[int, ...], rank: int) -
     ranks = tuple(index_of[r] for r in mesh_ranks)
     mesh_shape = tuple(mesh.mesh.shape)
     placements = tuple(param.placements)
-    boxes: list[Box] = [((), ())] * world_size
-    for flat, group_rank in enumerate(ranks):
-        coordinate = tuple(int(c) for c in torch.unravel_index(torch.tensor(flat), mesh_shape))
-        boxes[group_rank] = box_at(shape, mesh_shape, placements, coordinate)
+    key = (shape, ranks, mesh_shape, placements)
+    boxes = boxes_cache.get(key) if boxes_cache is not None else None
+    if boxes is None:
+        boxes = _boxes(shape, ranks, mesh_shape, placements, world_size)
+        if boxes_cache is not None:
+            boxes_cache[key] = boxes
     local_sizes = tuple(param.to_local().shape)
     if boxes[rank][1] != local_sizes:
         raise RuntimeError(f"parameter {fqn}: the local shard has shape {local_sizes} but its placements "
                            f"{placements} imply {boxes[rank][1]}")
-    return ParamMeta(fqn, shape, str(param.dtype), ranks, mesh_shape, tuple(str(p) for p in placements),
-                     tuple(boxes))
+    return ParamMeta(fqn, shape, str(param.dtype), ranks, mesh_shape, tuple(str(p) for p in placements), boxes)
+
+
+def _boxes(shape, ranks: tuple[int, ...], mesh_shape: tuple[int, ...], placements, world_size: int
+           ) -> tuple[Box, ...]:
+    """``boxes[rank]`` for every rank of the group; ``ranks`` lists the group index at each mesh position."""
+    boxes: list[Box] = [((), ())] * world_size
+    for flat, group_rank in enumerate(ranks):
+        coordinate = []
+        for size in reversed(mesh_shape):  # row-major, as the mesh is flattened
+            flat, c = divmod(flat, size)
+            coordinate.append(c)
+        boxes[group_rank] = box_at(shape, mesh_shape, placements, tuple(reversed(coordinate)))
+    return tuple(boxes)

@@ -1,30 +1,28 @@
 """Who owns which matrix, and which boxes travel where: a pure function of metadata, the same on every rank.
 
-Owners are chosen by LPT (longest processing time first): matrices sorted by weight (their share of the total
-compute cost plus their share of the total owner-held state), heaviest first, each to the least-loaded rank (ties
-to the lowest rank, then by bytes and fqn). A refinement follows: while the busiest rank and some other rank can
-split their matrices between them so that both end below the busiest load, they do (exactly, over every split by
-counts of equal weights, when those are few). LPT alone can be 4/3 of the optimum (Graham, "Bounds on
-multiprocessing timing anomalies", 1969); on the shapes of real models the refinement reaches the optimum or comes
-close (``launch/plan.py`` reports the gap to a lower bound). Every non-empty box of a matrix travels once from one of
-its holders to the owner (the owner itself when it holds the box), and the owner's result travels back to every
-holder of every box, replicas included (HSDP, DDP-style plain tensors).
+Owners come from :func:`.assign.assign_owners`. Every non-empty box of a matrix travels once from one of its holders
+to the owner (the owner itself when it holds the box; otherwise replicas take turns by matrix index), and the owner's
+result travels back to every holder of every box, replicas included (HSDP, DDP-style plain tensors).
 
 Matrices are grouped into buckets of at most ``bucket_bytes`` of payload (whole matrices in the wire dtype; a
 larger matrix gets a bucket of its own). Per step, each bucket costs two ``all_to_all_single`` calls, and a rank's
 extra memory for it is bounded by its send and receive buffers (each at most the bucket's payload) plus the whole
 matrices it owns in the bucket and the owner maths' workspace.
+
+The plan holds owners, buckets and one :class:`Layout` per distinct parameter layout; transfers are derived from
+them on demand. A model at 8192 ranks has millions of transfers, of which each rank needs only its own
+(:meth:`Plan.routes`), so planning costs O(matrices + layouts x ranks), not O(matrices x ranks).
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
+from .assign import assign_owners
 from .layout import Box, ParamMeta
 
 
@@ -70,8 +68,56 @@ class Transfer:
 @dataclass(frozen=True, slots=True)
 class Bucket:
     matrices: tuple[int, ...]
-    to_owners: tuple[Transfer, ...]     # holder -> owner, in a fixed order
-    to_holders: tuple[Transfer, ...]    # owner -> holders, in a fixed order
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Layout:
+    """Who holds which box, for every parameter laid out alike (same shape, mesh and placements)."""
+
+    groups: tuple[tuple[Box, tuple[int, ...]], ...]  # each distinct non-empty box and its holders, by first holder
+    group_of: dict[int, int]                         # rank -> its index in ``groups`` (ranks holding nothing absent)
+    held: int                                        # elements held, summed over every holder
+    by_length: dict[int, tuple[tuple[int, tuple[int, ...]], ...]]  # holder count -> (numel, holders) of its boxes
+
+    @staticmethod
+    def key(meta: ParamMeta) -> tuple:
+        """What the boxes are a function of (``layout.describe``): cheaper to hash than the boxes themselves."""
+        return meta.shape, meta.mesh_shape, meta.placements, meta.mesh_ranks
+
+    @classmethod
+    def of(cls, meta: ParamMeta) -> Layout:
+        holders_of: dict[Box, list[int]] = {}
+        for rank, box in enumerate(meta.boxes):
+            if all(box[1]):
+                holders_of.setdefault(box, []).append(rank)
+        groups = tuple((box, tuple(ranks)) for box, ranks in holders_of.items())
+        by_length: dict[int, list] = defaultdict(list)
+        for box, ranks in groups:
+            by_length[len(ranks)].append((_numel(box[1]), ranks))
+        return cls(groups, {rank: g for g, (_, ranks) in enumerate(groups) for rank in ranks},
+                   sum(_numel(box[1]) * len(ranks) for box, ranks in groups),
+                   {length: tuple(boxes) for length, boxes in by_length.items()})
+
+    def source(self, group: int, matrix: int, owner: int) -> int:
+        """The rank that sends box ``group`` of ``matrix`` to its owner."""
+        holders = self.groups[group][1]
+        return owner if self.group_of.get(owner) == group else holders[matrix % len(holders)]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One rank's view of one bucket: what it sends and receives, ordered by peer, then by matrix."""
+
+    matrices: tuple[int, ...]
+    owned: tuple[int, ...]
+    send: tuple[Transfer, ...]
+    send_splits: tuple[int, ...]
+    recv: tuple[Transfer, ...]
+    recv_splits: tuple[int, ...]
+    back_send: tuple[Transfer, ...]
+    back_send_splits: tuple[int, ...]
+    back_recv: tuple[Transfer, ...]
+    back_recv_splits: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -81,6 +127,54 @@ class Plan:
     owners: tuple[int, ...]
     buckets: tuple[Bucket, ...]
     bucket_bytes: int
+    layouts: tuple[Layout, ...]  # layouts[m] of matrix m (shared between matrices laid out alike)
+
+    # -- transfers ----------------------------------------------------------------------------------------------
+    def to_owner(self, m: int) -> list[Transfer]:
+        """Every box of matrix ``m`` on its way to the owner, one holder sending each."""
+        owner, layout = self.owners[m], self.layouts[m]
+        return [Transfer(m, box, layout.source(g, m, owner), owner) for g, (box, _) in enumerate(layout.groups)]
+
+    def to_holders(self, m: int) -> list[Transfer]:
+        """The owner's result of matrix ``m``, box by box, to every holder of each box."""
+        owner = self.owners[m]
+        return [Transfer(m, box, owner, rank) for box, holders in self.layouts[m].groups for rank in holders]
+
+    def routes(self, rank: int, active: frozenset[int]) -> tuple[Route, ...]:
+        """``rank``'s routes for the matrices in ``active`` (those with gradients this step, the same set on every
+        rank), one per bucket that has any. A sender and its receiver list the same transfers in the same order."""
+        routes = []
+        channels = lambda t: self.matrices[t.matrix].channels_out  # noqa: E731
+        for bucket in self.buckets:
+            matrices = tuple(m for m in bucket.matrices if m in active)
+            if not matrices:
+                continue
+            send, recv, back_send, back_recv = [], [], [], []
+            for m in matrices:
+                owner, layout = self.owners[m], self.layouts[m]
+                group = layout.group_of.get(rank)
+                if group is not None:
+                    box = layout.groups[group][0]
+                    if layout.source(group, m, owner) == rank:
+                        send.append(Transfer(m, box, rank, owner))
+                    back_recv.append(Transfer(m, box, owner, rank))
+                if owner == rank:
+                    recv += self.to_owner(m)
+                    back_send += self.to_holders(m)
+            routes.append(Route(matrices, tuple(m for m in matrices if self.owners[m] == rank),
+                                *self._split(send, lambda t: t.dst, channels),
+                                *self._split(recv, lambda t: t.src, channels),
+                                *self._split(back_send, lambda t: t.dst),
+                                *self._split(back_recv, lambda t: t.src)))
+        return tuple(routes)
+
+    def _split(self, transfers: list[Transfer], peer, width=lambda t: 1):
+        """Transfers ordered by peer (stable: by matrix within a peer), and the elements for each peer."""
+        ordered = sorted(transfers, key=peer)
+        splits = [0] * self.world_size
+        for t in ordered:
+            splits[peer(t)] += t.numel * width(t)
+        return tuple(ordered), tuple(splits)
 
     # -- reporting ----------------------------------------------------------------------------------------------
     def _sum_per_owner(self, value) -> list:
@@ -99,16 +193,27 @@ class Plan:
 
     @cached_property
     def sent_bytes_per_rank(self) -> list[int]:
-        """Bytes each rank sends to other ranks per step (both directions; copies to itself excluded)."""
+        """Bytes each rank sends to other ranks per step (both directions; copies to itself excluded).
+
+        Counted per layout, not per transfer (there are millions at 8192 ranks): the results go from the owner to
+        every holder but itself, and the holders that send boxes to owners are found by their turn (``matrix %
+        holders``), so each layout's boxes are visited once per turn, not once per matrix."""
         sent = [0] * self.world_size
-        for bucket in self.buckets:
-            for t in bucket.to_owners:
-                if t.src != t.dst:
-                    spec = self.matrices[t.matrix]
-                    sent[t.src] += t.numel * spec.channels_out * spec.wire_itemsize
-            for t in bucket.to_holders:
-                if t.src != t.dst:
-                    sent[t.src] += t.numel * self.matrices[t.matrix].wire_itemsize
+        turns: dict[tuple[int, int, int], int] = defaultdict(int)  # (layout, holders, turn) -> bytes per element
+        for m, (spec, owner, layout) in enumerate(zip(self.matrices, self.owners, self.layouts)):
+            forward = spec.channels_out * spec.wire_itemsize
+            mine = layout.group_of.get(owner)
+            own_numel = 0 if mine is None else _numel(layout.groups[mine][0][1])
+            sent[owner] += spec.wire_itemsize * (layout.held - own_numel)
+            for length in layout.by_length:
+                turns[id(layout), length, m % length] += forward
+            if mine is not None:  # the owner reads its own box: undo the turn counted for it above
+                holders = layout.groups[mine][1]
+                sent[holders[m % len(holders)]] -= own_numel * forward
+        distinct = {id(layout): layout for layout in self.layouts}
+        for (key, length, turn), forward in turns.items():
+            for numel, holders in distinct[key].by_length[length]:
+                sent[holders[turn]] += numel * forward
         return sent
 
     @property
@@ -149,138 +254,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def assign_owners(specs: list[MatrixSpec], world_size: int) -> tuple[list[int], list[float]]:
-    """LPT on compute and owner memory together, then :func:`refine_owners`: each matrix weighs its share of the
-    total cost plus its share of the total owner state. Heaviest first, each to the least-loaded rank;
-    deterministic, ties to the lowest rank. Returns the owners and the compute cost per rank."""
-    total_cost = sum(s.cost for s in specs) or 1.0
-    total_state = sum(s.state_bytes for s in specs)
-    weight = [s.cost / total_cost + (s.state_bytes / total_state if total_state else 0.0) for s in specs]
-    order = sorted(range(len(specs)), key=lambda i: (-weight[i], -specs[i].numel, specs[i].meta.fqn, i))
-    owners = refine_owners(weight, lpt_owners(weight, order, world_size), world_size)
-    costs = [0.0] * world_size
-    for i, rank in enumerate(owners):
-        costs[rank] += specs[i].cost
-    return owners, costs
-
-
-def lpt_owners(weight: list[float], order: list[int], world_size: int) -> list[int]:
-    """Each item, in ``order``, to the least-loaded rank (ties to the lowest rank)."""
-    heap = [(0.0, rank) for rank in range(world_size)]
-    owners = [0] * len(weight)
-    for i in order:
-        load, rank = heapq.heappop(heap)
-        owners[i] = rank
-        heapq.heappush(heap, (load + weight[i], rank))
-    return owners
-
-
-#: The refinement tries every split of two ranks' items (by counts of equal weights) when there are at most this
-#: many; beyond it, single moves and swaps.
-MAX_SPLITS = 4096
-
-
-def refine_owners(weight: list[float], owners: list[int], world_size: int) -> list[int]:
-    """Lower the busiest rank's load by pair re-splits: the busiest rank pools its items with another rank's (the
-    least-loaded first, one try per distinct content) and the pool is split between them to minimize the larger
-    side. Accepted only when both sides end below the busiest load, so every round lowers the sorted load vector;
-    stops when the busiest rank cannot be helped (or after a bounded number of rounds). Deterministic."""
-    if len(weight) <= world_size:
-        return list(owners)  # one item per rank at most: already optimal
-    owners = list(owners)
-    members: list[list[int]] = [[] for _ in range(world_size)]
-    for i, rank in enumerate(owners):
-        members[rank].append(i)
-    loads = [sum(weight[i] for i in m) for m in members]
-    content = [_content(weight, m) for m in members]
-    for _ in range(4 * world_size + len(weight)):
-        busiest = max(range(world_size), key=lambda r: (loads[r], -r))
-        partners: dict[tuple, int] = {}  # content -> least-loaded rank holding it
-        for rank in range(world_size):
-            if rank != busiest and loads[rank] < loads[busiest]:
-                best = partners.get(content[rank])
-                if best is None or loads[rank] < loads[best]:
-                    partners[content[rank]] = rank
-        for partner in sorted(partners.values(), key=lambda r: (loads[r], r)):
-            keep = _best_split(weight, members[busiest], members[partner], loads[busiest], loads[partner])
-            if keep is not None:
-                _apply(weight, keep, busiest, partner, members, owners)
-                for rank in (busiest, partner):
-                    loads[rank] = sum(weight[i] for i in members[rank])
-                    content[rank] = _content(weight, members[rank])
-                break
-        else:
-            break
-    return owners
-
-
-def _content(weight: list[float], items: list[int]) -> tuple:
-    return tuple(sorted(Counter(weight[i] for i in items).items(), reverse=True))
-
-
-def _best_split(weight, mine: list[int], theirs: list[int], my_load: float, their_load: float) -> dict | None:
-    """How many items of each weight the busiest rank should keep so that both ranks end below ``my_load``
-    (the best such split), or None."""
-    pool = Counter(weight[i] for i in mine + theirs)
-    values = sorted(pool, reverse=True)
-    total = my_load + their_load
-    limit = my_load * (1 - 1e-12)  # a strict improvement, beyond rounding
-    ways = 1
-    for v in values[:-1]:
-        ways *= pool[v] + 1
-    if ways <= MAX_SPLITS:
-        splits = [(0.0, ())]
-        for v in values[:-1]:
-            splits = [(s + k * v, kept + (k,)) for s, kept in splits for k in range(pool[v] + 1)]
-        # The count of the lightest weight is chosen by arithmetic: the one nearest an even split.
-        last, count = values[-1], pool[values[-1]]
-        best, keep = limit, None
-        for s, kept in splits:
-            k = min(count, max(0, int((total / 2 - s) / last))) if last > 0 else 0
-            for k in (k, min(count, k + 1)):
-                larger = max(s + k * last, total - s - k * last)
-                if larger < best:
-                    best, keep = larger, dict(zip(values, kept + (k,)))
-        return keep
-    # Too many splits: the best single move or swap of one item each way.
-    have = Counter(weight[i] for i in mine)
-    best, keep = limit, None
-    for v in have:
-        for u in [0.0, *sorted({weight[i] for i in theirs})]:
-            if u < v and max(my_load - v + u, their_load + v - u) < best:
-                best = max(my_load - v + u, their_load + v - u)
-                keep = {**{w: have[w] for w in values}, v: have[v] - 1}
-                if u:
-                    keep[u] = have[u] + 1
-    return keep
-
-
-def _apply(weight, keep: dict, busiest: int, partner: int, members, owners) -> None:
-    """Give ``busiest`` ``keep[w]`` items of each weight ``w`` (those it has first, by index) and the rest to
-    ``partner``: as few moves as the split allows."""
-    pool = sorted(members[busiest] + members[partner], key=lambda i: (owners[i] != busiest, i))
-    taken: Counter = Counter()
-    members[busiest], members[partner] = [], []
-    for i in pool:
-        rank = busiest if taken[weight[i]] < keep.get(weight[i], 0) else partner
-        taken[weight[i]] += rank == busiest
-        members[rank].append(i)
-        owners[i] = rank
-    for rank in (busiest, partner):
-        members[rank].sort()
-
-
-def _transfers(index: int, meta: ParamMeta, owner: int) -> tuple[list[Transfer], list[Transfer]]:
-    holders_of: dict[Box, list[int]] = {}
-    for rank in meta.holders():
-        holders_of.setdefault(meta.boxes[rank], []).append(rank)
-    to_owner, to_holders = [], []
-    for box, holders in holders_of.items():
-        # The owner reads its own copy where it has one; otherwise replicas take turns by matrix index.
-        src = owner if owner in holders else holders[index % len(holders)]
-        to_owner.append(Transfer(index, box, src, owner))
-        to_holders.extend(Transfer(index, box, owner, rank) for rank in holders)
-    return to_owner, to_holders
+def _numel(sizes) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
 
 
 def bucket_members(specs: list[MatrixSpec], bucket_bytes: int) -> list[list[int]]:
@@ -303,13 +281,17 @@ def make_plan(specs: list[MatrixSpec], world_size: int, bucket_bytes: int = 64 *
     """The plan for ``specs`` (in the optimizer's order) on ``world_size`` ranks."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    for spec in specs:
+        if len(spec.meta.boxes) != world_size:
+            raise ValueError(f"matrix {spec.meta.fqn!r} has boxes for {len(spec.meta.boxes)} ranks, not for the "
+                             f"{world_size} of the plan")
     owners, _ = assign_owners(specs, world_size)
-    built = []
-    for members in bucket_members(specs, bucket_bytes):
-        to_owners, to_holders = [], []
-        for i in members:
-            forward, backward = _transfers(i, specs[i].meta, owners[i])
-            to_owners += forward
-            to_holders += backward
-        built.append(Bucket(tuple(members), tuple(to_owners), tuple(to_holders)))
-    return Plan(world_size, tuple(specs), tuple(owners), tuple(built), bucket_bytes)
+    known: dict[tuple, Layout] = {}
+    layouts = []
+    for spec in specs:
+        key = Layout.key(spec.meta)
+        if key not in known:
+            known[key] = Layout.of(spec.meta)
+        layouts.append(known[key])
+    buckets = tuple(Bucket(tuple(members)) for members in bucket_members(specs, bucket_bytes))
+    return Plan(world_size, tuple(specs), tuple(owners), buckets, bucket_bytes, tuple(layouts))

@@ -9,7 +9,8 @@ import torch
 from torch.distributed.tensor import Shard
 
 from distopt.sharding.layout import ParamMeta, box_at
-from distopt.sharding.plan import MatrixSpec, assign_owners, lpt_owners, make_plan
+from distopt.sharding.assign import assign_owners, lpt_owners
+from distopt.sharding.plan import MatrixSpec, make_plan
 
 
 def fsdp_meta(fqn, shape, world):
@@ -63,8 +64,7 @@ def test_every_matrix_has_one_owner_and_every_box_travels(world):
     plan = make_plan(specs, world, bucket_bytes=2**20)
     assert len(plan.owners) == len(specs) and all(0 <= o < world for o in plan.owners)
     for i, s in enumerate(specs):
-        forward = [t for b in plan.buckets for t in b.to_owners if t.matrix == i]
-        backward = [t for b in plan.buckets for t in b.to_holders if t.matrix == i]
+        forward, backward = plan.to_owner(i), plan.to_holders(i)
         holders = s.meta.holders()
         assert sorted(t.src for t in forward) == holders  # Shard(0): each holder sends its own rows once
         assert {t.dst for t in forward} == {plan.owners[i]}
@@ -105,9 +105,9 @@ def test_replicas_take_turns_as_sources():
                   for r in range(4))
     meta = ParamMeta("w", shape, "torch.float32", (0, 1, 2, 3), mesh, ("Replicate()", "Shard(dim=0)"), boxes)
     plan = make_plan([MatrixSpec(meta, 1.0, torch.bfloat16)], 4)
-    forward = plan.buckets[0].to_owners
+    forward = plan.to_owner(0)
     assert len(forward) == 2 and {t.dst for t in forward} == {plan.owners[0]}
-    assert sorted(t.dst for t in plan.buckets[0].to_holders) == [0, 1, 2, 3]
+    assert sorted(t.dst for t in plan.to_holders(0)) == [0, 1, 2, 3]
 
 
 def test_shuffled_costs_still_balance():
@@ -134,3 +134,33 @@ def test_owner_of_names_the_owner_of_a_fqn():
         assert plan.owner_of(spec.meta.fqn) == owner
     with pytest.raises(ValueError):
         plan.owner_of("no.such.weight")
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_routes_pair_every_send_with_its_receive_in_the_same_order(world):
+    """Each rank's routes, computed alone: what rank s sends to rank d is, in order and size, what d expects from s,
+    in both directions, and together the routes carry every transfer of the plan once; a step with part of the
+    matrices active routes only those."""
+    specs = gpt_specs(world, dim=64, layers=2) + [spec("odd", (37, 113), world), spec("thin", (1, 64), world)]
+    plan = make_plan(specs, world, bucket_bytes=40_000)
+    for active in (frozenset(range(len(specs))), frozenset(range(0, len(specs), 3))):
+        routes = [plan.routes(rank, active) for rank in range(world)]
+        assert all(len(r) == len(routes[0]) for r in routes)  # the same buckets on every rank
+        for b in range(len(routes[0])):
+            for src in range(world):
+                for dst in range(world):
+                    for out, back in (("send", "recv"), ("back_send", "back_recv")):
+                        sent = [t for t in getattr(routes[src][b], out) if t.dst == dst]
+                        got = [t for t in getattr(routes[dst][b], back) if t.src == src]
+                        assert sent == got
+                        assert getattr(routes[src][b], out + "_splits")[dst] == \
+                            getattr(routes[dst][b], back + "_splits")[src]
+        forward = sorted((t for r in routes for route in r for t in route.send), key=repr)
+        assert forward == sorted((t for m in sorted(active) for t in plan.to_owner(m)), key=repr)
+        backward = sorted((t for r in routes for route in r for t in route.back_recv), key=repr)
+        assert backward == sorted((t for m in sorted(active) for t in plan.to_holders(m)), key=repr)
+
+
+def test_a_spec_for_another_world_size_is_refused():
+    with pytest.raises(ValueError, match="'w' has boxes for 2 ranks, not for the 4"):
+        make_plan([spec("w", (8, 8), 2)], 4)

@@ -1,5 +1,5 @@
 """The planner at scale: lower bounds against brute force, the 1.03x goal on published models at up to 8192 ranks,
-the simulator's byte count against the plan's transfers, the reference schemes, and the model shapes."""
+the plan's byte count against a count from the definition, the reference schemes, and the model shapes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch
 from distopt.algos.muon import Muon
 from distopt.sharding import balance
 from distopt.sharding.layout import ParamMeta
-from distopt.sharding.plan import MatrixSpec, assign_owners, make_plan
+from distopt.sharding.assign import assign_owners
+from distopt.sharding.plan import MatrixSpec, make_plan
 from distopt.sharding.shapes import MODELS, llama_ffn_dim, model_shapes, shapes_from_json
-from launch.plan import main, matrix_specs, owner_matrices, sent_bytes_per_rank
+from launch.plan import main, matrix_specs, owner_matrices
 
 WORLD_SIZES = [2**k for k in range(14)] + [3, 24, 96, 1000]
 
@@ -114,15 +115,45 @@ def test_busiest_rank_within_3_percent_of_the_tight_bound_at_every_world_size(na
         assert busiest <= 1.03 * tight, (name, world, busiest / tight)
 
 
+def bytes_by_definition(specs: list[MatrixSpec], owners, world: int) -> list[int]:
+    """Every box from one holder to the owner (none when the owner holds it; else replicas take turns by matrix
+    index), the result back to every holder but the owner: one transfer at a time."""
+    sent = [0] * world
+    for m, (spec, owner) in enumerate(zip(specs, owners)):
+        holders_of: dict = {}
+        for rank, box in enumerate(spec.meta.boxes):
+            if all(box[1]):
+                holders_of.setdefault(box, []).append(rank)
+        for box, holders in holders_of.items():
+            numel = torch.Size(box[1]).numel()
+            if owner not in holders:
+                sent[holders[m % len(holders)]] += numel * spec.channels_out * spec.wire_itemsize
+            sent[owner] += numel * spec.wire_itemsize * sum(1 for h in holders if h != owner)
+    return sent
+
+
 @pytest.mark.parametrize("world,replicas", [(1, 1), (8, 1), (3, 1), (8, 2), (8, 4), (12, 3)])
 @pytest.mark.parametrize("algorithm", ["muon", "soap"])
-def test_simulated_bytes_equal_the_plans_transfers(world, replicas, algorithm):
-    """The simulator's count against make_plan's transfers, on uneven shards, rows fewer than ranks (empty boxes),
-    HSDP replicas taking turns, and SOAP's two channels."""
+def test_plan_bytes_equal_a_count_by_definition(world, replicas, algorithm):
+    """On uneven shards, rows fewer than ranks (empty boxes), HSDP replicas taking turns, and SOAP's two channels;
+    the plan counts per layout, the reference per transfer."""
     matrices = [(f"m{i}", s) for i, s in enumerate([(37, 113), (3, 5), (64, 64), (64, 64), (5, 300), (130, 7)] * 2)]
     specs = matrix_specs(matrices, world, algorithm, replicas)
     plan = make_plan(specs, world, bucket_bytes=20_000)
-    assert sent_bytes_per_rank(specs, list(plan.owners), world) == plan.sent_bytes_per_rank
+    assert plan.sent_bytes_per_rank == bytes_by_definition(specs, plan.owners, world)
+    assert plan.sent_bytes_per_rank == [sum(t.numel * (1 if t in backward else specs[t.matrix].channels_out)
+                                            * specs[t.matrix].wire_itemsize for t in sends if t.src != t.dst)
+                                        for sends, backward in _sends_by_rank(plan)]
+
+
+def _sends_by_rank(plan):
+    """Per rank: what its routes send, both directions, and the set of those sent back."""
+    out = []
+    for rank in range(plan.world_size):
+        routes = plan.routes(rank, frozenset(range(len(plan.matrices))))
+        backward = {t for r in routes for t in r.back_send}
+        out.append(([t for r in routes for t in r.send] + list(backward), backward))
+    return out
 
 
 def test_reference_schemes_as_worked_out_by_hand():
@@ -180,3 +211,24 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "gpt2-small", "--world-sizes", "6", "--replicas", "4", "--png", "none"])
     assert "--replicas 4 must be positive and divide the world size 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--json", "/no/such/shapes.json"], "--json /no/such/shapes.json: No such file or directory"),
+    (["--world-sizes", "0"], "--world-sizes must be positive, got 0"),
+    (["--world-sizes", "8", "-4"], "--world-sizes must be positive, got -4"),
+    (["--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["--bucket-mb", "0"], "--bucket-mb must be > 0, got 0.0"),
+])
+def test_command_line_errors_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--png", "none"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_broken_json_file_is_named_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--json", str(bad), "--png", "none"])
+    assert exit_.value.code == 2 and f"--json {bad}: not valid JSON" in capsys.readouterr().err
