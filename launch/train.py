@@ -24,6 +24,8 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distopt.checkpoint import CheckpointManager  # noqa: E402
+from distopt.checkpoint.directory import complete_checkpoints  # noqa: E402
+from distopt.sharding.exchange import rank_zero_decides  # noqa: E402
 from launch.data import VOCAB, ByteBatches, read_corpus  # noqa: E402
 from launch.gpt import GPT, GPTConfig  # noqa: E402
 from launch.optimizers import CHOICES, bf16_slowdown, make_optimizer  # noqa: E402
@@ -59,16 +61,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile the owners' maths (torch.compile)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.compare:
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag checked before any process group or file is touched: a bad one names itself."""
+    for flag in ("steps", "batch_size", "seq_len", "dim", "layers", "heads", "val_batches", "eval_every"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("ckpt_every", "warmup", "weight_decay"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    try:
+        GPTConfig(vocab=VOCAB, dim=args.dim, layers=args.layers, heads=args.heads, seq_len=args.seq_len)
+    except ValueError as error:
+        p.error(f"--dim {args.dim} --heads {args.heads}: {error}")
+    if args.data is not None and not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
+    args.mesh_shape = None
+    if args.mesh is not None:
+        try:
+            args.mesh_shape = tuple(int(x) for x in args.mesh.lower().split("x"))
+        except ValueError:
+            args.mesh_shape = ()
+        if len(args.mesh_shape) != 2 or min(args.mesh_shape) < 1:
+            p.error(f"--mesh {args.mesh!r}: expected REPLICASxSHARDS of positive counts, e.g. 2x2")
+    if args.compare is not None:
         args.compare = [name.strip() for name in args.compare.split(",") if name.strip()]
+        if not args.compare:
+            p.error(f"--compare: no optimizer named; choose among {', '.join(CHOICES)}")
         unknown = [n for n in args.compare if n not in CHOICES]
         if unknown:
             p.error(f"--compare: unknown optimizer(s) {unknown}; choose among {', '.join(CHOICES)}")
+        repeated = sorted({n for n in args.compare if args.compare.count(n) > 1})
+        if repeated:
+            p.error(f"--compare: {', '.join(repeated)} named more than once")
         if args.resume:
             p.error("--compare starts every optimizer from the same initial weights; it does not take --resume")
-    return args
 
 
 def init_distributed() -> torch.device:
@@ -76,8 +108,12 @@ def init_distributed() -> torch.device:
         if "RANK" not in os.environ:  # a plain `python launch/train.py`: one rank
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        use_cuda = gpus >= local_ranks
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        if gpus and not use_cuda and dist.get_rank() == 0:
+            print(f"{gpus} GPU(s) for {local_ranks} ranks on this node: training on CPU with gloo (NCCL needs one "
+                  "GPU per rank: --nproc-per-node <= the GPU count)", flush=True)
     if dist.get_backend() == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda", torch.cuda.current_device())
@@ -90,17 +126,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_mesh(spec: str | None, device: torch.device) -> DeviceMesh:
+def fail(message: str) -> None:
+    """End every rank with one message (from rank 0) and exit status 2, as an argument error does."""
+    if dist.get_rank() == 0:
+        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    dist.destroy_process_group()
+    raise SystemExit(2)
+
+
+def build_mesh(shape: tuple[int, int] | None, device: torch.device) -> DeviceMesh:
     world = dist.get_world_size()
-    if spec is None:
+    if shape is None:
         return init_device_mesh(device.type, (world,))
-    try:
-        replicas, shards = (int(x) for x in spec.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--mesh {spec!r}: expected REPLICASxSHARDS, e.g. 2x2") from None
+    replicas, shards = shape
     if replicas * shards != world:
-        raise SystemExit(f"--mesh {spec}: {replicas} x {shards} = {replicas * shards} ranks, but the job has {world}")
+        fail(f"--mesh {replicas}x{shards}: {replicas * shards} ranks, but the job has {world}")
     return init_device_mesh(device.type, (replicas, shards), mesh_dim_names=("replicate", "shard"))
+
+
+def refuse_stale_checkpoints(ckpt_dirs: list[Path]) -> None:
+    """A fresh run must not write into a folder holding another run's checkpoints: pruning would delete the new
+    ones in favour of the old, and a later --resume would pick up whichever is newer."""
+    found = [(d, complete_checkpoints(d)[-1][1].name) for d in ckpt_dirs if complete_checkpoints(d)]
+    found = rank_zero_decides(found)
+    if found:
+        folder, latest = found[0]
+        fail(f"{folder} holds checkpoints of an earlier run (latest: {latest}). Pass --resume to continue that "
+             "run, or choose another --out or --ckpt-dir, or remove the folder to start over.")
 
 
 def build_model(config: GPTConfig, mesh: DeviceMesh, device: torch.device, seed: int) -> GPT:
@@ -159,6 +211,12 @@ def run_one(name: str, args: argparse.Namespace, env: dict, out: Path, ckpt_dir:
     return summary
 
 
+def checkpoint_dir(args: argparse.Namespace, out: Path, name: str) -> Path | None:
+    if args.compare:  # several runs: checkpoints only where asked for, one folder per optimizer
+        return Path(args.ckpt_dir) / name if args.ckpt_dir else None
+    return Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = init_distributed()
@@ -168,10 +226,13 @@ def main(argv=None) -> list[dict]:
         if rank == 0:
             print(message, flush=True)
 
-    mesh = build_mesh(args.mesh, device)
+    mesh = build_mesh(args.mesh_shape, device)
     corpus, source = read_corpus(args.data)
     config = GPTConfig(vocab=VOCAB, dim=args.dim, layers=args.layers, heads=args.heads, seq_len=args.seq_len)
-    batches = ByteBatches(corpus, args.seq_len, args.batch_size, args.seed)
+    try:
+        batches = ByteBatches(corpus, args.seq_len, args.batch_size, args.seed)
+    except ValueError as error:
+        fail(f"--data {source}: {error}")
     names = args.compare or [args.optimizer]
     owner_dtype = pick_owner_dtype(args.owner_dtype, device, say) if "muon" in names else "bfloat16"
     n_params = sum(p.numel() for p in GPT(config).parameters()) if rank == 0 else 0
@@ -181,13 +242,13 @@ def main(argv=None) -> list[dict]:
     env = {"config": config, "mesh": mesh, "device": device, "batches": batches, "owner_dtype": owner_dtype,
            "say": say, "title": f"GPT {n_params / 1e6:.2f}M on {world} rank(s)"}
     out = Path(args.out)
+    ckpt_dirs = {name: checkpoint_dir(args, out, name) for name in names}
+    if not args.resume:
+        refuse_stale_checkpoints([d for d in ckpt_dirs.values() if d is not None])
     summaries = []
     for name in names:
         run_out = out / name if args.compare else out
-        if args.compare:
-            ckpt_dir = Path(args.ckpt_dir) / name if args.ckpt_dir else None
-        else:
-            ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
+        ckpt_dir = ckpt_dirs[name]
         say(f"== {name} ==" if args.compare else f"optimizer: distopt {name}")
         try:
             summaries.append(run_one(name, args, env, run_out, ckpt_dir, args.resume))

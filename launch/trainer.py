@@ -73,7 +73,7 @@ class Trainer:
             losses.append(mean_over_ranks(loss))
             record = {"step": step, "loss": losses[-1], "lr": lr, "step_ms": 1e3 * step_time,
                       "optimizer_ms": 1e3 * optimizer_time, "tokens_per_s": self.tokens_per_step / step_time}
-            if step % max(1, self.args.eval_every) == 0 or step == steps:
+            if step % self.args.eval_every == 0 or step == steps:
                 val_loss = record["val_loss"] = self.evaluate()
                 if self.rank == 0:
                     bar.write(f"step {step}: train loss {losses[-1]:.4f}, val loss {val_loss:.4f}")
