@@ -32,8 +32,11 @@ def _max(value: float) -> float:
 
 
 def _max_or_none(value, kind=float):
-    """The largest rank's ``value``; None where no rank measured it (every rank agrees on that)."""
-    return None if value is None else kind(_max(value))
+    """The largest rank's ``value``, or None unless every rank measured it. One collective on every rank, whether
+    or not it has a figure: a rank that skipped it would leave the others waiting."""
+    t = torch.tensor([float("-inf") if value is None else float(value), float(value is None)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the largest figure, and whether any rank lacks one
+    return None if t[1].item() else kind(t[0].item())
 
 
 class CandidateRun:
@@ -114,9 +117,10 @@ class CandidateRun:
                 self._step()
         counted_error = self._guarded(counted, fatal=False)
         peak: list = [None]
-        self._guarded(lambda: peak.__setitem__(0, step_peak_bytes(self._step)), fatal=False)
+        peak_error = self._guarded(lambda: peak.__setitem__(0, step_peak_bytes(self._step)), fatal=False)
         self.measured = {"calls": None if counted_error else counter.calls,
-                         "sent": None if counted_error else counter.sent_bytes, "peak": peak[0]}
+                         "sent": None if counted_error else counter.sent_bytes,
+                         "peak": None if peak_error else peak[0]}
 
     def summary(self) -> dict:
         """This candidate's figures, reduced over the ranks (a collective): per step the slowest rank's time."""
