@@ -1,6 +1,7 @@
 """Side-by-side optimizer-step benchmarks on FSDP2, at several world sizes, in one run.
 
-    python launch/bench.py --scenario adamw sgd lion             # elementwise; world sizes 1, 2 and 4
+    python launch/bench.py --scenario adamw sgd lion             # elementwise (also adam nadam rmsprop adopt laprop
+                                                                 # ademamix); world sizes 1, 2 and 4
     python launch/bench.py --scenario muon --dion-path ~/dion     # soap and psgd alike; dion's Muon as a peer
     python launch/bench.py --scenario checkpoint                 # checkpoint save/load (launch/checkpoint_bench.py)
     bash scripts/peers.sh --dion ~/dion                          # installs the peers; clones microsoft/dion
@@ -35,9 +36,9 @@ from torch.distributed.tensor import distribute_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.bench_candidates import SCENARIOS, candidates  # noqa: E402
-from launch.bench_measure import machine, machine_line  # noqa: E402,F401 - machine_line: part of this module's API
+from launch.bench_measure import machine, machine_line  # noqa: E402
 from launch.bench_report import (BYTES_NOTE, MEMORY_NOTE, NOTE, add_ratios, default_json_path,  # noqa: E402
-                                 detail_table, summary_table, write_json)
+                                 detail_table, peer_ratio_table, summary_table, write_json)
 from launch.bench_run import CandidateRun  # noqa: E402
 
 
@@ -197,7 +198,10 @@ def run_scenario(scenario: str, args) -> dict:
              for world in args.world_sizes}
     add_ratios(table)
     names = list(table[args.world_sizes[0]])
-    print(f"\n## {scenario}\n\n{summary_table(scenario, table, names)}\n\n{detail_table(table, names)}")
+    ours = [c.name for c in candidates(scenario, args.dion_path, args.only) if c.ours]
+    ratios = peer_ratio_table(scenario, table, names, ours)
+    print(f"\n## {scenario}\n\n{summary_table(scenario, table, names)}\n\n" + (f"{ratios}\n\n" if ratios else "")
+          + detail_table(table, names))
     return table
 
 

@@ -81,6 +81,12 @@ def import_dion(path: str | None):
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 SGD = {"lr": 1e-2, "momentum": 0.9}
 LION = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}
+ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+NADAM = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "momentum_decay": 4e-3}
+RMSPROP = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8}
+ADOPT = {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "weight_decay": 0.0}
+LAPROP = {"lr": 4e-4, "betas": (0.8, 0.99), "eps": 1e-15, "weight_decay": 0.0}
+ADEMAMIX = {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "alpha": 2.0, "eps": 1e-8, "weight_decay": 0.0}
 
 
 def _heavyball(cls_name: str, **hp):
@@ -99,11 +105,12 @@ def _optimi(cls_name: str, **hp):
     return build
 
 
-def _torch_variants(cls: type, label: str, hp: dict) -> list[Candidate]:
-    """torch.optim's three implementations: per-tensor loop, foreach (multi-tensor) and fused kernels."""
+def _torch_variants(cls: type, label: str, hp: dict, fused: bool = True) -> list[Candidate]:
+    """torch.optim's implementations: per-tensor loop, foreach (multi-tensor) and, where torch has them, fused
+    kernels."""
     return [Candidate(f"torch.optim.{label} (for-loop)", lambda ps, mesh: cls(ps, **hp, foreach=False)),
             Candidate(f"torch.optim.{label} (foreach)", lambda ps, mesh: cls(ps, **hp, foreach=True)),
-            Candidate(f"torch.optim.{label} (fused)", lambda ps, mesh: cls(ps, **hp, fused=True))]
+            *([Candidate(f"torch.optim.{label} (fused)", lambda ps, mesh: cls(ps, **hp, fused=True))] if fused else [])]
 
 
 def _adamw() -> list[Candidate]:
@@ -125,6 +132,35 @@ def _sgd() -> list[Candidate]:
 def _lion() -> list[Candidate]:
     return [Candidate("distopt.Lion", lambda ps, mesh: distopt.Lion(ps, **LION), ours=True),
             Candidate("optimi.Lion", _optimi("Lion", **LION))]
+
+
+def _adam() -> list[Candidate]:
+    # heavyball has no Adam with coupled weight decay; its AdamW at weight_decay 0 is the same maths.
+    return [Candidate("distopt.Adam", lambda ps, mesh: distopt.Adam(ps, **ADAM), ours=True),
+            Candidate("distopt.Adam (fused)", lambda ps, mesh: distopt.Adam(ps, **ADAM, fused=True), ours=True),
+            *_torch_variants(torch.optim.Adam, "Adam", ADAM),
+            Candidate("heavyball.AdamW (weight_decay 0)", _heavyball("AdamW", **ADAM)),
+            Candidate("optimi.Adam", _optimi("Adam", **ADAM))]
+
+
+def _nadam() -> list[Candidate]:
+    return [Candidate("distopt.NAdam", lambda ps, mesh: distopt.NAdam(ps, **NADAM), ours=True),
+            *_torch_variants(torch.optim.NAdam, "NAdam", NADAM, fused=False),
+            Candidate("heavyball.NAdam", _heavyball("NAdam", **NADAM))]
+
+
+def _rmsprop() -> list[Candidate]:
+    # heavyball's RMSprop takes (momentum, alpha) as betas; without momentum it is the same update.
+    return [Candidate("distopt.RMSprop", lambda ps, mesh: distopt.RMSprop(ps, **RMSPROP), ours=True),
+            *_torch_variants(torch.optim.RMSprop, "RMSprop", RMSPROP, fused=False),
+            Candidate("heavyball.RMSprop", _heavyball("RMSprop", lr=RMSPROP["lr"], betas=(0.0, RMSPROP["alpha"]),
+                                                      eps=RMSPROP["eps"]))]
+
+
+def _heavyball_only(name: str, hp: dict) -> Callable[[], list[Candidate]]:
+    """Algorithms torch.optim does not have: distopt against heavyball's version."""
+    return lambda: [Candidate(f"distopt.{name}", lambda ps, mesh: getattr(distopt, name)(ps, **hp), ours=True),
+                    Candidate(f"heavyball.{name}", _heavyball(name, **hp))]
 
 
 # -- matrix (owner compute in distopt) ----------------------------------------------------------------------------
@@ -181,6 +217,12 @@ SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
     "adamw": lambda dion_path: _adamw(),
     "sgd": lambda dion_path: _sgd(),
     "lion": lambda dion_path: _lion(),
+    "adam": lambda dion_path: _adam(),
+    "nadam": lambda dion_path: _nadam(),
+    "rmsprop": lambda dion_path: _rmsprop(),
+    "adopt": lambda dion_path: _heavyball_only("ADOPT", ADOPT)(),
+    "laprop": lambda dion_path: _heavyball_only("LaProp", LAPROP)(),
+    "ademamix": lambda dion_path: _heavyball_only("AdEMAMix", ADEMAMIX)(),
     "muon": _muon,
     "soap": lambda dion_path: _soap(),
     "psgd": lambda dion_path: _psgd(),

@@ -69,14 +69,30 @@ def summary_table(scenario: str, table: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def peer_ratio_table(scenario: str, table: dict, names: list[str], ours: list[str]) -> str:
+    """Each of distopt's candidates against each peer: the ratio of median step times (below 1: distopt faster)."""
+    peers = [n for n in names if n not in ours]
+    if not peers:
+        return ""
+    lines = [f"| {scenario}: distopt's time ÷ the peer's | W | " + " | ".join(peers) + " |",
+             "|---" * (len(peers) + 2) + "|"]
+    for world, row in table.items():
+        for name in ours:
+            ratios = row[name].get("ratio_to", {})
+            cells = [f"{ratios[p]:.2f}" if p in ratios else "n/a" for p in peers]
+            lines.append(f"| {name} | {world} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _detail_row(world: int, name: str, e: dict, base: str) -> str:
     if e["status"] != "ok":
-        return f"| {world} | {name} | {_failed(e)} |" + " |" * 8
+        return f"| {world} | {name} | {_failed(e)} |" + " |" * 9
     ratio = e["ratio_to"].get(base, 1.0 if name == base else None)
     scaling = f"{e['ratio_to_w1']:.2f}" if "ratio_to_w1" in e else ""
     cells = [str(world), name, f"{e['median_s'] * 1e3:.2f}", f"{e['min_s'] * 1e3:.2f}", f"{e['max_s'] * 1e3:.2f}",
              "n/a" if ratio is None else f"{ratio:.2f}", scaling, _size(e["sent_bytes_per_rank"]),
-             _count(e["collectives_per_step"]), _size(e["state_bytes_per_rank"]), _size(e["step_peak_bytes_per_rank"])]
+             _count(e["collectives_per_step"]), _size(e["state_bytes_per_rank"]), _size(e["step_peak_bytes_per_rank"]),
+             _size(e.get("peak_bytes_per_rank"))]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -84,7 +100,8 @@ def detail_table(table: dict, names: list[str]) -> str:
     """One row per world size and candidate: time spread, ratios, communication, memory."""
     base = names[0]
     lines = [f"| W | candidate | median ms | min ms | max ms | x {base} | x own W=1 | sent per rank per step | "
-             "collectives per step | state per rank | step peak per rank |", "|---" * 11 + "|"]
+             "collectives per step | state per rank | step peak per rank | peak optimizer memory per rank |",
+             "|---" * 12 + "|"]
     lines += [_detail_row(world, name, row[name], base) for world, row in table.items() for name in names]
     return "\n".join(lines)
 

@@ -12,8 +12,9 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from launch.bench import main
-from launch.bench_candidates import short_reason
+from launch.bench_candidates import SCENARIOS, candidates, short_reason
 from launch.bench_measure import CollectiveCounter
+from launch.bench_report import peer_ratio_table
 
 
 @pytest.fixture
@@ -75,3 +76,25 @@ def test_a_failure_reason_is_one_short_line_cut_at_a_word():
     compiled = RuntimeError("Dynamo failed to run FX node\nsaw: got ValueError('shapes differ') from user code")
     assert short_reason(compiled) == "ValueError: shapes differ"
     assert short_reason(KeyError()) == "KeyError"
+
+
+def test_peer_ratio_table_sets_distopt_against_each_peer():
+    ok = lambda ms, **ratios: {"status": "ok", "median_s": ms / 1e3, "ratio_to": ratios}  # noqa: E731
+    table = {1: {"ours": ok(2.0, fast=2.0, slow=0.5), "fast": ok(1.0), "slow": ok(4.0)},
+             2: {"ours": ok(3.0, slow=0.6), "fast": {"status": "not installed"}, "slow": ok(5.0)}}
+    text = peer_ratio_table("demo", table, ["ours", "fast", "slow"], ["ours"])
+    assert text.splitlines()[0] == "| demo: distopt's time ÷ the peer's | W | fast | slow |"
+    assert "| ours | 1 | 2.00 | 0.50 |" in text and "| ours | 2 | n/a | 0.60 |" in text
+    assert peer_ratio_table("demo", table, ["ours"], ["ours"]) == ""
+
+
+def test_every_elementwise_algorithm_has_a_scenario_with_peers():
+    from distopt import ALGORITHMS
+
+    elementwise = {name for name, algo in ALGORITHMS.items() if algo.kind == "elementwise"}
+    covered = {"adamw", "adam", "sgd", "lion", "nadam", "rmsprop", "adopt", "laprop", "ademamix"}
+    assert elementwise <= covered <= set(SCENARIOS)
+    for scenario in covered:
+        chosen = candidates(scenario)
+        assert any(c.ours for c in chosen) and any(not c.ours for c in chosen), scenario
+
