@@ -79,11 +79,6 @@ class Layout:
     held: int                                        # elements held, summed over every holder
     by_length: dict[int, tuple[tuple[int, tuple[int, ...]], ...]]  # holder count -> (numel, holders) of its boxes
 
-    @staticmethod
-    def key(meta: ParamMeta) -> tuple:
-        """What the boxes are a function of (``layout.describe``): cheaper to hash than the boxes themselves."""
-        return meta.shape, meta.mesh_shape, meta.placements, meta.mesh_ranks
-
     @classmethod
     def of(cls, meta: ParamMeta) -> Layout:
         holders_of: dict[Box, list[int]] = {}
@@ -130,6 +125,10 @@ class Plan:
     layouts: tuple[Layout, ...]  # layouts[m] of matrix m (shared between matrices laid out alike)
 
     # -- transfers ----------------------------------------------------------------------------------------------
+    @cached_property
+    def _no_splits(self) -> tuple[int, ...]:
+        return (0,) * self.world_size
+
     def to_owner(self, m: int) -> list[Transfer]:
         """Every box of matrix ``m`` on its way to the owner, one holder sending each."""
         owner, layout = self.owners[m], self.layouts[m]
@@ -170,6 +169,8 @@ class Plan:
 
     def _split(self, transfers: list[Transfer], peer, width=lambda t: 1):
         """Transfers ordered by peer (stable: by matrix within a peer), and the elements for each peer."""
+        if not transfers:
+            return (), self._no_splits
         ordered = sorted(transfers, key=peer)
         splits = [0] * self.world_size
         for t in ordered:
@@ -286,10 +287,12 @@ def make_plan(specs: list[MatrixSpec], world_size: int, bucket_bytes: int = 64 *
             raise ValueError(f"matrix {spec.meta.fqn!r} has boxes for {len(spec.meta.boxes)} ranks, not for the "
                              f"{world_size} of the plan")
     owners, _ = assign_owners(specs, world_size)
-    known: dict[tuple, Layout] = {}
+    # Parameters laid out alike share one tuple of boxes (``layout.describe``): one Layout each, found by identity
+    # (hashing thousands of boxes per matrix would cost more than the plan).
+    known: dict[int, Layout] = {}
     layouts = []
     for spec in specs:
-        key = Layout.key(spec.meta)
+        key = id(spec.meta.boxes)
         if key not in known:
             known[key] = Layout.of(spec.meta)
         layouts.append(known[key])
