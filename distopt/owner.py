@@ -56,8 +56,8 @@ class OwnerRoute:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool = False):
         self.entries, self.compile = entries, compile
         self.group, ranks, self.rank = group_layout(process_group)
-        boxes: dict = {}
-        metas = [layout.describe(e.param, e.fqn, ranks, self.rank, boxes) for e in entries]
+        shared: dict = {}
+        metas = [layout.describe(e.param, e.fqn, ranks, self.rank, shared) for e in entries]
         if len(ranks) > 1:
             exchange.agree_on_metadata(metas, self.group)
         specs = [matrix_spec(meta, e.algorithm, groups[e.group_index], e.param.dtype) for meta, e in zip(metas, entries)]

@@ -95,39 +95,46 @@ def box_at(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tupl
     return tuple(offsets), tuple(sizes)
 
 
-def describe(param: Tensor, fqn: str, group_ranks: tuple[int, ...], rank: int, boxes_cache: dict | None = None
+def describe(param: Tensor, fqn: str, group_ranks: tuple[int, ...], rank: int, cache: dict | None = None
              ) -> ParamMeta:
     """Metadata of ``param`` over the process group whose global ranks are ``group_ranks`` (``rank`` is this
     rank's index in it). A plain tensor in a multi-rank job counts as replicated on every rank (DDP-style).
-    Parameters laid out alike share one tuple of boxes through ``boxes_cache``: at thousands of ranks, computing
-    them per parameter would dominate the optimizer's set-up."""
+    Parameters on one mesh, laid out alike, share their rank and box tuples through ``cache`` (one dict for all the
+    parameters of one set-up): at thousands of ranks, computing them per parameter would dominate the set-up."""
+    cache = {} if cache is None else cache
     shape = tuple(param.shape)
     world_size = len(group_ranks)
     if not isinstance(param, DTensor):
-        whole = ((0,) * len(shape), shape)
-        return ParamMeta(fqn, shape, str(param.dtype), tuple(range(world_size)), (world_size,), ("Replicate()",),
-                         (whole,) * world_size)
+        if ("plain", shape) not in cache:
+            cache["plain", shape] = (tuple(range(world_size)), (((0,) * len(shape), shape),) * world_size)
+        ranks, boxes = cache["plain", shape]
+        return ParamMeta(fqn, shape, str(param.dtype), ranks, (world_size,), ("Replicate()",), boxes)
     mesh = param.device_mesh
+    if ("mesh", id(mesh)) not in cache:
+        cache["mesh", id(mesh)] = _mesh_ranks(mesh, group_ranks, fqn)
+    ranks = cache["mesh", id(mesh)]
+    mesh_shape = tuple(mesh.mesh.shape)
+    placements = tuple(param.placements)
+    key = ("boxes", shape, id(mesh), placements)
+    if key not in cache:
+        cache[key] = _boxes(shape, ranks, mesh_shape, placements, world_size)
+    boxes = cache[key]
+    local_sizes = tuple(param.to_local().shape)
+    if boxes[rank][1] != local_sizes:
+        raise RuntimeError(f"parameter {fqn}: the local shard has shape {local_sizes} but its placements "
+                           f"{placements} imply {boxes[rank][1]}")
+    return ParamMeta(fqn, shape, str(param.dtype), ranks, mesh_shape, tuple(str(p) for p in placements), boxes)
+
+
+def _mesh_ranks(mesh, group_ranks: tuple[int, ...], fqn: str) -> tuple[int, ...]:
+    """The process-group index of each position of ``mesh`` (row-major)."""
     mesh_ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
     if sorted(mesh_ranks) != sorted(group_ranks):
         raise NotImplementedError(f"parameter {fqn}: its device mesh spans ranks {sorted(mesh_ranks)}, not the "
                                   f"optimizer's process group {sorted(group_ranks)}; the owner route needs a mesh "
                                   "over exactly the ranks of its process group")
     index_of = {global_rank: i for i, global_rank in enumerate(group_ranks)}
-    ranks = tuple(index_of[r] for r in mesh_ranks)
-    mesh_shape = tuple(mesh.mesh.shape)
-    placements = tuple(param.placements)
-    key = (shape, ranks, mesh_shape, placements)
-    boxes = boxes_cache.get(key) if boxes_cache is not None else None
-    if boxes is None:
-        boxes = _boxes(shape, ranks, mesh_shape, placements, world_size)
-        if boxes_cache is not None:
-            boxes_cache[key] = boxes
-    local_sizes = tuple(param.to_local().shape)
-    if boxes[rank][1] != local_sizes:
-        raise RuntimeError(f"parameter {fqn}: the local shard has shape {local_sizes} but its placements "
-                           f"{placements} imply {boxes[rank][1]}")
-    return ParamMeta(fqn, shape, str(param.dtype), ranks, mesh_shape, tuple(str(p) for p in placements), boxes)
+    return tuple(index_of[r] for r in mesh_ranks)
 
 
 def _boxes(shape, ranks: tuple[int, ...], mesh_shape: tuple[int, ...], placements, world_size: int
