@@ -226,6 +226,11 @@ def main(argv=None) -> list[dict]:
         if rank == 0:
             print(message, flush=True)
 
+    out = Path(args.out)
+    names = args.compare or [args.optimizer]
+    ckpt_dirs = {name: checkpoint_dir(args, out, name) for name in names}
+    if not args.resume:  # before anything slow: a refused run should say so at once
+        refuse_stale_checkpoints([d for d in ckpt_dirs.values() if d is not None])
     mesh = build_mesh(args.mesh_shape, device)
     corpus, source = read_corpus(args.data)
     config = GPTConfig(vocab=VOCAB, dim=args.dim, layers=args.layers, heads=args.heads, seq_len=args.seq_len)
@@ -233,7 +238,6 @@ def main(argv=None) -> list[dict]:
         batches = ByteBatches(corpus, args.seq_len, args.batch_size, args.seed)
     except ValueError as error:
         fail(f"--data {source}: {error}")
-    names = args.compare or [args.optimizer]
     owner_dtype = pick_owner_dtype(args.owner_dtype, device, say) if "muon" in names else "bfloat16"
     n_params = sum(p.numel() for p in GPT(config).parameters()) if rank == 0 else 0
     say(f"data: {source}, {len(corpus) / 2**20:.1f} MiB; model: GPT d={args.dim} x {args.layers} layers, "
@@ -241,10 +245,6 @@ def main(argv=None) -> list[dict]:
         f"{'HSDP ' + args.mesh if args.mesh else 'FSDP2'}; {args.batch_size * args.seq_len * world} tokens per step")
     env = {"config": config, "mesh": mesh, "device": device, "batches": batches, "owner_dtype": owner_dtype,
            "say": say, "title": f"GPT {n_params / 1e6:.2f}M on {world} rank(s)"}
-    out = Path(args.out)
-    ckpt_dirs = {name: checkpoint_dir(args, out, name) for name in names}
-    if not args.resume:
-        refuse_stale_checkpoints([d for d in ckpt_dirs.values() if d is not None])
     summaries = []
     for name in names:
         run_out = out / name if args.compare else out
