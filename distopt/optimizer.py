@@ -84,7 +84,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             algorithm = self.algorithm_of(group)
             names = group.get("param_names")
             for i, param in enumerate(group["params"]):
-                if algorithm.kind == MATRIX:
+                if algorithm.kind == MATRIX and algorithm.on_owner(tuple(param.shape), group):
                     fqn = names[i] if names else f"params[{index}]"
                     entries.append(MatrixEntry(param, fqn, group_index, algorithm))
                 index += 1
@@ -159,10 +159,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Every gradient is checked before any parameter moves, so a bad one leaves nothing half-updated.
         for group_index, group in enumerate(self.param_groups):
             self._check_grads(group, group_index, self.algorithm_of(group))
-        batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)
-                   if self.algorithm_of(group).kind != MATRIX]  # the owner route below runs the matrix groups
+        # Every tensor that runs on its own shard (elementwise groups, and the parameters of matrix groups whose
+        # maths is elementwise for their shape); the owner route below runs the rest.
+        batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)]
         for algorithm, params, grads, states, group in batches:
-            if params:
+            if not params:
+                continue
+            if algorithm.kind == MATRIX:
+                for param, grad, state in zip(params, grads, states):
+                    algorithm.local_update(param, grad, state, group)
+            else:
                 algorithm.apply_many(params, grads, states, group)
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state)
@@ -175,7 +181,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         check, state_of, local_of = algorithm.check_local, self.state, layout.local  # hot loop: bound once
         params, grads, states = [], [], []
         for i, param in enumerate(group["params"]):
-            if param.grad is None:
+            if param.grad is None or self._on_owner(param):
                 continue
             state = state_of[param]
             if not state:
@@ -204,11 +210,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
             state.update(self._init_state(entry.algorithm, entry.param, self.param_groups[entry.group_index]))
         return state
 
+    def _on_owner(self, param: Tensor) -> bool:
+        """Whether ``param`` runs on the owner route (a matrix algorithm that needs the whole matrix)."""
+        return self._owner is not None and param in self._owner.index
+
     def _init_state(self, algorithm: Algorithm, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         local = layout.local(param)
+        on_owner = self._on_owner(param)
+        init = algorithm.local_init if algorithm.kind == MATRIX and not on_owner else algorithm.init
         state = {key: value if key in algorithm.scalar_state else layout.like_param(param, value)
-                 for key, value in algorithm.init(local, group).items()}
-        if algorithm.kind == MATRIX:
+                 for key, value in init(local, group).items()}
+        if on_owner:
             # Every rank has every key; the owner holds the whole tensors, the others empty placeholders.
             if self._owner is not None and self._owner.owns(param):
                 state.update(algorithm.owner_init(tuple(param.shape), group, param.dtype, local.device))

@@ -192,7 +192,7 @@ class SavedState:
                 raise StateDictMismatch(f"optimizer state of {name} ({algorithm.name}) does not match: missing "
                                         f"{missing}, unexpected {extra}")
             owner_shapes = (algorithm.owner_state(tuple(param.shape), group, param.dtype)
-                            if algorithm.kind == MATRIX else {})
+                            if param in matrix_of else {})
             for key, target in fresh.items():
                 value = saved[key]
                 if not isinstance(value, Tensor):

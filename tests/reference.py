@@ -142,38 +142,93 @@ PAPER_TOLERANCE = {"rtol": 1e-10, "atol": 1e-12}
 
 
 def soap(p, grads, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, weight_decay=0.01,
-         precondition_frequency=10, normalize_grads=False, correct_bias=True):
-    """SOAP on one matrix (Vyas et al. 2024, Algorithm 3 with the reference code's details), with explicit
-    matrix products: L, R are the Kronecker statistics, QL, QR their eigenbases, M the momentum in the original
-    basis, V the second moment in the rotated basis. The first step only initializes L, R and the bases."""
+         precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
+         normalize_grads=False, correct_bias=True):
+    """SOAP on one tensor of any shape, rewritten in meaning (not copied) from the authors' ``soap.py``
+    (nikhilvyas/SOAP, HEAD a1e5535), whose structure it keeps and distopt's it does not:
+
+    * the statistics ``GG`` start at zero and every step, the first included, is ``GG <- lerp(GG, outer, 1 - sb)``;
+    * the first call only feeds the statistics and takes the first bases from ``eigh``; nothing else moves;
+    * ``exp_avg`` lives in the rotated basis (the authors' current code; distopt keeps it in the original basis):
+      it is rotated back and forth around every statistics update, so a new basis carries it over;
+    * which dimensions get a factor is decided from the parameter's own number of dimensions: a vector only with
+      ``precondition_1d``; otherwise every (merged) dimension up to ``max_precond_dim``.
+    """
     b1, b2 = betas
     sb = shampoo_beta if shampoo_beta >= 0 else b2
-    m_, v_ = torch.zeros_like(p), torch.zeros_like(p)
+    shape = p.shape
+
+    def work_shape():
+        if len(shape) < 2 or not merge_dims:
+            return tuple(shape)
+        out, run = [], 1
+        for size in shape:
+            if run * size > max_precond_dim:
+                out.append(run if run > 1 else size)
+                run = size if run > 1 else 1
+            else:
+                run *= size
+        if run > 1 or not out:
+            out.append(run)
+        return tuple(out)
+
+    dims = work_shape()
+    if len(shape) == 1:
+        has_factor = [precondition_1d and shape[0] <= max_precond_dim]
+    else:
+        has_factor = [d <= max_precond_dim for d in dims]
+    GG = [torch.zeros(d, d, dtype=p.dtype) if f else None for d, f in zip(dims, has_factor)]
+    Q = None
+
+    def rotate(x, back=False):
+        x = x.reshape(dims)
+        for q in Q:
+            if q is None:  # no factor: move the dimension to the back unchanged
+                x = x.permute(*range(1, x.dim()), 0)
+            else:  # contract the leading dimension with Q (Q^T x) or with Q^T (Q x)
+                x = torch.tensordot(x, q, dims=([0], [1 if back else 0]))
+        return x.reshape(shape)
+
+    def feed(g):
+        g = g.reshape(dims)
+        for i, f in enumerate(has_factor):
+            if f:
+                rest = [d for d in range(len(dims)) if d != i]
+                GG[i] = GG[i] + (1 - sb) * (torch.tensordot(g, g, dims=(rest, rest)) - GG[i])
+
+    m = torch.zeros_like(p)  # in the rotated basis
+    v = torch.zeros_like(p)  # in the rotated basis
+    t = 0
     out = []
-    for t, g in enumerate(grads):
-        if t == 0:
-            L, R = g @ g.T, g.T @ g
-            QL = torch.linalg.eigh(L)[1].flip(1)
-            QR = torch.linalg.eigh(R)[1].flip(1)
+    for call, g in enumerate(grads):
+        if call == 0:
+            feed(g)
+            Q = [torch.linalg.eigh(s + 1e-30 * torch.eye(len(s), dtype=s.dtype))[1].flip(1) if s is not None
+                 else None for s in GG]
             out.append(p)
             continue
-        m_ = b1 * m_ + (1 - b1) * g
-        v_ = b2 * v_ + (1 - b2) * (QL.T @ g @ QR) ** 2
-        d = QL @ ((QL.T @ m_ @ QR) / (v_.sqrt() + eps)) @ QR.T
+        t += 1
+        g_rot = rotate(g)
+        m = b1 * m + (1 - b1) * g_rot
+        v = b2 * v + (1 - b2) * g_rot**2
+        d = rotate(m / (v.sqrt() + eps), back=True)
         if normalize_grads:
             d = d / (1e-30 + d.pow(2).mean().sqrt())
         size = lr * math.sqrt(1 - b2**t) / (1 - b1**t) if correct_bias else lr
         p = p - size * d
         p = p - lr * weight_decay * p
-        L = sb * L + (1 - sb) * g @ g.T
-        R = sb * R + (1 - sb) * g.T @ g
-        if t % precondition_frequency == 0:
-            bases = []
-            for axis, (S, Q) in enumerate(((L, QL), (R, QR))):
-                order = torch.argsort(torch.diag(Q.T @ S @ Q), descending=True)
-                v_ = v_.index_select(axis, order)
-                bases.append(torch.linalg.qr(S @ Q[:, order])[0])
-            QL, QR = bases
+        m = rotate(m, back=True)  # to the original basis while the statistics change
+        feed(g)
+        if t % precondition_frequency == 0:  # one power iteration and QR, eigenvalue order kept
+            v = v.reshape(dims)
+            for i, s in enumerate(GG):
+                if s is None:
+                    continue
+                order = torch.argsort(torch.diag(Q[i].T @ s @ Q[i]), descending=True)
+                v = v.index_select(i, order)
+                Q[i] = torch.linalg.qr(s @ Q[i][:, order])[0]
+            v = v.reshape(shape)
+        m = rotate(m)
         out.append(p)
     return out
 

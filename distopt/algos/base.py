@@ -194,6 +194,18 @@ class MatrixAlgorithm(Algorithm):
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
 
+    def on_owner(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> bool:
+        """Whether a parameter of this global shape needs the owner route. Where this is False the maths is
+        elementwise for that parameter: :meth:`local_init` and :meth:`local_update` run on each rank's shard and
+        nothing is exchanged."""
+        return True
+
+    def local_init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{self.name} has no local route")
+
+    def local_update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        raise NotImplementedError(f"{self.name} has no local route")
+
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
         raise NotImplementedError
 

@@ -42,12 +42,22 @@ def merged_shape(shape: tuple[int, ...], max_precond_dim: int, merge: bool) -> t
     return tuple(out)
 
 
+def owner_dims(shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[int, ...]:
+    """The shape the owner works on: the parameter's own for vectors and scalars, merged (with ``merge_dims``) for
+    tensors of two or more dimensions, as the authors' code does."""
+    if len(shape) < 2:
+        return shape
+    return merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+
+
 def preconditioned_dims(shape: tuple[int, ...], hp: Mapping[str, Any]) -> list[bool]:
-    """Which dimensions of the merged shape get a Kronecker factor."""
-    dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
-    if len(dims) == 1 and not hp["precondition_1d"]:
-        return [False]
-    return [d <= hp["max_precond_dim"] for d in dims]
+    """Which dimensions of :func:`owner_dims` get a Kronecker factor. The authors decide from the parameter's own
+    number of dimensions: a vector only with ``precondition_1d``; a tensor of two or more dimensions on every
+    (merged) dimension up to ``max_precond_dim``, even where merging leaves one dimension."""
+    limit = hp["max_precond_dim"]
+    if len(shape) == 1:
+        return [hp["precondition_1d"] and shape[0] <= limit]
+    return [d <= limit for d in owner_dims(shape, hp)]
 
 
 def project(x: Tensor, bases: list[Tensor | None], back: bool = False) -> Tensor:
@@ -105,6 +115,8 @@ def eigenbasis(matrix: Tensor) -> Tensor:
 class SOAP(MatrixAlgorithm):
     """SOAP. Shard state: ``step`` (calls so far; the first call only feeds the preconditioner), ``exp_avg``.
     Owner state: ``owner.exp_avg_sq``, ``owner.GG.<dim>`` and ``owner.Q.<dim>`` per preconditioned dimension.
+    A parameter with no preconditioned dimension (a vector without ``precondition_1d``) runs on its local shard,
+    with ``exp_avg_sq`` beside ``exp_avg``.
 
     The first basis comes from ``eigh``; every ``precondition_frequency`` steps one power iteration and a QR
     refresh it, re-ordering ``exp_avg_sq`` to follow. A dimension above ``max_precond_dim`` stays unrotated.
@@ -132,16 +144,26 @@ class SOAP(MatrixAlgorithm):
                 raise ValueError(f"{self.name}: invalid {key}={value!r} (must be a positive int)")
         check_bool(self.name, hp, "merge_dims", "precondition_1d", "normalize_grads", "correct_bias")
 
-    def check_param(self, shape: tuple[int, ...], name: str) -> None:
-        if len(shape) == 0:
-            raise ValueError(f"soap needs parameters with at least 1 dimension, but {name} is a scalar")
+    def on_owner(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> bool:
+        # Without a factor SOAP is Adam in the original basis: elementwise, unless normalize_grads needs the mean
+        # over the whole tensor (a scalar is whole on every rank).
+        return any(preconditioned_dims(shape, hp)) or (hp["normalize_grads"] and len(shape) > 0)
+
+    def local_init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {**self.init(param, hp), "exp_avg_sq": zeros_like(param)}
+
+    def local_update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        if self._momentum(grad, state, hp):
+            direction = adam_in_eigenbasis(grad, state["exp_avg"], state["exp_avg_sq"], [], hp["betas"][1],
+                                           hp["eps"], hp["normalize_grads"])
+            self.finish(param, direction, state, hp, tuple(param.shape))
 
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return torch.promote_types(param_dtype, torch.float32)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
         numel = math.prod(shape)
-        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+        dims = owner_dims(shape, hp)
         factors = [d for d, on in zip(dims, preconditioned_dims(shape, hp)) if on]
         per_step = 2 * numel * sum(factors) * 4  # three projections and one statistics update, per factor
         refresh = sum(12 * d**3 for d in factors) / hp["precondition_frequency"]  # power iteration + QR, amortized
@@ -150,7 +172,7 @@ class SOAP(MatrixAlgorithm):
     def owner_state(self, shape: tuple[int, ...], hp: Mapping[str, Any],
                     param_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         dtype = self.wire_dtype(hp, param_dtype)
-        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+        dims = owner_dims(shape, hp)
         entries = {f"{OWNER_PREFIX}exp_avg_sq": (dims, dtype)}
         for i, on in enumerate(preconditioned_dims(shape, hp)):
             if on:
@@ -160,15 +182,21 @@ class SOAP(MatrixAlgorithm):
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"step": new_step_counter(), "exp_avg": zeros_like(param)}
 
-    def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
-        beta1 = hp["betas"][0]
+    @staticmethod
+    def _momentum(grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> bool:
+        """Count the call and update ``exp_avg``; False on the first call, which the authors skip entirely
+        (momentum included: it only feeds the preconditioner)."""
         first = state["step"].item() == 0
         state["step"] += 1
-        exp_avg = state["exp_avg"]
-        if not first:  # the reference skips the first step entirely, momentum included
-            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        if not first:
+            beta1 = hp["betas"][0]
+            state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        return not first
+
+    def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
+        self._momentum(grad, state, hp)
         dtype = self.wire_dtype(hp, param.dtype)
-        return torch.stack([grad.to(dtype), exp_avg.to(dtype)])
+        return torch.stack([grad.to(dtype), state["exp_avg"].to(dtype)])
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
@@ -178,7 +206,7 @@ class SOAP(MatrixAlgorithm):
                     shape: tuple[int, ...]) -> Tensor:
         beta2 = hp["betas"][1]
         shampoo_beta = hp["shampoo_beta"] if hp["shampoo_beta"] >= 0 else beta2
-        dims = merged_shape(shape, hp["max_precond_dim"], hp["merge_dims"])
+        dims = owner_dims(shape, hp)
         grad, exp_avg = grad.reshape(dims), exp_avg.reshape(dims)
         t = int(state["step"].item()) - 1  # parameter updates before this one
         factors = [i for i, on in enumerate(preconditioned_dims(shape, hp)) if on]
@@ -187,7 +215,8 @@ class SOAP(MatrixAlgorithm):
             state[f"{key}exp_avg_sq"] = torch.zeros(dims, dtype=grad.dtype, device=grad.device)
             for i in factors:
                 state[f"{key}GG.{i}"] = torch.zeros(dims[i], dims[i], dtype=grad.dtype, device=grad.device)
-            self._accumulate(grad, state, factors, 0.0)
+            # The authors' first statistics: an average from zero, (1 - shampoo_beta) G G^T, not G G^T.
+            self._accumulate(grad, state, factors, shampoo_beta)
             for i in factors:
                 # Stored row-major whatever LAPACK returns: a checkpoint restores owner state contiguous, and
                 # matmuls round differently on other strides, so this keeps a resumed run bitwise.

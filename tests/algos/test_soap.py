@@ -16,6 +16,23 @@ CONFIGS = [{}, {"lr": 1e-2, "betas": (0.9, 0.99), "precondition_frequency": 2},
            {"shampoo_beta": 0.8, "weight_decay": 0.0, "precondition_frequency": 3, "eps": 1e-6},
            {"normalize_grads": True, "correct_bias": False, "precondition_frequency": 1}]
 
+#: Shapes and the switches that decide their factors, each against the loop written from the authors' code. A
+#: statistic of less than full rank (every vector's, and a merged side longer than the other) has no unique
+#: eigenbasis: there both sides take the same first basis from the same ``eigh`` input, and no refresh follows
+#: (``precondition_frequency`` 100), since a power-iteration refresh would amplify rounding in the null space.
+FIXED = {"precondition_frequency": 100}
+SHAPES = [
+    ((4, 3, 2), {"max_precond_dim": 6, "merge_dims": True, **FIXED}),   # merged to (4, 6): two factors
+    ((8, 8), {"merge_dims": True, **FIXED}),                            # merged to (64,): one factor, not Adam
+    ((2, 2, 3), {"max_precond_dim": 12, "merge_dims": True, **FIXED}),  # merged to (12,): one factor
+    ((4, 3, 2), {"max_precond_dim": 6, "merge_dims": False}),           # three factors, all full rank
+    ((6, 40), {"max_precond_dim": 10}),                                 # the 40 side unrotated
+    ((7,), {"precondition_1d": True, **FIXED}),
+    ((7,), {}),                                                         # no factor: Adam on the shard
+    ((30, 20), {"max_precond_dim": 10}),                                # no factor either
+    ((9,), {"precondition_1d": True, "max_precond_dim": 5}),            # too long: no factor
+]
+
 
 def _run(p0, grads, shape=None, **kwargs):
     p = p0.clone().reshape(shape or p0.shape).requires_grad_()
@@ -39,37 +56,40 @@ def test_matches_reference_loop(kwargs, shape):
         torch.testing.assert_close(a, b, **TOLERANCE)
 
 
-def test_merged_dims_equal_the_merged_matrix():
-    """(4, 3, 2) with max_precond_dim 6 and merge_dims merges to (4, 6): SOAP on the (4, 6) matrix."""
-    p0 = torch.randn(4, 3, 2, dtype=torch.float64)
-    grads = [torch.randn(4, 3, 2, dtype=torch.float64) for _ in range(8)]
-    got, _, _ = _run(p0, grads, max_precond_dim=6, merge_dims=True, precondition_frequency=2)
-    expected = reference.soap(p0.reshape(4, 6).clone(), [g.reshape(4, 6) for g in grads], precondition_frequency=2)
+@pytest.mark.parametrize("shape,kwargs", SHAPES, ids=[f"{s}-{k}" for s, k in SHAPES])
+def test_factors_follow_the_authors_rule(shape, kwargs):
+    p0 = torch.randn(shape, dtype=torch.float64)
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(8)]
+    kwargs = {"precondition_frequency": 2, "lr": 1e-2, **kwargs}
+    got, opt, p = _run(p0, grads, **kwargs)
+    expected = reference.soap(p0.clone(), grads, **kwargs)
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a.reshape(4, 6), b, **TOLERANCE)
+        torch.testing.assert_close(a, b, **TOLERANCE)
+    factors = sorted(tuple(v.shape) for k, v in opt.state[p].items() if k.startswith("owner.GG."))
+    assert opt._on_owner(p) == bool(factors)
+    if not factors:  # elementwise: the second moment sits beside exp_avg, and nothing goes to an owner
+        assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert opt.plan.matrices == ()
 
 
-def test_dimension_above_max_precond_dim_stays_unrotated():
-    p0 = torch.randn(6, 40, dtype=torch.float64)
-    grads = [torch.randn(6, 40, dtype=torch.float64) for _ in range(5)]
-    _, opt, p = _run(p0, grads, max_precond_dim=10)
-    assert set(k for k in opt.state[p] if k.startswith("owner.")) == {"owner.exp_avg_sq", "owner.GG.0",
-                                                                         "owner.Q.0"}
+def test_first_statistics_are_an_average_from_zero():
+    """After the first step the authors' GG holds (1 - shampoo_beta) G G^T, not G G^T."""
+    p = torch.randn(5, 4, requires_grad=True)
+    g = torch.randn(5, 4)
+    opt = distopt.SOAP([p], shampoo_beta=0.9)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["owner.GG.0"], 0.1 * g @ g.T)
+    torch.testing.assert_close(opt.state[p]["owner.GG.1"], 0.1 * g.T @ g)
 
 
-def test_vectors_without_precondition_1d_are_adam_in_the_original_basis():
-    """No factor: Adam in the original basis, after SOAP's first step that only initializes."""
-    p0 = torch.randn(7, dtype=torch.float64)
-    grads = [torch.randn(7, dtype=torch.float64) for _ in range(6)]
-    got, _, _ = _run(p0, grads, lr=1e-2, weight_decay=0.1)
-    p, m, v = p0.clone(), torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
-    for t, (g, have) in enumerate(zip(grads, got)):
-        if t > 0:
-            m = 0.95 * m + 0.05 * g
-            v = 0.95 * v + 0.05 * g * g
-            p = p - 1e-2 * (1 - 0.95**t) ** 0.5 / (1 - 0.95**t) * m / (v.sqrt() + 1e-8)
-            p = p - 1e-2 * 0.1 * p
-        torch.testing.assert_close(have, p, **TOLERANCE)
+def test_scalar_runs_as_adam_on_its_shard():
+    p0 = torch.tensor(0.5, dtype=torch.float64)
+    grads = [torch.randn((), dtype=torch.float64) for _ in range(5)]
+    got, opt, p = _run(p0, grads, lr=1e-2)
+    expected = reference.soap(p0.clone(), grads, lr=1e-2)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOLERANCE)
 
 
 def test_failed_eigh_recovers_in_float64_and_writes_no_nan(monkeypatch):
