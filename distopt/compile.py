@@ -29,6 +29,11 @@ def default_enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def enabled() -> bool:
+    """Whether ``@kernel`` functions compile here (inside the owner route with compilation on)."""
+    return _ENABLED.get()
+
+
 @contextmanager
 def compiling(enabled: bool) -> Iterator[None]:
     token = _ENABLED.set(enabled)

@@ -6,7 +6,7 @@ It orchestrates and does no maths: it resolves each group's algorithm, builds st
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import algos
+from . import algos, replaced_params
 from .algos import MATRIX, Algorithm
 from .compile import default_enabled
-from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute
+from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute, group_layout
 from .saved_state import SavedState
 from .sharding import layout
 from .sharding.plan import Plan
@@ -70,6 +70,36 @@ class DistributedOptimizer(torch.optim.Optimizer):
                             f"algorithm ({', '.join(sorted(self._algorithms))}) has them")
         self._ready = True
         self._build_owner_route()
+        self._remember_params()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Copies: copy.deepcopy and pickle
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the owner route, which is rebuilt on the copy. Building it is a collective, so an
+        optimizer whose matrix algorithms span several ranks cannot be copied by one rank: that is refused here,
+        at copy time, rather than left to fail at the copy's first step."""
+        _, ranks, _ = group_layout(self._process_group)
+        if self._process_group is not None:
+            raise TypeError(f"cannot copy or pickle a {type(self).__name__} built on an explicit process group "
+                            "(a process group cannot be copied); build a new optimizer and load_state_dict")
+        if self._owner is not None and len(ranks) > 1:
+            raise TypeError(f"cannot copy or pickle a {type(self).__name__} whose matrix algorithms run on "
+                            f"{len(ranks)} ranks: its owner plan is made together by every rank. Build a new "
+                            "optimizer on every rank and load_state_dict into it instead")
+        state = self.__dict__.copy()
+        for key in ("_owner", "_saved", "_params_seen", "_process_group"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._process_group = None
+        self._saved = SavedState(self)
+        self._owner = None
+        if any(self.algorithm_of(g).kind == MATRIX for g in self.param_groups):
+            self._build_owner_route()
+        self._remember_params()
 
     @property
     def plan(self) -> Plan | None:
@@ -110,6 +140,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Add a group, as ``torch.optim.Optimizer.add_param_group`` does, with its algorithm's defaults."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        if self._ready:
+            self._follow_param_groups()
         group = param_group
         _split_names(group)
         algorithm = self._register(algos.resolve(group.get("algorithm", self._default_algorithm)))
@@ -122,10 +154,27 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._ready and algorithm.kind == MATRIX:
             # A new set of matrices: plan again (a collective, on every rank); owner state moves to new owners.
             self._saved.replan(self._build_owner_route)
+        if self._ready:
+            self._remember_params()
 
-    def _check_params(self, group: dict[str, Any], index: int, algorithm: Algorithm) -> None:
+    def _remember_params(self) -> None:
+        self._params_seen = [list(group["params"]) for group in self.param_groups]
+
+    def _follow_param_groups(self) -> None:
+        """Pick up parameters replaced in ``param_groups`` since the optimizer last looked (see
+        :mod:`distopt.replaced_params`)."""
+        seen = self._params_seen
+        if len(seen) == len(self.param_groups) and all(
+                len(before) == len(group["params"]) and all(x is y for x, y in zip(before, group["params"]))
+                for before, group in zip(seen, self.param_groups)):
+            return
+        replaced_params.follow(self, seen)
+        self._remember_params()
+
+    def _check_params(self, group: dict[str, Any], index: int, algorithm: Algorithm,
+                      others: list[dict[str, Any]] | None = None) -> None:
         seen: dict[Tensor, str] = {}
-        for other_index, other in enumerate(self.param_groups):
+        for other_index, other in enumerate(self.param_groups if others is None else others):
             # An empty group (say, a matrix group on a model without matrices) has no names to disagree on.
             if group["params"] and other["params"] and ("param_names" in other) != ("param_names" in group):
                 raise ValueError("all param groups must be given with names or all without: group "
@@ -156,6 +205,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_param_groups()
         # Every gradient is checked before any parameter moves, so a bad one leaves nothing half-updated.
         for group_index, group in enumerate(self.param_groups):
             self._check_grads(group, group_index, self.algorithm_of(group))
@@ -229,14 +279,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
                               for key in algorithm.owner_state_keys(tuple(param.shape), group)})
         return state
 
-    def _materialize_state(self) -> None:
-        """Give every parameter its initial state (what its first step would create; no parameter changes), so
-        that a state dict has the same keys on every rank, and a fresh optimizer is a complete DCP load target."""
+    def _materialize_state(self) -> list[Tensor]:
+        """Give every parameter without state its initial state (what its first step would create; no parameter
+        changes); return those parameters."""
+        filled = []
         for group in self.param_groups:
             algorithm = self.algorithm_of(group)
             for param in group["params"]:
-                if not self.state[param]:
-                    self.state[param].update(self._init_state(algorithm, param, group))
+                if not self.state.get(param):
+                    self.state[param] = self._init_state(algorithm, param, group)
+                    filled.append(param)
+        return filled
 
     # ------------------------------------------------------------------------------------------------------------
     # State dict
@@ -244,14 +297,36 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (state by parameter id, param groups), every tensor in the checkpoint layout: with
         torch.distributed initialized, a DTensor of the state's logical shape (owner state row-sharded over the
-        ranks; see :mod:`distopt.saved_state`). Owner state makes this a collective: call it on every rank."""
-        self._materialize_state()
-        return self._saved.save(super().state_dict())
+        ranks; see :mod:`distopt.saved_state`). Owner state makes this a collective: call it on every rank.
+
+        Parameters without state yet appear with their initial state (the same keys on every rank, and a fresh
+        optimizer is a complete DCP load target), but nothing is kept by asking: ``self.state`` is unchanged.
+        Entries that torch.optim's namesake does not keep (SGD's and Muon's step counters) are left out, so that
+        torch.optim can load the result. Post-hooks see the final dict, and what they add is kept."""
+        self._follow_param_groups()
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()  # run below, on the checkpoint layout
+        filled = self._materialize_state()
+        try:
+            out = self._saved.save(super().state_dict())
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
+            for param in filled:  # reported, not kept: asking for a state dict changes nothing
+                del self.state[param]
+        for hook in post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of :meth:`state_dict`'s form, saved on any number of ranks (via DCP), or with whole
         tensors. Every group, key and shape is checked first; on a mismatch nothing changes. A collective when
-        the optimizer runs matrix algorithms (owner state moves to the current owners)."""
+        the optimizer runs matrix algorithms (owner state moves to the current owners).
+
+        A state dict of torch.optim's namesake (AdamW, Adam, SGD, NAdam, RMSprop, Muon) loads too: its groups
+        name no algorithm, and the hyperparameters it lacks keep this optimizer's values."""
+        self._follow_param_groups()
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

@@ -38,7 +38,8 @@ def split_groups(params: Iterable[Any], predicate: Predicate, elementwise: dict[
     """Split each param group that names no algorithm into its matrix part and an ``adamw`` part.
 
     The matrix part keeps the group's settings; the ``adamw`` part gets ``elementwise`` (lr, betas, ...) and the
-    group's other non-hyperparameter keys. Groups that name an algorithm are kept as they are. The matrix part is
+    group's other non-hyperparameter keys. Names come from ``(name, tensor)`` pairs or from the group's
+    ``param_names`` (torch's convention, as torchtitan builds its groups). Groups that name an algorithm are kept as they are. The matrix part is
     kept even when empty, so that every rank builds the same groups whatever its model holds.
     """
     params = list(params)
@@ -50,6 +51,12 @@ def split_groups(params: Iterable[Any], predicate: Predicate, elementwise: dict[
             continue
         entries = group["params"]
         entries = [entries] if isinstance(entries, Tensor) else list(entries)
+        names = group.get("param_names")
+        if names is not None:  # torch's convention (torchtitan's groups): names beside the tensors
+            if len(names) != len(entries):
+                raise ValueError(f"a param group has {len(entries)} params but {len(names)} param_names")
+            entries = list(zip(names, entries))
+            group = {k: v for k, v in group.items() if k != "param_names"}
         matrix, other = [], []
         for entry in entries:
             name, tensor = entry if isinstance(entry, tuple) else (None, entry)

@@ -98,8 +98,10 @@ class SavedState:
                 items.append(OwnerItem(m, key, tuple(logical), dtype, route.plan.owners[m]))
         return items, index
 
-    def replan(self, rebuild) -> None:
-        """Run ``rebuild`` (which makes a new owner plan) and move the existing owner state to the new owners."""
+    def replan(self, rebuild, successors: dict[int, Tensor] | None = None) -> None:
+        """Run ``rebuild`` (which makes a new owner plan) and move the existing owner state to the new owners.
+        ``successors`` maps the id of a parameter that left the plan to the parameter that takes its state."""
+        successors = successors or {}
         if self.opt._owner is None or not _distributed():
             rebuild()
             return
@@ -109,9 +111,17 @@ class SavedState:
         blocks = self._scatter_owned(items)
         rebuild()
         entries, owners = self.opt._owner.entries, self.opt._owner.plan.owners
-        assert all(entries[m].param is e.param for m, e in enumerate(old)), "new matrices must come last"
-        moved = [OwnerItem(i.matrix, i.key, i.shape, i.dtype, owners[i.matrix]) for i in items]
-        wholes = rows.gather(moved, blocks, rank, world, group, self._device())
+        # Matrices are found again by identity: the new plan may order them differently, and hold new ones.
+        index = {id(e.param): m for m, e in enumerate(entries)}
+        moved, moved_blocks = [], {}
+        for item in items:
+            param = old[item.matrix].param
+            m = index.get(id(successors.get(id(param), param)))
+            if m is None:
+                raise RuntimeError(f"internal error: {old[item.matrix].fqn} has owner state but left the plan")
+            moved.append(OwnerItem(m, item.key, item.shape, item.dtype, owners[m]))
+            moved_blocks[(m, item.key)] = blocks[(item.matrix, item.key)]
+        wholes = rows.gather(moved, moved_blocks, rank, world, group, self._device())
         for item in moved:
             param = entries[item.matrix].param
             self.opt.state[param][item.key] = wholes.get((item.matrix, item.key),
@@ -128,9 +138,12 @@ class SavedState:
         blocks = self._owner_blocks(items) if items else {}
         state = {}
         for pid, saved in torch_state_dict["state"].items():
-            param = params[pid][0]
+            param, gi, _ = params[pid]
+            unsaved = self.opt.algorithm_of(self.opt.param_groups[gi]).unsaved_state
             out = {}
             for key, value in saved.items():
+                if key in unsaved:
+                    continue
                 if key.startswith(OWNER_PREFIX):
                     out[key] = blocks[(matrix_of[param], key)]
                 elif distributed and not isinstance(value, DTensor):
@@ -138,7 +151,7 @@ class SavedState:
                 else:
                     out[key] = value
             state[pid] = out
-        return {"state": state, "param_groups": torch_state_dict["param_groups"]}
+        return {**torch_state_dict, "state": state}
 
     def _scatter_owned(self, items: list[OwnerItem]) -> dict[tuple[int, str], Tensor]:
         """This rank's row block of every owner tensor in ``items``, from the owners' live state."""
@@ -187,13 +200,17 @@ class SavedState:
             group = groups[gi]
             algorithm = self.opt.algorithm_of(group)
             fresh = self.opt._init_state(algorithm, param, group)
-            missing, extra = sorted(set(fresh) - set(saved)), sorted(set(saved) - set(fresh))
+            unsaved = set(algorithm.unsaved_state)
+            missing = sorted(set(fresh) - set(saved) - unsaved)
+            extra = sorted(set(saved) - set(fresh) - unsaved)
             if missing or extra:
                 raise StateDictMismatch(f"optimizer state of {name} ({algorithm.name}) does not match: missing "
                                         f"{missing}, unexpected {extra}")
             owner_shapes = (algorithm.owner_state(tuple(param.shape), group, param.dtype)
                             if param in matrix_of else {})
             for key, target in fresh.items():
+                if key in unsaved:
+                    continue
                 value = saved[key]
                 if not isinstance(value, Tensor):
                     raise StateDictMismatch(f"optimizer state {key!r} of {name} is a {type(value).__name__}, not a "
@@ -208,6 +225,7 @@ class SavedState:
                 else:
                     _check_shape(value, tuple(param.shape), name, key)
                     layout.local(target).copy_(_local_part(value, param))
+            algorithm.restore_unsaved(fresh)
             new_state[param] = fresh
         if route is not None:
             self._install_owner_state(owner_blocks, new_state, groups)
@@ -223,6 +241,8 @@ class SavedState:
                                     f"{len(mine)}")
         groups = []
         for index, (group, saved) in enumerate(zip(mine, saved_groups)):
+            # A group without "algorithm" comes from torch.optim (or another torch.optim.Optimizer): it runs this
+            # group's algorithm, and hyperparameters that torch.optim does not have keep this group's values.
             theirs = saved.get("algorithm", group["algorithm"])
             if theirs != group["algorithm"]:
                 raise StateDictMismatch(f"param group {index} runs {group['algorithm']!r} but the state dict holds "
@@ -232,6 +252,9 @@ class SavedState:
                                         f"has {len(saved['params'])}")
             _check_names(group, saved, index)
             new = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
+            new["algorithm"] = group["algorithm"]
+            for key in self.opt.algorithm_of(group).hyperparameters:
+                new.setdefault(key, group[key])
             new["params"] = group["params"]
             if "param_names" in group:
                 new["param_names"] = group["param_names"]

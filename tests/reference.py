@@ -233,16 +233,42 @@ def soap(p, grads, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, wei
     return out
 
 
-def psgd_kron(p, grads, draws, lr=3e-4, b1=0.9, weight_decay=0.0, precond_lr=0.1, update_every=1,
-              momentum_into_precond_update=True):
-    """PSGD-Kron on one matrix with two triangular factors (Li 2015; kron-torch 0.3.3's arithmetic), written
-    with explicit matrix products. ``draws(step)`` returns (balance draw, probe) for that step, so the loop sees
-    the same random numbers as the optimizer; factors update every ``update_every`` steps."""
-    m, n = p.shape
-    q0, q1 = torch.eye(m, dtype=p.dtype), torch.eye(n, dtype=p.dtype)
-    mom = torch.zeros_like(p)
+def psgd_kron(p, grads, draws, lr=3e-4, b1=0.9, weight_decay=0.0, precond_lr=0.1, probability=1.0,
+              momentum_into_precond_update=True, max_size_triangular=8192, min_ndim_triangular=2,
+              memory_save_mode=None, merge_dims=True, precond_init_scale=1.0):
+    """PSGD-Kron on one tensor of any shape (Li 2015; kron-torch 0.3.3's arithmetic), with every factor held as an
+    explicit matrix (a diagonal factor as a dense diagonal matrix) and every mode product written as a matrix
+    product of the unfolded tensor. ``draws(step)`` returns (balance draw, probe) for that step, so the loop sees
+    the same random numbers as the optimizer. With ``probability`` below 1 the factors update when kron-torch's
+    counter reaches ``1 / probability``."""
+    shape = tuple(p.shape)
+    dims = shape
+    if merge_dims and len(shape) > 2:
+        rows_last = (math.prod(shape[:-1]), shape[-1])
+        rows_first = (shape[0], math.prod(shape[1:]))
+        dims = rows_last if rows_last[1] - rows_last[0] <= rows_first[1] - rows_first[0] else rows_first
+    order = len(dims)
+    largest = max(range(order), key=lambda i: (dims[i], i))
+    second = sorted(dims)[-2] if order > 1 else None
+    diagonal = []
+    for i, size in enumerate(dims):
+        chosen = (memory_save_mode == "all_diag" or (memory_save_mode == "one_diag" and i == largest)
+                  or (memory_save_mode == "smart_one_diag" and i == largest and order > 1 and size > second))
+        diagonal.append(chosen or size == 1 or size > max_size_triangular or order < min_ndim_triangular)
+    scale = precond_init_scale ** (1 / order)
+    Q = [scale * torch.eye(n, dtype=p.dtype) for n in dims]
+    mom = torch.zeros(dims, dtype=p.dtype)
     eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=p.dtype).sqrt()
-    out = []
+
+    def unfold(x, i):  # dimension i first, the rest flattened: an (n_i, numel / n_i) matrix
+        return torch.movedim(x, i, 0).reshape(x.shape[i], -1)
+
+    def fold(m, i, like):
+        rest = [like.shape[j] for j in range(like.dim()) if j != i]
+        return torch.movedim(m.reshape(like.shape[i], *rest), 0, i)
+
+    def mode(x, matrix, i):
+        return fold(matrix @ unfold(x, i), i, x)
 
     def lower_bound(s):
         norm = s.abs().max()
@@ -250,27 +276,46 @@ def psgd_kron(p, grads, draws, lr=3e-4, b1=0.9, weight_decay=0.0, precond_lr=0.1
         x = s[:, torch.argmax((s * s).sum(0))] @ s
         return (s @ (x / x.norm())).norm() * norm
 
+    counter = 0
+    out = []
     for t, g in enumerate(grads, start=1):
+        g = g.reshape(dims)
+        prob = probability(t - 1) if callable(probability) else probability
+        counter += 1
+        update = counter >= 1 / prob
+        if update:
+            counter = 0
         mom = b1 * mom + (1 - b1) * g
         d = mom / (1 - b1**t)
         balance, v = draws(t)
-        if t % update_every == 0:
-            if balance < 0.01:
-                norms = torch.stack([q0.abs().max(), q1.abs().max()])
-                q0, q1 = (q * s for q, s in zip((q0, q1), norms.log().mean().exp() / norms))
+        if update:
+            if order > 1 and balance < 0.01:
+                norms = torch.stack([q.abs().max() for q in Q])
+                Q = [q * s for q, s in zip(Q, norms.log().mean().exp() / norms)]
             fit = d if momentum_into_precond_update else g
             fit = fit + eps * fit.abs().mean() * v
             if momentum_into_precond_update:
                 d = fit
-            a = q0 @ fit @ q1.T
-            b = torch.linalg.inv(q0).T @ v @ torch.linalg.inv(q1)
+            a, b = fit, v
+            for i, q in enumerate(Q):
+                a = mode(a, q, i)
+                b = mode(b, torch.linalg.inv(q).T, i)
             new = []
-            for q, (aa, bb) in zip((q0, q1), ((a @ a.T, b @ b.T), (a.T @ a, b.T @ b))):
-                total = aa + bb
-                new.append(q - torch.triu((aa - bb) * precond_lr) / lower_bound(total) @ q)
-            q0, q1 = new
-        u = q0.T @ q0 @ d @ q1.T @ q1
+            for i, q in enumerate(Q):
+                aa, bb = unfold(a, i) @ unfold(a, i).T, unfold(b, i) @ unfold(b, i).T
+                if diagonal[i]:
+                    aa, bb = torch.diag(torch.diag(aa)), torch.diag(torch.diag(bb))
+                    new.append(q - precond_lr * (aa - bb) @ q / (aa + bb).abs().max())
+                else:
+                    new.append(q - torch.triu((aa - bb) * precond_lr) / lower_bound(aa + bb) @ q)
+            Q = new
+        u = d
+        for i, q in enumerate(Q):
+            u = mode(u, q.T @ q, i)
         u = u * torch.clamp(1.1 / (u.pow(2).mean().sqrt() + 1e-12), max=1.0)
-        p = p - lr * (u + weight_decay * p)
+        u = u.reshape(shape)
+        if weight_decay and len(shape) >= 2:
+            u = u + weight_decay * p
+        p = p - lr * u
         out.append(p)
     return out

@@ -36,6 +36,10 @@ class Algorithm:
     kind: ClassVar[str] = ELEMENTWISE
     #: State entries that are per-parameter scalars (counters), not tensors shaped like the parameter.
     scalar_state: ClassVar[tuple[str, ...]] = ("step",)
+    #: State entries kept in memory but not saved, because torch.optim's namesake keeps no such entry: a state dict
+    #: stays loadable by torch.optim and a torch.optim one by distopt. :meth:`restore_unsaved` rebuilds them on load;
+    #: a state dict that holds them anyway (an older distopt checkpoint) is accepted.
+    unsaved_state: ClassVar[tuple[str, ...]] = ()
 
     def check(self, hp: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming the first invalid hyperparameter."""
@@ -54,6 +58,9 @@ class Algorithm:
             grad = torch.view_as_real(grad)
             state = {k: (torch.view_as_real(v) if torch.is_complex(v) else v) for k, v in state.items()}
         self.update(param, grad, state, hp)
+
+    def restore_unsaved(self, state: dict[str, Tensor]) -> None:
+        """Rebuild the :attr:`unsaved_state` entries of a state just loaded (the others are in place)."""
 
     def check_local(self, param: Tensor, grad: Tensor, hp: Mapping[str, Any]) -> None:
         """Raise (``TypeError``, ``ValueError`` or ``RuntimeError``) if this local tensor and gradient cannot run

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import compile
 from ..compile import kernel
 from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
 
@@ -34,13 +35,34 @@ def owner_dtype(hp: Mapping[str, Any]) -> torch.dtype:
     return OWNER_DTYPES[hp["owner_dtype"]]
 
 
+def newton_schulz_each(matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                       dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The eager path: torch.optim.Muon's own 2-D operations, one matrix at a time. Batched ``baddbmm`` in bfloat16
+    does not always round as ``addmm`` does (a 6 x 4 gradient differed by one bfloat16 unit on an AVX-512 CPU), so
+    only this path is bitwise torch.optim.Muon's; the compiled path batches."""
+    a, b, c = coefficients
+    out = []
+    for matrix in matrices.unbind(0):
+        x = matrix.to(dtype)
+        tall = x.size(0) > x.size(1)
+        if tall:
+            x = x.T
+        x.div_(x.norm().clamp(min=eps))
+        for _ in range(steps):
+            gram = x @ x.T
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, poly, x, beta=a)
+        out.append(x.T if tall else x)
+    return torch.stack(out)
+
+
 @kernel
 def newton_schulz(matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Quintic Newton-Schulz on a stack of same-shape matrices ``(batch, m, n)``, in ``dtype``.
 
-    Per matrix it performs exactly the operations of torch.optim.Muon's ``_zeropower_via_newtonschulz``; on CPU the
-    batched products are bitwise equal to the per-matrix ones.
+    Per matrix it performs the operations of torch.optim.Muon's ``_zeropower_via_newtonschulz``, batched (the
+    compiled path; see :func:`newton_schulz_each` for the eager, bitwise one).
     """
     a, b, c = coefficients
     x = matrices.to(dtype)
@@ -117,6 +139,9 @@ class Muon(MatrixAlgorithm):
             raise ValueError("muon does not support complex parameters")
         return {"step": new_step_counter(), "momentum_buffer": zeros_like(param)}
 
+    #: torch.optim.Muon keeps only the momentum buffer; ``step`` counts calls and enters no maths.
+    unsaved_state = ("step",)
+
     def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
         momentum = hp["momentum"]
         state["step"] += 1
@@ -132,8 +157,8 @@ class Muon(MatrixAlgorithm):
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
-        result = newton_schulz(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"],
-                               owner_dtype(hp))
+        orthogonalize = newton_schulz if compile.enabled() else newton_schulz_each
+        result = orthogonalize(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))
         return [r.reshape(shape) for r in result.unbind(0)]
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],

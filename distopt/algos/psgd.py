@@ -73,6 +73,12 @@ def _mode_product(x: Tensor, matrix: Tensor, dim: int) -> Tensor:
     return torch.movedim(torch.tensordot(matrix, x, dims=[[1], [dim]]), 0, dim)
 
 
+def _scale_dim(x: Tensor, diagonal: Tensor, dim: int) -> Tensor:
+    """``x`` times a diagonal factor along dimension ``dim``: the mode product with ``diag(diagonal)``, done
+    elementwise (O(numel) work and no ``n x n`` matrix; a 50,257-row embedding would need 10 GB for one)."""
+    return x * diagonal.reshape([-1 if j == dim else 1 for j in range(x.dim())])
+
+
 def _contract_others(a: Tensor, b: Tensor, dim: int, diagonal: bool) -> Tensor:
     """``a`` against ``b`` over every dimension but ``dim``: a matrix, or its diagonal for a diagonal factor."""
     others = [d for d in range(a.dim()) if d != dim]
@@ -95,7 +101,7 @@ def precondition(g: Tensor, factors: list[Tensor], diag: list[bool]) -> Tensor:
     """``Q^T Q`` applied along every dimension, then kron-torch's RMS clip of the update at 1.1."""
     update = g
     for i, (q, d) in enumerate(zip(factors, diag)):
-        update = _mode_product(update, torch.diag(q * q) if d else q.T @ q, i)
+        update = _scale_dim(update, q * q, i) if d else _mode_product(update, q.T @ q, i)
     return update * torch.clamp(1.1 / (update.square().mean().sqrt() + 1e-12), max=1.0)
 
 
@@ -112,7 +118,7 @@ def update_factors(factors: list[Tensor], diag: list[bool], g: Tensor, probe: Te
     a = g
     conj_b = probe
     for i, (q, d) in enumerate(zip(factors, diag)):
-        a = _mode_product(a, torch.diag(q) if d else q, i)
+        a = _scale_dim(a, q, i) if d else _mode_product(a, q, i)
         if d:
             conj_b = conj_b / q.reshape([-1 if j == i else 1 for j in range(g.dim())])
         else:  # conj_b <- conj_b x_i Q_i^{-T}: a triangular solve along dimension i
@@ -177,6 +183,8 @@ class PSGDKron(MatrixAlgorithm):
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
         dims = self._dims(shape, hp)
         numel = math.prod(dims)
+        # A triangular factor of side n costs O(numel * n) per mode product; a diagonal one O(numel), since it is
+        # applied elementwise.
         sides = sum(1 if d else size for size, d in zip(dims, diagonal_dims(dims, hp)))
         return float(4 * numel * sides + 10 * numel * sides)  # preconditioning + a factor update per step
 

@@ -40,6 +40,14 @@ class SGD(Algorithm):
             raise ValueError(f"{self.name}: nesterov=True requires momentum > 0 and dampening == 0, got "
                              f"momentum={hp['momentum']!r}, dampening={hp['dampening']!r}")
 
+    #: torch.optim.SGD counts no steps (it marks the first by a missing buffer): ``step`` is not saved, and a
+    #: loaded buffer means that the first step is past.
+    unsaved_state = ("step",)
+
+    def restore_unsaved(self, state: dict[str, Tensor]) -> None:
+        if "momentum_buffer" in state:
+            state["step"].fill_(1.0)
+
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         state = {"step": new_step_counter()}
         if hp["momentum"] != 0:

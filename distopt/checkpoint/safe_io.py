@@ -78,7 +78,20 @@ def _load_plain(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.Byte
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """``DefaultLoadPlanner`` that reads non-tensor values with ``torch.load(weights_only=True)``."""
+    """``DefaultLoadPlanner`` that reads non-tensor values with ``torch.load(weights_only=True)``.
+
+    It also loads checkpoints of another optimizer class's param groups: a param-group setting that the checkpoint
+    lacks (distopt's ``algorithm``, or a hyperparameter torch.optim's namesake does not have, when loading a
+    torch.optim checkpoint) keeps its current value instead of failing the load. Every tensor must still be
+    there, and so must everything outside ``param_groups``."""
+
+    def create_local_plan(self):
+        if self.metadata is not None:
+            saved = self.metadata.state_dict_metadata
+            for key in [k for k in self.state_dict if k not in saved]:
+                if ".param_groups." in f".{key}" and not isinstance(self.state_dict[key], torch.Tensor):
+                    del self.state_dict[key]
+        return super().create_local_plan()
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         _load_plain(self, read_item, value)

@@ -7,6 +7,8 @@ import io
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import distopt
 from distopt.algos.psgd import ProbabilitySchedule, _seed
@@ -25,21 +27,78 @@ def _draws(seed, fqn, shape, dtype):
     return draw
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"lr": 1e-2, "b1": 0.5, "weight_decay": 0.1, "precond_lr": 0.3},
-                                    {"momentum_into_precond_update": False}],
-                         ids=["defaults", "custom", "gradient_into_precond_update"])
-@pytest.mark.parametrize("shape", [(6, 4), (3, 9)])
-def test_matches_reference_loop_with_the_same_draws(kwargs, shape):
+CASES = [
+    ((6, 4), {}), ((3, 9), {}),
+    ((6, 4), {"lr": 1e-2, "b1": 0.5, "weight_decay": 0.1, "precond_lr": 0.3}),
+    ((3, 9), {"momentum_into_precond_update": False}),
+    ((5, 4, 3), {"merge_dims": False, "weight_decay": 0.1}),        # three triangular factors
+    ((5, 4, 3), {}),                                                # merged to (20, 3)
+    ((12, 3), {"max_size_triangular": 8}),                          # the long side diagonal
+    ((6, 4), {"memory_save_mode": "one_diag"}), ((6, 4), {"memory_save_mode": "all_diag"}),
+    ((6, 4), {"memory_save_mode": "smart_one_diag"}), ((4, 4), {"memory_save_mode": "smart_one_diag"}),
+    ((2, 3, 4), {"merge_dims": False, "memory_save_mode": "one_diag", "precond_init_scale": 2.0}),
+    ((7,), {"weight_decay": 0.1}),                                  # a vector: one diagonal factor, no decay
+    ((1, 5), {}),                                                   # a side of 1 is diagonal
+    ((6, 4), {"preconditioner_update_probability": 1 / 3}),
+    ((5, 4, 3), {"preconditioner_update_probability": 0.5, "memory_save_mode": "one_diag"}),
+    ((6, 4), {"preconditioner_update_probability": ProbabilitySchedule(flat_start=3, decay=0.4)}),
+]
+
+
+def _ids(case):
+    shape, kwargs = case
+    return f"{shape}-" + ",".join(f"{k}={v!r:.12}" for k, v in kwargs.items())
+
+
+@pytest.mark.parametrize("shape,kwargs", CASES, ids=[_ids(c) for c in CASES])
+def test_matches_reference_loop_with_the_same_draws(shape, kwargs):
+    kwargs = {"preconditioner_update_probability": 1.0, **kwargs}
     p0 = torch.randn(shape, dtype=torch.float64)
     grads = [torch.randn(shape, dtype=torch.float64) for _ in range(12)]
     p = p0.clone().requires_grad_()
-    opt = distopt.DistributedOptimizer([("w", p)], algorithm="psgdkron", preconditioner_update_probability=1.0,
-                                       **kwargs)
-    expected = reference.psgd_kron(p0.clone(), grads, _draws(0, "w", shape, torch.float64), **kwargs)
+    opt = distopt.DistributedOptimizer([("w", p)], algorithm="psgdkron", **kwargs)
+    dims = distopt.algos.psgd.merged_shape(shape, kwargs.get("merge_dims", True))
+    loop_kwargs = {("probability" if k == "preconditioner_update_probability" else k): v for k, v in kwargs.items()}
+    expected = reference.psgd_kron(p0.clone(), grads, _draws(0, "w", dims, torch.float64), **loop_kwargs)
     for g, want in zip(grads, expected):
         p.grad = g.clone()
         opt.step()
         torch.testing.assert_close(p.detach(), want, **TOLERANCE)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an operation creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_diagonal_factor_of_a_tall_matrix_builds_no_square_matrix():
+    """(6000, 16) with its 6000 side diagonal: no tensor of a step may have 6000 x 6000 elements (36M; it was built
+    twice per step). The largest is now the gradient's own size, and the 16 x 16 factor."""
+    p = torch.randn(6000, 16, requires_grad=True)
+    opt = distopt.PSGDKron([("w", p)], max_size_triangular=1000, preconditioner_update_probability=1.0)
+    for _ in range(2):
+        p.grad = torch.randn(6000, 16)
+        with _LargestTensor() as watch:
+            opt.step()
+        assert watch.largest <= 6000 * 16, watch.largest
+    assert opt.state[p]["owner.Q.0"].shape == (6000,)
+
+
+def test_cost_counts_a_diagonal_factor_as_elementwise():
+    algo = distopt.algos.PSGDKron()
+    hp = {**algo.hyperparameters, "max_size_triangular": 1000}
+    tall, square = algo.cost((6000, 16), hp), algo.cost((16, 16), hp)
+    assert tall == pytest.approx(square * 6000 / 16 * (1 + 16) / 32)
 
 
 def test_update_probability_schedule_counts_like_kron_torch():

@@ -86,14 +86,17 @@ def _reference_optimizers(reference):
 def _count_newton_schulz():
     """Patch the owners' Newton-Schulz to count the matrices this rank orthogonalizes."""
     counted = []
-    original = muon_module.newton_schulz
+    originals = {name: getattr(muon_module, name) for name in ("newton_schulz", "newton_schulz_each")}
 
-    def counting(matrices, *args):
-        counted.append(matrices.shape[0])
-        return original(matrices, *args)
+    def counting(original):
+        def count(matrices, *args):
+            counted.append(matrices.shape[0])
+            return original(matrices, *args)
+        return count
 
-    muon_module.newton_schulz = counting
-    return counted, lambda: setattr(muon_module, "newton_schulz", original)
+    for name, original in originals.items():  # compiled (batched) and eager (per matrix) paths
+        setattr(muon_module, name, counting(original))
+    return counted, lambda: [setattr(muon_module, n, f) for n, f in originals.items()]
 
 
 def _compare(model, reference, opt, skip=()):
