@@ -7,7 +7,10 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
 TORCH_CPU="torch==2.13.0+cpu"
-TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy" "kron-torch==0.3.3")
+# accelerate and transformers: the frameworks whose documented flows the tests run distopt through (accelerate's
+# FSDP2 route, HF Trainer's checkpoints); both take the installed torch as it is.
+TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy" "kron-torch==0.3.3" "accelerate==1.15.0"
+           "transformers==5.24.0")
 # The main job's progress bar and loss plots (not needed by the library itself).
 JOB_DEPS=("tqdm>=4.60" "matplotlib>=3.7")
 
@@ -22,7 +25,7 @@ setup_python() {
     "$PYTHON" -m pip install --quiet "${JOB_DEPS[@]}"
   fi
   if [ "${1:-}" = "test" ]; then
-    if ! "$PYTHON" -c "import pytest, xdist, expecttest, numpy, kron_torch" >/dev/null 2>&1; then
+    if ! "$PYTHON" -c "import pytest, xdist, expecttest, numpy, kron_torch, accelerate, transformers" >/dev/null 2>&1; then
       echo "setup: installing test tools: ${TEST_DEPS[*]}"
       # torch is already satisfied here, so pip resolves nothing toward a CUDA build.
       "$PYTHON" -m pip install --quiet "${TEST_DEPS[@]}"
