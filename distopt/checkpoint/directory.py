@@ -14,6 +14,8 @@ import shutil
 import zlib
 from pathlib import Path
 
+from .safe_io import UnsafeCheckpoint, inside
+
 MANIFEST = "manifest.json"
 _STEP = re.compile(r"^step-(\d{8,})$")
 
@@ -61,15 +63,48 @@ def write_manifest(directory: Path, step: int, checksums: bool = True) -> None:
 
 
 def commit(partial: Path, final: Path, step: int, checksums: bool = True) -> None:
-    """Seal ``partial`` with a manifest and rename it to ``final`` (atomic on one file system)."""
+    """Seal ``partial`` with a manifest and rename it to ``final`` (atomic on one file system). A checkpoint of the
+    same step already there (saved again after a resume) is renamed aside first and deleted only once the new one
+    is in place: a crash at any point leaves one complete ``step-N`` or a ``.trash-step-N`` that :func:`recover`
+    puts back."""
     write_manifest(partial, step, checksums)
-    if final.exists():  # the same step saved again (say, after a resume): the new one replaces it
-        trash = final.with_name(f".trash-{final.name}")
+    trash = final.with_name(f".trash-{final.name}")
+    if final.exists():
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
     os.rename(partial, final)
     _fsync_dir(final.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover(root: Path) -> list[str]:
+    """Put back a checkpoint that a crash left renamed aside (``.trash-step-N`` with no ``step-N``); delete trash
+    whose checkpoint is in place. Returns what was put back."""
+    restored = []
+    if not root.is_dir():
+        return restored
+    for trash in sorted(root.glob(".trash-step-*")):
+        final = trash.with_name(trash.name[len(".trash-"):])
+        if final.exists() or not (trash / MANIFEST).is_file():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(trash, final)
+            restored.append(final.name)
+    return restored
+
+
+def abandon_after(root: Path, step: int) -> list[str]:
+    """Rename every checkpoint newer than ``step`` to ``abandoned-step-N`` (kept, but no longer a checkpoint that
+    ``latest`` or ``prune`` sees): a run resumed from ``step`` continues another history, and its own checkpoints
+    must be the latest. Returns the names moved."""
+    moved = []
+    for found, path in complete_checkpoints(root):
+        if found > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(path, target)
+            moved.append(path.name)
+    return moved
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -111,7 +146,10 @@ def verify(directory: Path) -> int:
     if ".metadata" not in files:
         raise CheckpointError(f"checkpoint {directory} is incomplete: its manifest lists no .metadata")
     for name, entry in files.items():
-        path = directory / name
+        try:
+            path = inside(directory, name)
+        except UnsafeCheckpoint as error:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {error}") from None
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
         size = path.stat().st_size

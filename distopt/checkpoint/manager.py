@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..sharding.exchange import rank_zero_decides, wait_for_all
 from . import directory as dirs
+from . import lock
 from .directory import CheckpointError
 from .safe_io import SafeFileSystemReader, SafeLoadPlanner, read_metadata_file, reading
 
@@ -79,9 +81,20 @@ class CheckpointManager:
         self._committed = threading.Event()
         # Background writes must not share the training job's process group (its collectives run meanwhile).
         self._async_group = dist.new_group(backend="gloo") if async_save and _distributed() else None
+        problem = None
         if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-        wait_for_all()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                lock.acquire(self.root)
+                self._finalizer = weakref.finalize(self, lock.release, self.root)
+                for name in dirs.recover(self.root):
+                    warnings.warn(f"checkpoint {self.root / name} was put back: a save of the same step had "
+                                  "renamed it aside and was cut short", RuntimeWarning)
+            except CheckpointError as error:
+                problem = (type(error).__name__, str(error))
+        problem = rank_zero_decides(problem)
+        if problem is not None:
+            raise (lock.FolderInUse if problem[0] == "FolderInUse" else CheckpointError)(problem[1])
 
     # ------------------------------------------------------------------------------------------------------------
     # Listing
@@ -137,7 +150,13 @@ class CheckpointManager:
             raise CheckpointError(f"committing the asynchronous checkpoint failed: {error}") from error
 
     def close(self) -> None:
-        self.wait()
+        """Finish a pending save and let go of the folder (another job may use it then)."""
+        try:
+            self.wait()
+        finally:
+            finalizer = getattr(self, "_finalizer", None)
+            if finalizer is not None:
+                finalizer()
 
     def _commit_when_done(self, future: Future, partial: Path, final: Path, step: int) -> None:
         try:
@@ -179,9 +198,24 @@ class CheckpointManager:
     # Loading
 
     def resume(self) -> int | None:
-        """Load the latest complete checkpoint; return its step, or None when there is none."""
-        latest = self.latest()
-        return None if latest is None else self.load(latest)
+        """Load the newest complete and intact checkpoint; return its step, or None when there is none. Newer ones
+        that fail their check are skipped with a warning that names each and why; they and any other newer
+        checkpoint are then set aside (see :meth:`load`)."""
+        found = self.checkpoints() if _rank() == 0 else None
+        choice, skipped = None, []
+        if _rank() == 0:
+            for path in reversed(found):
+                try:
+                    dirs.verify(path)
+                except CheckpointError as error:
+                    skipped.append(str(error))
+                    continue
+                choice = path
+                break
+        choice, skipped = rank_zero_decides((choice, skipped))
+        for reason in skipped:
+            warnings.warn(f"resume skipped a checkpoint: {reason}", RuntimeWarning)
+        return None if choice is None else self.load(choice)
 
     def load(self, path: str | Path) -> int:
         """Load the checkpoint at ``path`` into the model, optimizer, scheduler and extras; return its step."""
@@ -215,7 +249,20 @@ class CheckpointManager:
         else:
             warnings.warn(f"checkpoint {path} was saved on another number of ranks: random number generator states "
                           "are not restored", RuntimeWarning)
-        return int(state["train"]["step"])
+        step = int(state["train"]["step"])
+        if path.resolve().parent == self.root.resolve():
+            self._abandon_newer(step)
+        return step
+
+    def _abandon_newer(self, step: int) -> None:
+        """The run goes on from ``step``: checkpoints numbered after it belong to the history it left, and must not
+        win ``latest()`` over the checkpoints it writes now. They are renamed ``abandoned-step-N`` (kept)."""
+        moved = dirs.abandon_after(self.root, step) if _rank() == 0 else None
+        moved = rank_zero_decides(moved)
+        if moved:
+            warnings.warn(f"resumed from step {step}: the newer checkpoints {moved} of the run left behind were renamed "
+                          f"abandoned-step-N in {self.root}, so that this run's checkpoints are the latest",
+                          RuntimeWarning)
 
     def _check_against(self, state: dict[str, Any], saved: Mapping[str, Any], path: Path) -> bool:
         """Compare the tensors this job expects with the checkpoint's; raise naming the FQNs that differ. Returns

@@ -1,14 +1,17 @@
-"""Reading DCP checkpoints without unpickling anything but plain data (``weights_only`` semantics).
+"""Reading DCP checkpoints without running code from them or reading outside their folder.
 
 DCP's own reader unpickles ``.metadata`` with ``pickle.load`` and its planner reads non-tensor values with
-``torch.load(weights_only=False)``: a crafted checkpoint could run code. Here the metadata unpickler admits only
-DCP's own metadata records and torch's plain types, and non-tensor values go through ``torch.load(weights_only=True)``.
+``torch.load(weights_only=False)``: a crafted checkpoint could run code. Here the metadata unpickler admits an exact
+list of (module, name) pairs (DCP's records, torch's sizes, dtypes and layouts, paths), refuses every dotted name,
+and non-tensor values go through ``torch.load(weights_only=True)``. Every file the metadata or the manifest names
+must lie inside the checkpoint folder.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -24,33 +27,63 @@ class UnsafeCheckpoint(pickle.UnpicklingError):
     """A checkpoint file asked to unpickle something other than plain data."""
 
 
-_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
-_ALLOWED = {
+#: Exactly the (module, name) pairs that DCP's metadata pickles hold: its records, torch's sizes, dtypes and
+#: layouts, and paths. Nothing is admitted by module: a module's namespace holds more than records (the metadata
+#: module's holds ``os`` and ``torch``), and pickle protocol 4 reaches any of it through a dotted name.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = frozenset({
+    (_DCP_METADATA, "Metadata"), (_DCP_METADATA, "MetadataIndex"), (_DCP_METADATA, "StorageMeta"),
+    (_DCP_METADATA, "TensorStorageMetadata"), (_DCP_METADATA, "BytesStorageMetadata"),
+    (_DCP_METADATA, "ChunkStorageMetadata"), (_DCP_METADATA, "TensorProperties"),
+    (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
+    ("torch.serialization", "_get_layout"),  # looks a layout up by name in torch's own table, nothing else
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
     ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"),
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-}
+} | {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED or is_dtype:
+        if "." not in name and (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise UnsafeCheckpoint(f"checkpoint metadata refers to {module}.{name}, which is not plain checkpoint data; "
                                "refusing to load it")
 
 
 def read_metadata_file(path) -> Metadata:
+    """DCP's metadata, unpickled with the allow-list, and every storage file it names checked to lie inside the
+    checkpoint folder."""
     with open(path, "rb") as stream:
         metadata = _MetadataUnpickler(stream).load()
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpoint(f"{path} does not hold DCP metadata")
+    folder = Path(path).parent
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if not isinstance(relative, str):
+            raise UnsafeCheckpoint(f"{path} names a storage file that is not a relative path: {relative!r}")
+        inside(folder, relative)
     return metadata
+
+
+def inside(folder, relative: str) -> Path:
+    """``folder / relative``, refused (``UnsafeCheckpoint``) unless it stays inside ``folder``: no absolute path,
+    no ``..``, and no link that leads out."""
+    folder = Path(folder)
+    parts = PurePath(relative).parts
+    if not relative or PurePath(relative).is_absolute() or PureWindowsPath(relative).is_absolute() or ".." in parts \
+            or "\\" in relative:
+        raise UnsafeCheckpoint(f"checkpoint {folder} names the file {relative!r}, which is not a plain relative path "
+                               "inside the checkpoint")
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise UnsafeCheckpoint(f"checkpoint {folder} names the file {relative!r}, which leads outside the checkpoint "
+                               "(through a link)")
+    return path
 
 
 class SafeFileSystemReader(FileSystemReader):

@@ -66,7 +66,7 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_and_resume_still_works(tmp
             "--batch-size", "2", "--val-batches", "1", "--data", str(data), "--out", str(tmp_path / "run")]
     first = _train(*tiny, "--steps", "3")
     assert first.returncode == 0, first.stderr[-3000:]
-    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != ".lock")
     assert saved == ["step-00000003"]
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
 
@@ -75,7 +75,7 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_and_resume_still_works(tmp
     assert "checkpoints holds checkpoints of an earlier run (latest: step-00000003). Pass --resume" in again.stderr
     assert "Traceback" not in again.stderr
     # Nothing of the earlier run was touched.
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == saved
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != ".lock") == saved
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
     resumed = _train(*tiny, "--steps", "5", "--resume")
