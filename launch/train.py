@@ -217,7 +217,22 @@ def checkpoint_dir(args: argparse.Namespace, out: Path, name: str) -> Path | Non
     return Path(args.ckpt_dir) if args.ckpt_dir else out / "checkpoints"
 
 
+def check_job_tools() -> None:
+    """The job's progress bar and plots come from the ``job`` extra: without it, say how to install it (once, from
+    the first rank) and stop, instead of a traceback per rank."""
+    import importlib.util
+
+    missing = [name for name in ("tqdm", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py needs {' and '.join(missing)} (the job extra): pip install 'tqdm>=4.60' "
+                  "'matplotlib>=3.7', or pip install -e '.[job]', or run bash scripts/train.sh, which installs "
+                  "them", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None) -> list[dict]:
+    check_job_tools()
     args = parse_args(argv)
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

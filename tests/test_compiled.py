@@ -65,3 +65,28 @@ def test_environment_switch(monkeypatch):
     monkeypatch.setenv("DISTOPT_COMPILE", "1")
     assert distopt.Muon([torch.zeros(4, 4, requires_grad=True)])._compile
     assert not distopt.Muon([torch.zeros(4, 4, requires_grad=True)], compile=False)._compile
+
+
+def test_muon_against_torch_optim_muon_eager_bitwise_compiled_within_bf16_rounding():
+    """The README's claim, both halves. Eager (``compile=False``): torch.optim.Muon's bits. Compiled (the default):
+    inductor generates its own bf16 Newton-Schulz kernels, whose roundings differ; bf16 keeps 8 bits (u = 2^-8), and
+    five Newton-Schulz iterations compound a few units of it, so after 5 steps the parameters stay within 2% of
+    their largest value of torch's (0.8% measured on an AVX-512 CPU)."""
+    torch.manual_seed(0)
+    start = [torch.randn(s) for s in SHAPES]
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(5)]
+    results = {}
+    for label, make in (("torch", lambda ps: torch.optim.Muon(ps, lr=0.02)),
+                        ("eager", lambda ps: distopt.DistributedOptimizer(ps, "muon", lr=0.02, compile=False)),
+                        ("compiled", lambda ps: distopt.DistributedOptimizer(ps, "muon", lr=0.02, compile=True))):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results[label] = [p.detach() for p in params]
+    for ours, theirs, compiled in zip(results["eager"], results["torch"], results["compiled"]):
+        assert torch.equal(ours, theirs)
+        assert (compiled - theirs).abs().max() <= 0.02 * theirs.abs().max()

@@ -82,3 +82,20 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_and_resume_still_works(tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step-00000003 at step 3" in resumed.stdout
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_without_the_job_extra_the_job_says_how_to_install_it_once(tmp_path):
+    """tqdm hidden from the job (find_spec reports it missing): one line, no traceback, exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda name, *a: None if name == 'tqdm' else real(name, *a)\n"
+            f"sys.path.insert(0, {str(root)!r}); sys.argv = ['train.py']\n"
+            "import runpy; runpy.run_path('launch/train.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "needs tqdm (the job extra): pip install" in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("needs tqdm") == 1
