@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import algos, replaced_params
+from . import algos, param_groups, replaced_params
 from .algos import MATRIX, Algorithm
 from .compile import default_enabled
 from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute, group_layout
@@ -143,7 +143,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._ready:
             self._follow_param_groups()
         group = param_group
-        _split_names(group)
+        param_groups.split_names(group)
         algorithm = self._register(algos.resolve(group.get("algorithm", self._default_algorithm)))
         group["algorithm"] = algorithm.name
         for key, default in algorithm.hyperparameters.items():
@@ -173,27 +173,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _check_params(self, group: dict[str, Any], index: int, algorithm: Algorithm,
                       others: list[dict[str, Any]] | None = None) -> None:
-        seen: dict[Tensor, str] = {}
-        for other_index, other in enumerate(self.param_groups if others is None else others):
-            # An empty group (say, a matrix group on a model without matrices) has no names to disagree on.
-            if group["params"] and other["params"] and ("param_names" in other) != ("param_names" in group):
-                raise ValueError("all param groups must be given with names or all without: group "
-                                 f"{index} {'has' if 'param_names' in group else 'lacks'} names, group "
-                                 f"{other_index} does not agree")
-            for i, p in enumerate(other["params"]):
-                seen[p] = _describe(other, other_index, i)
-        for i, p in enumerate(group["params"]):
-            name = _describe(group, index, i)
-            if not isinstance(p, Tensor):
-                raise TypeError(f"optimizer can only optimize Tensors, but {name} is a {torch.typename(p)}")
-            if not (p.is_leaf or p.retains_grad):
-                raise ValueError(f"can't optimize a non-leaf Tensor: {name} is the output of an operation; pass "
-                                 "the leaf parameter (or a .detach().requires_grad_() copy)")
-            if p in seen:
-                raise ValueError(f"the same tensor is given twice: {name} is also {seen[p]}")
-            if algorithm.kind == MATRIX:
-                algorithm.check_param(tuple(p.shape), name)
-            seen[p] = name
+        param_groups.check_params(self.param_groups if others is None else others, group, index, algorithm)
 
     # ------------------------------------------------------------------------------------------------------------
     # Step
@@ -241,7 +221,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 grad = layout.local_grad(param, param.grad)
                 check(local, grad, group)
             except (TypeError, ValueError, RuntimeError) as error:
-                raise type(error)(f"parameter {_describe(group, group_index, i)}: {error}") from None
+                raise type(error)(f"parameter {param_groups.describe(group, group_index, i)}: {error}") from None
             params.append(local)
             grads.append(grad)
             # A plain tensor's state is already local: hand over the dict itself rather than a copy.
@@ -252,7 +232,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for i, param in enumerate(group["params"]):
             if param.grad is not None and param.grad.is_sparse:
                 raise RuntimeError(f"{algorithm.name} does not support sparse gradients, but "
-                                   f"{_describe(group, group_index, i)} has one")
+                                   f"{param_groups.describe(group, group_index, i)} has one")
 
     def _matrix_state(self, entry: MatrixEntry) -> dict[str, Tensor]:
         state = self.state[entry.param]
@@ -337,33 +317,3 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.param_groups[:] = groups
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def _split_names(group: dict[str, Any]) -> None:
-    """Normalise ``group["params"]`` to a list of tensors, moving ``(name, tensor)`` names to ``param_names``."""
-    params = group["params"]
-    if isinstance(params, Tensor):
-        params = [params]
-    elif isinstance(params, set):
-        raise TypeError("optimizer parameters must be an ordered collection; the order of a set changes between "
-                        "runs. Use a list.")
-    params = list(params)
-    named = [isinstance(p, tuple) for p in params]
-    if any(named) and not all(named):
-        raise ValueError("either all or none of a group's params must be (name, tensor) pairs")
-    if params and all(named):
-        for entry in params:
-            if len(entry) != 2 or not isinstance(entry[0], str):
-                raise ValueError(f"a named parameter must be a (str, Tensor) pair, got {entry!r:.80}")
-        group["param_names"] = [name for name, _ in params]
-        params = [tensor for _, tensor in params]
-    group["params"] = params
-
-
-def _describe(group: dict[str, Any], group_index: int, index: int) -> str:
-    names = group.get("param_names")
-    if names is not None:
-        return repr(names[index])
-    p = group["params"][index]
-    shape = tuple(p.shape) if isinstance(p, Tensor) else "?"
-    return f"param_groups[{group_index}]['params'][{index}] (shape {shape})"

@@ -271,7 +271,12 @@ class CheckpointManager:
         expected = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
         saved_tensors = {k: v for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
         missing = sorted(k for k in expected if k not in saved)
-        extra = sorted(k for k in saved_tensors if k not in expected and k.split(".")[0] in ("model", "optim"))
+        # Entries distopt no longer saves (SGD's and Muon's step counters, left out to match torch.optim) may sit
+        # in older checkpoints: they are not read, and do not make the checkpoint another model's.
+        unsaved = {key for algorithm in getattr(self.optimizer, "_algorithms", {}).values()
+                   for key in algorithm.unsaved_state}
+        extra = sorted(k for k in saved_tensors if k not in expected and k.split(".")[0] in ("model", "optim")
+                       and not (k.startswith("optim.state.") and k.rsplit(".", 1)[-1] in unsaved))
         shapes = sorted(f"{k} (checkpoint {tuple(saved_tensors[k].size)}, here {tuple(v.shape)})"
                         for k, v in expected.items() if k in saved_tensors and
                         tuple(saved_tensors[k].size) != tuple(v.shape))

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
+import distopt
 from distopt import DistributedOptimizer
 
 from .harness import device
@@ -160,5 +161,37 @@ def test_add_param_group_moves_owner_state_to_the_new_owners(ranks):
     before, after = results[0][1]
     assert before != after, "the new plan should move an existing matrix to another owner"
     for params, _ in results:
+        for name, value in expected.items():
+            assert torch.equal(params[name], value), name
+
+
+def _soap_everywhere(sharded: bool):
+    """distopt.SOAP on every parameter, vectors without precondition_1d: they run as Adam on their own shards."""
+    if sharded:
+        model, shadow = _fsdp_model("fsdp")
+    else:
+        torch.manual_seed(0)
+        model = MuonNet()
+        shadow = None
+    opt = distopt.SOAP(model.named_parameters(), lr=1e-2, precondition_frequency=2)
+    gen = torch.Generator().manual_seed(1)
+    reference = list((shadow or model).parameters())
+    for _ in range(STEPS):
+        feed_same_grads(list(model.parameters()), reference, gen)
+        opt.step()
+    owned = sorted(spec.meta.fqn for spec in opt.plan.matrices)
+    return _full_params(model), owned
+
+
+def test_soap_vectors_run_on_their_shards_and_equal_the_single_process_run(ranks):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # rank-deficient statistics: LAPACK's null-space basis depends on its blocking
+    try:
+        expected, _ = _soap_everywhere(False)
+    finally:
+        torch.set_num_threads(threads)
+    for params, owned in ranks(3, _soap_everywhere, True):
+        assert owned == ["conv.weight", "embed.weight", "small.weight", "smaller.weight", "tall.weight", "thin.weight",
+                         "wide.weight"]
         for name, value in expected.items():
             assert torch.equal(params[name], value), name
