@@ -105,3 +105,24 @@ def test_a_multi_rank_owner_plan_refuses_to_be_copied(ranks, backend):
         pytest.skip("runs on gloo")
     for message in ranks(2, _copy_refused):
         assert "matrix algorithms run on 2 ranks" in message and "load_state_dict" in message
+
+
+def _mesh_of_one_rank():
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = DeviceMesh("cpu", [dist.get_rank()])
+    weight = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+    try:
+        distopt.DistributedOptimizer([("w", weight)], algorithm="muon")
+    except NotImplementedError as error:
+        return str(error)
+    return "accepted"
+
+
+def test_a_mesh_over_other_ranks_than_the_optimizer_is_refused_by_name(ranks, backend):
+    if backend != "gloo":
+        pytest.skip("runs on gloo")
+    for rank, message in enumerate(ranks(2, _mesh_of_one_rank)):
+        assert f"parameter w: its device mesh spans ranks [{rank}], not the optimizer's process group [0, 1]" \
+            in message, message

@@ -36,3 +36,11 @@ def test_unsupported_placement_is_named():
 
     with pytest.raises(NotImplementedError, match=r"placement P\(sum\) is not supported"):
         box_at((4, 4), (2,), (Partial(),), (0,))
+
+
+def test_strided_shard_of_fsdp2_with_tensor_parallelism_is_named_as_unsupported():
+    """The README's limit: FSDP2 over a tensor-parallel mesh lays parameters out as _StridedShard."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    with pytest.raises(NotImplementedError, match=r"placement _S\(0, 2\) is not supported by the owner route"):
+        box_at((4, 4), (2, 2), (_StridedShard(0, split_factor=2), Shard(0)), (0, 0))
