@@ -60,3 +60,15 @@ def feed_same_grads(params, reference_params, generator):
 
 def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def assert_resumed_like_torch_optim(runs: dict) -> None:
+    """``runs[kind]``: per rank, the full parameters (start, after the straight run, after save-and-resume). Every
+    parameter must have moved and resumed bitwise, and distopt.AdamW must equal torch.optim.AdamW."""
+    for kind, per_rank in runs.items():
+        for start, straight, resumed in per_rank:
+            for name in straight:
+                assert not torch.equal(start[name], straight[name]), (kind, name, "never updated")
+                assert torch.equal(resumed[name], straight[name]), (kind, name, "did not resume exactly")
+    for name, value in runs["torch.AdamW"][0][1].items():
+        assert torch.equal(runs["distopt.AdamW"][0][1][name], value), name

@@ -20,6 +20,8 @@ from torch import nn
 
 import distopt
 
+from .sharded_models import assert_resumed_like_torch_optim
+
 pytest.importorskip("accelerate", reason="accelerate is a test dependency (scripts/setup.sh installs it)")
 
 STEPS, SAVED_AT = 5, 3
@@ -102,11 +104,4 @@ def test_prepare_save_and_load_resume_exactly_like_torch_optim(ranks, backend, t
     if backend != "gloo":
         pytest.skip("accelerate's CPU route runs on gloo")
     runs = {kind: ranks(2, _route, kind, str(tmp_path / kind.replace(".", "_"))) for kind in OPTIMIZERS}
-    for kind, per_rank in runs.items():
-        for start, straight, resumed in per_rank:
-            for name in straight:
-                assert not torch.equal(start[name], straight[name]), (kind, name, "never updated")
-                assert torch.equal(resumed[name], straight[name]), (kind, name, "did not resume exactly")
-    torch_adamw, ours = runs["torch.AdamW"][0][1], runs["distopt.AdamW"][0][1]
-    for name in torch_adamw:
-        assert torch.equal(ours[name], torch_adamw[name]), name
+    assert_resumed_like_torch_optim(runs)
