@@ -34,6 +34,8 @@ def follow(opt, seen: list[list[Tensor]]) -> None:
         raise RuntimeError(f"param_groups went from {len(seen)} to {len(groups)} groups outside add_param_group; "
                            "add groups with add_param_group")
     present = {id(p) for group in groups for p in group["params"]}
+    known = {id(p) for before in seen for p in before}
+    _refuse_moves_between_algorithms(opt, seen)
     successors: dict[int, Tensor] = {}  # id of a replaced parameter with state -> its successor
     changed_matrix_group = False
     for gi, (group, before) in enumerate(zip(groups, seen)):
@@ -47,11 +49,13 @@ def follow(opt, seen: list[list[Tensor]]) -> None:
             if id(old) in present or not opt.state.get(old):
                 continue
             new = params[i] if len(params) == len(before) else None
-            if not isinstance(new, Tensor) or tuple(new.shape) != tuple(old.shape) or any(new is s for s in successors.values()):
+            # The successor must be new here: a parameter the optimizer already knows keeps its own state.
+            fresh = isinstance(new, Tensor) and id(new) not in known and not opt.state.get(new)
+            if not fresh or tuple(new.shape) != tuple(old.shape) or any(new is s for s in successors.values()):
                 raise RuntimeError(f"{_name(group, gi, i, old)} was replaced in param_groups after the optimizer made "
-                                   "state for it, and nothing of the same shape took its place to carry that state; "
-                                   "replace parameters one for one (same shape, same place), or build a new "
-                                   "optimizer and load_state_dict into it")
+                                   "state for it, and no new parameter of the same shape took its place to carry "
+                                   "that state; replace parameters one for one (same shape, same place), or build a "
+                                   "new optimizer and load_state_dict into it")
             successors[id(old)] = new
         others = groups[:gi] + [{"params": []}] + groups[gi + 1:]
         opt._check_params(group, gi, opt.algorithm_of(group), others)
@@ -67,6 +71,21 @@ def follow(opt, seen: list[list[Tensor]]) -> None:
                 opt.state.pop(p, None)  # torch.optim's state_dict trips on entries of parameters it cannot find
 
 
+def _refuse_moves_between_algorithms(opt, seen: list[list[Tensor]]) -> None:
+    """A parameter with state that now sits in a group of another algorithm would carry state that algorithm does
+    not know."""
+    before = {id(p): gi for gi, params in enumerate(seen) for p in params}
+    for gi, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            old_gi = before.get(id(p))
+            if old_gi is None or not opt.state.get(p):
+                continue
+            was, now = opt.param_groups[old_gi]["algorithm"], group["algorithm"]
+            if was != now:
+                raise RuntimeError(f"{_name(group, gi, i, p)} moved from a {was} group to a {now} group after the "
+                                   f"optimizer made {was} state for it; build a new optimizer for the new grouping")
+
+
 def _hand_over(opt, old: Tensor, new: Tensor) -> None:
     """Move ``old``'s state to ``new``, each tensor shaped like the parameter re-laid out as ``new`` is. Owner
     state that the new plan already placed (``replan``) stays as placed; in one process it moves as it is."""
@@ -77,7 +96,11 @@ def _hand_over(opt, old: Tensor, new: Tensor) -> None:
             target.setdefault(key, value)
         elif tuple(value.shape) == tuple(new.shape) and value.dim() > 0:
             whole = value.full_tensor() if isinstance(value, DTensor) else value
-            target[key] = layout.like_param(new, _shard_of(whole, new).clone())
+            local = layout.local(new)
+            # in the successor's dtype and device (frameworks upcast bf16 parameters while they swap them in)
+            dtype = local.dtype if whole.is_floating_point() and local.is_floating_point() else whole.dtype
+            target[key] = layout.like_param(new, _shard_of(whole, new).to(device=local.device, dtype=dtype,
+                                                                          copy=True))
         else:
             target[key] = value  # scalars (step counters)
 

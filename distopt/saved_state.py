@@ -199,6 +199,8 @@ class SavedState:
                 continue
             group = groups[gi]
             algorithm = self.opt.algorithm_of(group)
+            if algorithm.kind == MATRIX and param not in matrix_of:
+                saved = _renamed(saved, algorithm.renamed_local_state)
             fresh = self.opt._init_state(algorithm, param, group)
             unsaved = set(algorithm.unsaved_state)
             missing = sorted(set(fresh) - set(saved) - unsaved)
@@ -208,6 +210,11 @@ class SavedState:
                                         f"{missing}, unexpected {extra}")
             owner_shapes = (algorithm.owner_state(tuple(param.shape), group, param.dtype)
                             if param in matrix_of else {})
+            if not self.opt.state.get(param) and self._is_initial(saved, param, group, algorithm, unsaved):
+                # A state dict of an optimizer that has not stepped (frameworks round-trip one before the first
+                # step): installing it would hold every state tensor unsharded before FSDP shards the model, and
+                # would tell SGD that its first step is past. As in torch.optim, nothing is kept.
+                continue
             for key, target in fresh.items():
                 if key in unsaved:
                     continue
@@ -231,6 +238,35 @@ class SavedState:
             self._install_owner_state(owner_blocks, new_state, groups)
         return new_state, groups
 
+    def _is_initial(self, saved: dict[str, Any], param: Tensor, group: dict[str, Any], algorithm,
+                    unsaved: set[str]) -> bool:
+        """Whether ``saved`` is exactly the state a parameter has before its first step. Decided from whole values
+        only (plain tensors, or replicated DTensors), so that every rank decides alike; a sharded value counts as
+        not initial."""
+        values = {}
+        for key, value in saved.items():
+            if key in unsaved:
+                continue
+            if isinstance(value, DTensor):
+                if not all(isinstance(p, Replicate) for p in value.placements):
+                    return False
+                value = value.to_local()
+            values[key] = value
+        local = layout.local(param)
+        whole = torch.zeros(param.shape, dtype=local.dtype, device=local.device)
+        on_owner = self.opt._on_owner(param)
+        init = algorithm.local_init if algorithm.kind == MATRIX and not on_owner else algorithm.init
+        initial = dict(init(whole, group))
+        if on_owner:
+            initial.update(algorithm.owner_init(tuple(param.shape), group, param.dtype, local.device))
+        for key, value in values.items():
+            reference = initial.get(key)
+            if not isinstance(value, Tensor) or reference is None or tuple(value.shape) != tuple(reference.shape):
+                return False
+            if not torch.equal(value.to(device=reference.device, dtype=reference.dtype), reference):
+                return False
+        return True
+
     def _check_groups(self, state_dict: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise StateDictMismatch("an optimizer state dict needs the keys 'state' and 'param_groups'")
@@ -251,6 +287,11 @@ class SavedState:
                 raise StateDictMismatch(f"param group {index} has {len(group['params'])} parameters, the state dict "
                                         f"has {len(saved['params'])}")
             _check_names(group, saved, index)
+            if "algorithm" not in saved:
+                try:
+                    self.opt.algorithm_of(group).check_torch_group(saved)
+                except ValueError as error:
+                    raise StateDictMismatch(f"param group {index}: {error}") from None
             new = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
             new["algorithm"] = group["algorithm"]
             for key in self.opt.algorithm_of(group).hyperparameters:
@@ -285,6 +326,14 @@ class SavedState:
             wholes = rows.gather(items, blocks, rank, world, group, self._device())
         for (m, key), whole in wholes.items():
             new_state[route.entries[m].param][key] = whole
+
+
+def _renamed(saved: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    out = dict(saved)
+    for old, new in renames.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def _check_shape(value: Tensor, expected: tuple[int, ...], name: str, key: str) -> None:

@@ -168,3 +168,61 @@ def test_param_names_beside_params_route_embeddings_and_heads_to_adamw():
     routed = {n: g["algorithm"] for g in opt.param_groups for n in g.get("param_names", [])}
     assert routed == {"tok_embeddings.weight": "adamw", "layer.weight": "muon", "layer.bias": "adamw",
                       "output.weight": "adamw"}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_a_state_dict_round_trip_before_the_first_step_keeps_no_state_and_changes_nothing(name):
+    """What accelerate and HF Trainer do when they wrap an optimizer: ``load_state_dict(state_dict())`` before any
+    step. torch.optim then holds no state; so must distopt (else it would hold unsharded state before FSDP shards
+    the model, and SGD with dampening would take its first step as a later one)."""
+    torch_cls, _, kwargs = PAIRS[name]
+    theirs, ours = _params(), _params()
+    opt, mine = torch_cls(theirs, **kwargs), _ours(name, ours)
+    mine.load_state_dict(mine.state_dict())
+    assert len(mine.state) == 0
+    grads = _grads(theirs, 3, 1)
+    _run(opt, theirs, grads)
+    _run(mine, ours, grads)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_a_parameter_the_optimizer_knows_cannot_take_anothers_state():
+    a, b, c = _params()
+    opt = distopt.AdamW([a, b], lr=1e-2)
+    _run(opt, [a, b], _grads([a, b], 1, 1))
+    own = opt.state[b]["exp_avg"].clone()
+    opt.param_groups[0]["params"] = [b, c]  # a leaves; b moves into its place and must keep its own state
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] .* was replaced"):
+        opt.step()
+    assert torch.equal(opt.state[b]["exp_avg"], own)
+
+
+def test_a_parameter_with_state_moved_to_another_algorithms_group_is_refused():
+    a, b, c = _params()
+    opt = distopt.DistributedOptimizer([{"params": [a, b]}, {"params": [c], "algorithm": "sgd", "lr": 0.1}])
+    _run(opt, [a, b, c], _grads([a, b, c], 1, 1))
+    opt.param_groups[0]["params"] = [a]
+    opt.param_groups[1]["params"] = [c, b]
+    with pytest.raises(RuntimeError, match=r"moved from a adamw group to a sgd group"):
+        opt.step()
+
+
+def test_a_successor_of_another_dtype_takes_the_state_in_its_own_dtype():
+    old = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+    opt = distopt.AdamW([old], lr=1e-2)
+    _run(opt, [old], [[torch.randn(4, 3, dtype=torch.bfloat16)]])
+    new = torch.nn.Parameter(old.detach().float())
+    opt.param_groups[0]["params"] = [new]
+    _run(opt, [new], [[torch.randn(4, 3)]])
+    assert opt.state[new]["exp_avg"].dtype == torch.float32 and old not in opt.state
+
+
+def test_a_torch_adam_state_dict_with_l2_decay_is_refused_by_adamw():
+    theirs = _params()
+    opt = torch.optim.Adam(theirs, lr=1e-2, weight_decay=0.1)
+    _run(opt, theirs, _grads(theirs, 1, 1))
+    mine = distopt.AdamW(_params())
+    with pytest.raises(distopt.StateDictMismatch, match="torch.optim.Adam with L2 weight decay.*distopt.Adam"):
+        mine.load_state_dict(opt.state_dict())
+    distopt.Adam(_params()).load_state_dict(opt.state_dict())  # its namesake takes it

@@ -120,3 +120,9 @@ class AdamW(Adam):
 
     def _decoupled(self, hp: Mapping[str, Any]) -> bool:
         return True
+
+    def check_torch_group(self, saved: Mapping[str, Any]) -> None:
+        if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay", 0) != 0:
+            raise ValueError("the param group was saved by torch.optim.Adam with L2 weight decay "
+                             f"(weight_decay={saved['weight_decay']!r}, decoupled_weight_decay=False), which adamw "
+                             "would run as decoupled decay; load it into distopt.Adam")

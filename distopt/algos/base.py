@@ -59,6 +59,10 @@ class Algorithm:
             state = {k: (torch.view_as_real(v) if torch.is_complex(v) else v) for k, v in state.items()}
         self.update(param, grad, state, hp)
 
+    def check_torch_group(self, saved: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if a param group saved by a torch.optim optimizer (no ``"algorithm"`` key) holds a
+        setting that this algorithm would silently run otherwise."""
+
     def restore_unsaved(self, state: dict[str, Tensor]) -> None:
         """Rebuild the :attr:`unsaved_state` entries of a state just loaded (the others are in place)."""
 
@@ -200,6 +204,9 @@ class MatrixAlgorithm(Algorithm):
 
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
+
+    #: Keys that state of the local route had under an earlier layout (old name -> current), accepted on load.
+    renamed_local_state: ClassVar[dict[str, str]] = {}
 
     def on_owner(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> bool:
         """Whether a parameter of this global shape needs the owner route. Where this is False the maths is

@@ -144,6 +144,9 @@ class SOAP(MatrixAlgorithm):
                 raise ValueError(f"{self.name}: invalid {key}={value!r} (must be a positive int)")
         check_bool(self.name, hp, "merge_dims", "precondition_1d", "normalize_grads", "correct_bias")
 
+    #: Until the local route, a vector kept its second moment on an owner.
+    renamed_local_state = {f"{OWNER_PREFIX}exp_avg_sq": "exp_avg_sq"}
+
     def on_owner(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> bool:
         # Without a factor SOAP is Adam in the original basis: elementwise, unless normalize_grads needs the mean
         # over the whole tensor (a scalar is whole on every rank).

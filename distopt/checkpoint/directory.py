@@ -83,6 +83,8 @@ def recover(root: Path) -> list[str]:
     restored = []
     if not root.is_dir():
         return restored
+    for leftover in root.glob(".pruned-step-*"):  # a prune cut short: the checkpoint was on its way out
+        shutil.rmtree(leftover, ignore_errors=True)
     for trash in sorted(root.glob(".trash-step-*")):
         final = trash.with_name(trash.name[len(".trash-"):])
         if final.exists() or not (trash / MANIFEST).is_file():
@@ -94,14 +96,18 @@ def recover(root: Path) -> list[str]:
 
 
 def abandon_after(root: Path, step: int) -> list[str]:
-    """Rename every checkpoint newer than ``step`` to ``abandoned-step-N`` (kept, but no longer a checkpoint that
-    ``latest`` or ``prune`` sees): a run resumed from ``step`` continues another history, and its own checkpoints
-    must be the latest. Returns the names moved."""
+    """Rename every checkpoint newer than ``step`` to ``abandoned-step-N`` (``abandoned-step-N.2``, ... when that
+    name is taken): kept, but no longer a checkpoint that ``latest`` or ``prune`` sees. A job that saves ``step``
+    while newer checkpoints exist continues another history (it resumed from an older one, or started afresh in a
+    used folder), and its own checkpoints must be the latest. (A checkpoint of ``step`` itself is replaced by the
+    save.) Returns the names moved."""
     moved = []
     for found, path in complete_checkpoints(root):
         if found > step:
-            target = path.with_name(f"abandoned-{path.name}")
-            shutil.rmtree(target, ignore_errors=True)
+            target, copy = path.with_name(f"abandoned-{path.name}"), 1
+            while target.exists():
+                copy += 1
+                target = path.with_name(f"abandoned-{path.name}.{copy}")
             os.rename(path, target)
             moved.append(path.name)
     return moved
@@ -123,7 +129,7 @@ def prune(root: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints; each is renamed away first, so a half-deleted one never
     looks complete."""
     for _, path in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        trash = path.with_name(f".trash-{path.name}")
+        trash = path.with_name(f".pruned-{path.name}")  # not .trash-: recover() never puts these back
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -141,7 +147,11 @@ def verify(directory: Path) -> int:
         with open(manifest) as stream:
             content = json.load(stream)
         step, files = int(content["step"]), dict(content["files"])
-    except (ValueError, KeyError, TypeError) as error:
+        for name, entry in files.items():
+            if not (isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                    and isinstance(entry.get("crc32", 0), int)):
+                raise ValueError(f"entry {name!r}: {entry!r}")
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {directory} is corrupt: unreadable {MANIFEST} ({error})") from None
     if ".metadata" not in files:
         raise CheckpointError(f"checkpoint {directory} is incomplete: its manifest lists no .metadata")

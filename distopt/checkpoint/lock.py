@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 from .directory import CheckpointError
@@ -26,14 +27,27 @@ class FolderInUse(CheckpointError):
 
 
 def acquire(root: Path) -> None:
+    """Hold ``root`` for this process, or raise :class:`FolderInUse` naming the job that holds it. Where the folder
+    cannot be locked (read-only, or a file system without ``flock``), warn and go on without the guard: reading
+    such a folder is still useful."""
     key = root.resolve()
     if key in _held:
         _held[key][1] += 1
         return
-    stream = open(key / LOCK_FILE, "a+")
+    try:
+        stream = open(key / LOCK_FILE, "a+")
+    except OSError as error:
+        warnings.warn(f"cannot lock checkpoint folder {root} ({error.strerror}); continuing without the guard "
+                      "against a second job in the same folder", RuntimeWarning)
+        return
     try:
         fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as error:
+        if not isinstance(error, BlockingIOError):
+            stream.close()
+            warnings.warn(f"cannot lock checkpoint folder {root} ({error.strerror}); continuing without the guard "
+                          "against a second job in the same folder", RuntimeWarning)
+            return
         stream.seek(0)
         holder = stream.read().strip() or "an unknown process"
         stream.close()

@@ -90,8 +90,8 @@ class CheckpointManager:
                 for name in dirs.recover(self.root):
                     warnings.warn(f"checkpoint {self.root / name} was put back: a save of the same step had "
                                   "renamed it aside and was cut short", RuntimeWarning)
-            except CheckpointError as error:
-                problem = (type(error).__name__, str(error))
+            except (CheckpointError, OSError) as error:  # on rank 0 only: every rank must hear of it
+                problem = (type(error).__name__, f"checkpoint folder {self.root}: {error}")
         problem = rank_zero_decides(problem)
         if problem is not None:
             raise (lock.FolderInUse if problem[0] == "FolderInUse" else CheckpointError)(problem[1])
@@ -122,6 +122,7 @@ class CheckpointManager:
     def save(self, step: int) -> None:
         """Write a checkpoint of ``step``; it becomes visible (``latest``) only once complete."""
         self.wait()
+        self._abandon_after(step)
         partial, final = dirs.partial_path(self.root, step), dirs.final_path(self.root, step)
         if _rank() == 0:
             dirs.shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
@@ -199,8 +200,8 @@ class CheckpointManager:
 
     def resume(self) -> int | None:
         """Load the newest complete and intact checkpoint; return its step, or None when there is none. Newer ones
-        that fail their check are skipped with a warning that names each and why; they and any other newer
-        checkpoint are then set aside (see :meth:`load`)."""
+        that fail their check are skipped with a warning that names each and why; the next :meth:`save` sets them
+        aside as ``abandoned-step-N``."""
         found = self.checkpoints() if _rank() == 0 else None
         choice, skipped = None, []
         if _rank() == 0:
@@ -215,14 +216,16 @@ class CheckpointManager:
         choice, skipped = rank_zero_decides((choice, skipped))
         for reason in skipped:
             warnings.warn(f"resume skipped a checkpoint: {reason}", RuntimeWarning)
-        return None if choice is None else self.load(choice)
+        return None if choice is None else self._load(Path(choice), verified=True)
 
     def load(self, path: str | Path) -> int:
         """Load the checkpoint at ``path`` into the model, optimizer, scheduler and extras; return its step."""
+        return self._load(Path(path), verified=False)
+
+    def _load(self, path: Path, verified: bool) -> int:
         self.wait()
-        path = Path(path)
         problem = None
-        if _rank() == 0:
+        if _rank() == 0 and not verified:  # resume() has just verified it: its CRCs are not read twice
             try:
                 dirs.verify(path)
             except CheckpointError as error:
@@ -249,19 +252,24 @@ class CheckpointManager:
         else:
             warnings.warn(f"checkpoint {path} was saved on another number of ranks: random number generator states "
                           "are not restored", RuntimeWarning)
-        step = int(state["train"]["step"])
-        if path.resolve().parent == self.root.resolve():
-            self._abandon_newer(step)
-        return step
+        return int(state["train"]["step"])
 
-    def _abandon_newer(self, step: int) -> None:
-        """The run goes on from ``step``: checkpoints numbered after it belong to the history it left, and must not
-        win ``latest()`` over the checkpoints it writes now. They are renamed ``abandoned-step-N`` (kept)."""
-        moved = dirs.abandon_after(self.root, step) if _rank() == 0 else None
+    def _abandon_after(self, step: int) -> None:
+        """This job saves ``step``: checkpoints numbered after it belong to a history it left (it resumed
+        from an older one, or started in a used folder) and must not win ``latest()`` over its own, nor make
+        ``prune`` delete its own. They are renamed ``abandoned-step-N`` (kept)."""
+        moved = None
+        if _rank() == 0:
+            try:
+                moved = dirs.abandon_after(self.root, step)
+            except OSError as error:
+                moved = error
         moved = rank_zero_decides(moved)
+        if isinstance(moved, OSError):
+            raise CheckpointError(f"cannot set aside the checkpoints after step {step} in {self.root}: {moved}")
         if moved:
-            warnings.warn(f"resumed from step {step}: the newer checkpoints {moved} of the run left behind were renamed "
-                          f"abandoned-step-N in {self.root}, so that this run's checkpoints are the latest",
+            warnings.warn(f"saving step {step}: the checkpoints {moved} of an earlier history were renamed "
+                          f"abandoned-step-N in {self.root}, so that this job's checkpoints are the latest",
                           RuntimeWarning)
 
     def _check_against(self, state: dict[str, Any], saved: Mapping[str, Any], path: Path) -> bool:

@@ -165,3 +165,23 @@ def test_trains_200_steps_without_nan():
         opt.step()
     final = torch.nn.functional.mse_loss(model(x), y).item()
     assert final < 0.5 * start, (start, final)
+
+
+def test_a_vector_saved_with_its_second_moment_on_an_owner_still_loads():
+    """Earlier versions kept a factor-less vector's exp_avg_sq as owner state (owner.exp_avg_sq)."""
+    p0 = torch.randn(7)
+    grads = [torch.randn(7) for _ in range(6)]
+    straight, _, _ = _run(p0, grads, lr=1e-2)
+    p = p0.clone().requires_grad_()
+    opt = distopt.SOAP([p], lr=1e-2)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["owner.exp_avg_sq"] = saved["state"][0].pop("exp_avg_sq")
+    resumed = distopt.SOAP([p], lr=1e-2)
+    resumed.load_state_dict(saved)
+    for g in grads[3:]:
+        p.grad = g.clone()
+        resumed.step()
+    assert torch.equal(p.detach(), straight[-1])

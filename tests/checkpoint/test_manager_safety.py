@@ -3,6 +3,7 @@ folder, a corrupt newest checkpoint at resume, and a resume from an older checkp
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import distopt
-from distopt.checkpoint import CheckpointManager, load_whole, torch_save_to_dcp
+from distopt.checkpoint import CheckpointError, CheckpointManager, load_whole, torch_save_to_dcp
 from distopt.checkpoint import directory as dirs
 from distopt.checkpoint.lock import FolderInUse
 
@@ -116,11 +117,28 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_says_which(tmp_path):
     manager.close()
     data = sorted((root / "step-00000003").glob("*.distcp"))[0]
     data.write_bytes(data.read_bytes()[:-4])
-    manager = _manager(root)
+    manager = _manager(root, model)
     with pytest.warns(RuntimeWarning, match=r"skipped a checkpoint: checkpoint .*step-00000003 is corrupt"):
         assert manager.resume() == 2
-    assert manager.latest().name == "step-00000002"
-    assert (root / "abandoned-step-00000003").is_dir()  # kept for inspection, no longer a checkpoint
+    _train_and_save(manager, model, (3,))
+    assert dirs.verify(root / "step-00000003") == 3  # the resumed run's own step 3 replaced the corrupt one
+    manager.close()
+
+
+def test_when_every_checkpoint_is_corrupt_new_saves_are_not_pruned_for_them(tmp_path):
+    root = tmp_path / "ckpt"
+    model = torch.nn.Linear(3, 2)
+    manager = _manager(root, model)
+    _train_and_save(manager, model, (1000, 2000))
+    manager.close()
+    for step in (1000, 2000):
+        (root / f"step-{step:08d}" / ".metadata").write_bytes(b"broken")
+    manager = CheckpointManager(root, model, distopt.AdamW(model.parameters()), keep=2)
+    with pytest.warns(RuntimeWarning):
+        assert manager.resume() is None
+    with pytest.warns(RuntimeWarning, match="earlier history"):
+        _train_and_save(manager, model, (10, 20, 30))
+    assert [p.name for p in manager.checkpoints()] == ["step-00000020", "step-00000030"]
     manager.close()
 
 
@@ -132,12 +150,48 @@ def test_a_run_resumed_from_an_older_checkpoint_has_the_latest_checkpoints(tmp_p
     manager.close()
     model = torch.nn.Linear(3, 2)
     manager = _manager(root, model)
-    with pytest.warns(RuntimeWarning, match="step-00000003', 'step-00000004'.*abandoned"):
-        assert manager.load(root / "step-00000002") == 2
-    _train_and_save(manager, model, (3,))
-    assert manager.latest().name == "step-00000003"
+    assert manager.load(root / "step-00000002") == 2
+    assert manager.latest().name == "step-00000004"  # loading alone (say, to evaluate) moves nothing
+    with pytest.warns(RuntimeWarning, match=r"\['step-00000004'\] of an earlier history"):
+        _train_and_save(manager, model, (3,))
     assert [p.name for p in manager.checkpoints()] == ["step-00000001", "step-00000002", "step-00000003"]
     manager.close()
     again = _manager(root)
     assert again.resume() == 3  # the resumed run's step 3, not the abandoned step 4
     again.close()
+
+
+def test_a_cut_short_prune_is_not_put_back(tmp_path):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    _write(root / "step-00000001", 1.0, step=1)
+    (root / "step-00000001").rename(root / ".pruned-step-00000001")
+    (root / ".pruned-step-00000001" / ".metadata").unlink()  # the deletion had begun
+    assert dirs.recover(root) == [] and not (root / ".pruned-step-00000001").exists()
+    assert dirs.complete_checkpoints(root) == []
+
+
+@pytest.mark.parametrize("files", [{".metadata": 5}, {".metadata": {}}, {".metadata": {"bytes": "5"}}, [[1, 2]]])
+def test_a_malformed_manifest_is_a_checkpoint_error(tmp_path, files):
+    folder = tmp_path / "step-00000003"
+    _write(folder, 1.0)
+    (folder / dirs.MANIFEST).write_text(json.dumps({"step": 3, "files": files}))
+    with pytest.raises(CheckpointError, match="unreadable manifest.json"):
+        dirs.verify(folder)
+
+
+def test_a_folder_that_cannot_be_locked_is_still_usable(tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.warns(RuntimeWarning, match="cannot lock checkpoint folder .* continuing without the guard"):
+        manager = _manager(root)
+    assert manager.resume() is None
+    manager.close()
