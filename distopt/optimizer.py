@@ -79,10 +79,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Everything but the owner route, which is rebuilt on the copy. Building it is a collective, so an
         optimizer whose matrix algorithms span several ranks cannot be copied by one rank: that is refused here,
         at copy time, rather than left to fail at the copy's first step."""
-        _, ranks, _ = group_layout(self._process_group)
         if self._process_group is not None:
             raise TypeError(f"cannot copy or pickle a {type(self).__name__} built on an explicit process group "
                             "(a process group cannot be copied); build a new optimizer and load_state_dict")
+        _, ranks, _ = group_layout(self._process_group)
         if self._owner is not None and len(ranks) > 1:
             raise TypeError(f"cannot copy or pickle a {type(self).__name__} whose matrix algorithms run on "
                             f"{len(ranks)} ranks: its owner plan is made together by every rank. Build a new "
@@ -163,12 +163,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _follow_param_groups(self) -> None:
         """Pick up parameters replaced in ``param_groups`` since the optimizer last looked (see
         :mod:`distopt.replaced_params`)."""
-        seen = self._params_seen
-        if len(seen) == len(self.param_groups) and all(
-                len(before) == len(group["params"]) and all(x is y for x, y in zip(before, group["params"]))
-                for before, group in zip(seen, self.param_groups)):
+        if replaced_params.unchanged(self._params_seen, self.param_groups):
             return
-        replaced_params.follow(self, seen)
+        replaced_params.follow(self, self._params_seen)
         self._remember_params()
 
     def _check_params(self, group: dict[str, Any], index: int, algorithm: Algorithm,

@@ -26,6 +26,16 @@ from .algos.base import OWNER_PREFIX
 from .sharding import layout
 
 
+def same(before: list[Tensor], now: list[Tensor]) -> bool:
+    """Whether two parameter lists hold the same tensors (by identity) in the same order."""
+    return len(before) == len(now) and all(x is y for x, y in zip(before, now))
+
+
+def unchanged(seen: list[list[Tensor]], groups: list[dict[str, Any]]) -> bool:
+    """Whether ``param_groups`` still hold exactly the parameters ``seen`` (the per-step check: no collective)."""
+    return len(seen) == len(groups) and all(same(before, group["params"]) for before, group in zip(seen, groups))
+
+
 def follow(opt, seen: list[list[Tensor]]) -> None:
     """Bring ``opt`` in line with its ``param_groups`` after parameters in them were replaced; ``seen`` holds the
     parameters of each group as the optimizer last knew them."""
@@ -34,13 +44,13 @@ def follow(opt, seen: list[list[Tensor]]) -> None:
         raise RuntimeError(f"param_groups went from {len(seen)} to {len(groups)} groups outside add_param_group; "
                            "add groups with add_param_group")
     present = {id(p) for group in groups for p in group["params"]}
-    known = {id(p) for before in seen for p in before}
+    old_by_id = {id(p): p for before in seen for p in before}
     _refuse_moves_between_algorithms(opt, seen)
     successors: dict[int, Tensor] = {}  # id of a replaced parameter with state -> its successor
     changed_matrix_group = False
     for gi, (group, before) in enumerate(zip(groups, seen)):
         params = group["params"] = list(group["params"])
-        if len(params) == len(before) and all(x is y for x, y in zip(params, before)):
+        if same(before, params):
             continue
         names = group.get("param_names")
         if names is not None and len(names) != len(params):
@@ -50,7 +60,7 @@ def follow(opt, seen: list[list[Tensor]]) -> None:
                 continue
             new = params[i] if len(params) == len(before) else None
             # The successor must be new here: a parameter the optimizer already knows keeps its own state.
-            fresh = isinstance(new, Tensor) and id(new) not in known and not opt.state.get(new)
+            fresh = isinstance(new, Tensor) and id(new) not in old_by_id and not opt.state.get(new)
             if not fresh or tuple(new.shape) != tuple(old.shape) or any(new is s for s in successors.values()):
                 raise RuntimeError(f"{_name(group, gi, i, old)} was replaced in param_groups after the optimizer made "
                                    "state for it, and no new parameter of the same shape took its place to carry "
@@ -60,7 +70,6 @@ def follow(opt, seen: list[list[Tensor]]) -> None:
         others = groups[:gi] + [{"params": []}] + groups[gi + 1:]
         opt._check_params(group, gi, opt.algorithm_of(group), others)
         changed_matrix_group |= opt.algorithm_of(group).kind == MATRIX
-    old_by_id = {id(p): p for before in seen for p in before}
     if changed_matrix_group:
         opt._saved.replan(opt._build_owner_route, successors)
     for old_id, new in successors.items():
