@@ -20,7 +20,11 @@ from .compile import default_enabled
 from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute, group_layout
 from .saved_state import SavedState
 from .sharding import layout
+from .sharding import exchange
 from .sharding.plan import Plan
+from .transforms import Reducer, flags
+from .transforms.chain import flag_state, is_scalar_state, run_elementwise
+from .transforms.flags import FLAGS
 
 
 
@@ -59,11 +63,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._default_algorithm = self._register(algos.resolve(algorithm))
         self._overrides = dict(hyperparameters)
         defaults = {**self._default_algorithm.hyperparameters, **self._overrides}
-        unknown_to_default = set(self._overrides) - set(self._default_algorithm.hyperparameters)
+        unknown_to_default = set(self._overrides) - set(self._default_algorithm.hyperparameters) - set(FLAGS)
         if not unknown_to_default:
             self._default_algorithm.check(defaults)
         super().__init__(params, {**defaults, "algorithm": self._default_algorithm.name})
-        known = set(chain.from_iterable(a.hyperparameters for a in self._algorithms.values()))
+        known = set(chain.from_iterable(a.hyperparameters for a in self._algorithms.values())) | set(FLAGS)
         unknown = sorted(set(self._overrides) - known)
         if unknown:
             raise TypeError(f"unexpected hyperparameter(s) {', '.join(map(repr, unknown))}: no param group's "
@@ -148,7 +152,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         group["algorithm"] = algorithm.name
         for key, default in algorithm.hyperparameters.items():
             group.setdefault(key, self._overrides.get(key, default))
+        for key in FLAGS:
+            if key in self._overrides:
+                group.setdefault(key, self._overrides[key])
+        flags.fill(group)
         algorithm.check(group)
+        self.check_flags(algorithm, group, len(self.param_groups))
         self._check_params(group, len(self.param_groups), algorithm)
         self.param_groups.append(group)
         if self._ready and algorithm.kind == MATRIX:
@@ -156,6 +165,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._saved.replan(self._build_owner_route)
         if self._ready:
             self._remember_params()
+
+    @staticmethod
+    def check_flags(algorithm: Algorithm, group: dict[str, Any], index: int) -> None:
+        """Raise ``ValueError`` naming the group, the flag and its value if a flag is invalid or its maths cannot
+        apply to the group's algorithm."""
+        try:
+            flags.check(algorithm.name, group, algorithm.refused_flags(group))
+        except ValueError as error:
+            raise ValueError(f"param group {index}: {error}") from None
 
     def _remember_params(self) -> None:
         self._params_seen = [list(group["params"]) for group in self.param_groups]
@@ -189,24 +207,42 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Every tensor that runs on its own shard (elementwise groups, and the parameters of matrix groups whose
         # maths is elementwise for their shape); the owner route below runs the rest.
         batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)]
-        for algorithm, params, grads, states, group in batches:
+        for algorithm, params, grads, states, group, wholes in batches:
             if not params:
                 continue
             if algorithm.kind == MATRIX:
                 for param, grad, state in zip(params, grads, states):
                     algorithm.local_update(param, grad, state, group)
+            elif flags.active(group):
+                run_elementwise(algorithm, params, grads, states, group, [tuple(p.shape) for p in wholes],
+                                self._reducer(wholes))
             else:
                 algorithm.apply_many(params, grads, states, group)
         if self._owner is not None:
-            self._owner.step(self.param_groups, self._matrix_state)
+            self._owner.step(self.param_groups, self._matrix_state,
+                             lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]))
         return loss
+
+    def _reducer(self, params: list[Tensor]) -> Reducer:
+        """Sums over the process group for the flags of a batch of parameters (see :class:`Reducer`)."""
+        group, ranks, rank = group_layout(self._process_group)
+        weights = [layout.counts_here(param, rank, len(ranks), self._name_of) for param in params]
+        return Reducer(weights, (lambda partials: exchange.sum_over_ranks(partials, group)) if len(ranks) > 1
+                       else None)
+
+    def _name_of(self, param: Tensor) -> str:
+        for group_index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    return param_groups.describe(group, group_index, i)
+        return f"of shape {tuple(param.shape)}"
 
     def _local_batch(self, group: dict[str, Any], group_index: int):
         """This rank's tensors of an elementwise group's parameters that have gradients, with local state views,
-        each checked by the algorithm: ``(algorithm, params, grads, states, group)``."""
+        each checked by the algorithm: ``(algorithm, params, grads, states, group, whole parameters)``."""
         algorithm = self.algorithm_of(group)
         check, state_of, local_of = algorithm.check_local, self.state, layout.local  # hot loop: bound once
-        params, grads, states = [], [], []
+        params, grads, states, wholes = [], [], [], []
         for i, param in enumerate(group["params"]):
             if param.grad is None or self._on_owner(param):
                 continue
@@ -220,10 +256,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
             except (TypeError, ValueError, RuntimeError) as error:
                 raise type(error)(f"parameter {param_groups.describe(group, group_index, i)}: {error}") from None
             params.append(local)
+            wholes.append(param)
             grads.append(grad)
             # A plain tensor's state is already local: hand over the dict itself rather than a copy.
             states.append(state if local is param else {key: local_of(value) for key, value in state.items()})
-        return algorithm, params, grads, states, group
+        return algorithm, params, grads, states, group, wholes
 
     def _check_grads(self, group: dict[str, Any], group_index: int, algorithm: Algorithm) -> None:
         for i, param in enumerate(group["params"]):
@@ -245,8 +282,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         local = layout.local(param)
         on_owner = self._on_owner(param)
         init = algorithm.local_init if algorithm.kind == MATRIX and not on_owner else algorithm.init
-        state = {key: value if key in algorithm.scalar_state else layout.like_param(param, value)
-                 for key, value in init(local, group).items()}
+        fresh = {**init(local, group), **flag_state(algorithm, local, group)}
+        state = {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
+                 for key, value in fresh.items()}
         if on_owner:
             # Every rank has every key; the owner holds the whole tensors, the others empty placeholders.
             if self._owner is not None and self._owner.owns(param):

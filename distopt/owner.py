@@ -21,6 +21,8 @@ from .algos import MatrixAlgorithm
 from .compile import compiling
 from .sharding import exchange, layout
 from .sharding.plan import MatrixSpec, Plan, make_plan
+from .transforms import Reducer, flags
+from .transforms.chain import finish_matrices, prepare_matrices
 
 #: Default payload bound of one bucket (whole matrices, in the wire dtype).
 DEFAULT_BUCKET_BYTES = 64 * 2**20
@@ -69,12 +71,20 @@ class OwnerRoute:
         """Whether this rank holds ``param``'s owner state."""
         return self.plan.owners[self.index[param]] == self.rank
 
-    def step(self, groups: list[dict[str, Any]], state_of: Callable[[MatrixEntry], dict[str, Tensor]]) -> None:
-        """One step of every matrix whose parameter has a gradient (the same set on every rank)."""
+    def step(self, groups: list[dict[str, Any]], state_of: Callable[[MatrixEntry], dict[str, Tensor]],
+             reducer_for: Callable[[list[int]], Reducer]) -> None:
+        """One step of every matrix whose parameter has a gradient (the same set on every rank).
+
+        A group with flags on runs its shard sections for all its matrices at once, before and after the exchange
+        (a flag's reduction covers the whole group in one collective); ``reducer_for(matrices)`` gives it the
+        reduction over the ranks. Other groups prepare and finish bucket by bucket."""
         active = frozenset(i for i, e in enumerate(self.entries) if e.param.grad is not None)
+        pieces, states, chains = self._prepare_flagged(active, groups, state_of, reducer_for)
+        updates: dict[int, Tensor] = {}
         for route in self.exchange.routes(active):
-            pieces, states = {}, {}
             for m in route.matrices:
+                if m in pieces:
+                    continue
                 entry = self.entries[m]
                 states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
                 grad = layout.local_grad(entry.param, entry.param.grad)
@@ -88,10 +98,44 @@ class OwnerRoute:
                 results = self._owner_compute(route.owned, wholes, groups,
                                               {m: state_of(self.entries[m]) for m in route.owned})
             mine = self.exchange.to_holders(route, results, spec.wire_dtype, device)
+            for m in route.matrices:
+                pieces.pop(m, None)
             for m, update in mine.items():
                 entry = self.entries[m]
+                if entry.group_index in chains:
+                    updates[m] = update
+                    continue
                 entry.algorithm.finish(layout.local(entry.param), update, states[m], groups[entry.group_index],
                                        self.plan.matrices[m].meta.shape)
+        for group_index, (members, steps, reducer) in chains.items():
+            algorithm = self.entries[members[0]].algorithm
+            # A rank whose shard of a matrix is empty receives nothing back: its update is empty too.
+            finish_matrices(algorithm, steps, [updates.get(m, layout.local(self.entries[m].param).new_zeros(
+                layout.local(self.entries[m].param).shape)) for m in members], reducer)
+
+    def _prepare_flagged(self, active: frozenset[int], groups: list[dict[str, Any]],
+                         state_of: Callable[[MatrixEntry], dict[str, Tensor]],
+                         reducer_for: Callable[[list[int]], Reducer]):
+        """The shard section before the owners of every group with flags on: ``(pieces, states, chains)``."""
+        pieces: dict[int, Tensor] = {}
+        states: dict[int, dict[str, Tensor]] = {}
+        chains: dict[int, tuple[list[int], list, Reducer]] = {}
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for m in sorted(active):
+            if flags.active(groups[self.entries[m].group_index]):
+                by_group[self.entries[m].group_index].append(m)
+        for group_index, members in by_group.items():
+            entries = [self.entries[m] for m in members]
+            for m, entry in zip(members, entries):
+                states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
+            reducer = reducer_for(members)
+            prepared, steps = prepare_matrices(
+                entries[0].algorithm, [layout.local(e.param) for e in entries],
+                [layout.local_grad(e.param, e.param.grad) for e in entries], [states[m] for m in members],
+                groups[group_index], [tuple(e.param.shape) for e in entries], reducer)
+            pieces.update(zip(members, prepared))
+            chains[group_index] = (members, steps, reducer)
+        return pieces, states, chains
 
     def _owner_compute(self, owned: tuple[int, ...], wholes: dict[int, Tensor], groups: list[dict[str, Any]],
                        states: dict[int, dict[str, Tensor]]) -> dict[int, Tensor]:

@@ -33,6 +33,7 @@ from .algos.base import OWNER_PREFIX
 from .owner import group_layout
 from .sharding import layout, rows
 from .sharding.rows import OwnerItem
+from .transforms.chain import is_scalar_state
 
 
 class StateDictMismatch(ValueError):
@@ -226,7 +227,7 @@ class SavedState:
                     shape, dtype = owner_shapes[key]
                     _check_shape(value, shape, name, key)
                     owner_blocks[(matrix_of[param], key)] = self._my_rows(value, shape).to(dtype)
-                elif key in algorithm.scalar_state:
+                elif is_scalar_state(algorithm, key):
                     _check_shape(value, tuple(target.shape), name, key)
                     target.copy_(layout.local(value) if isinstance(value, DTensor) else value)
                 else:
@@ -300,6 +301,7 @@ class SavedState:
             if "param_names" in group:
                 new["param_names"] = group["param_names"]
             self.opt.algorithm_of(new).check(new)
+            self.opt.check_flags(self.opt.algorithm_of(new), new, index)
             groups.append(new)
         return groups
 

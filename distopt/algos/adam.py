@@ -10,14 +10,20 @@ fused=True)`` bitwise. The default (None or False) is the single-tensor arithmet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 import torch
 
-from .base import (Algorithm, check_betas, check_bool, check_fusable, check_nonnegative, check_optional_bool,
-                   group_by_device_and_dtype, new_step_counter, zeros_like)
+from ..transforms import flags
+from ..transforms.flags import L2_DECAY
+from .base import (FLAG_SWITCHES, Algorithm, check_betas, check_bool, check_fusable, check_nonnegative,
+                   check_optional_bool, group_by_device_and_dtype, new_step_counter, second_moment_decay, zeros_like)
+
+#: adv_optm's Adam-atan2 constant ``a`` (with ``b = 1``): ``a atan2(x, y)`` equals ``x / y`` where ``|x| = |y|``.
+ATAN2_SCALE = 4 / math.pi
 
 
 class Adam(Algorithm):
@@ -81,6 +87,43 @@ class Adam(Algorithm):
     def check_local(self, param: Tensor, grad: Tensor, hp: Mapping[str, Any]) -> None:
         if hp["fused"]:
             check_fusable(self.name, param, grad)
+
+    # The chain form (flags): the same moments; the step ``lr u`` with ``u = (m / bc1) / (sqrt(v / bc2) + eps)``.
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        refused = {}
+        if hp["fused"]:
+            refused.update({name: "fused=True runs torch's kernel for the whole step, with no place for a flag "
+                            "between its parts; use fused=False" for name in FLAG_SWITCHES})
+        if not self._decoupled(hp):
+            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
+        return refused
+
+    def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
+        return self._decoupled(hp)
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        weight_decay, eps = hp["weight_decay"], hp["eps"]
+        beta1, beta2 = hp["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = t.step
+        if weight_decay != 0 and not self._decoupled(hp):
+            grad = grad.add(param, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        decay, bias_correction2 = second_moment_decay(t, beta2)
+        exp_avg_sq.mul_(decay).addcmul_(grad, grad, value=1 - decay)
+        second_moment = exp_avg_sq
+        if hp["amsgrad"]:
+            torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+            second_moment = state["max_exp_avg_sq"]
+        bias_correction1 = 1 - beta1**step
+        scale = second_moment.sqrt() / bias_correction2**0.5
+        if flags.value(hp, "atan2"):
+            # adv_optm's Adam-atan2: the first moment enters without its bias correction, which scales the result.
+            return torch.atan2(exp_avg, scale).mul_(ATAN2_SCALE / bias_correction1)
+        return exp_avg.div(scale.add_(eps)).div_(bias_correction1)
 
     def apply_many(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
                    hp: Mapping[str, Any]) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import (Algorithm, check_betas, check_nonnegative, check_optional_positive_int, check_bool,
+from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
+from .base import (second_moment_decay, Algorithm, check_betas, check_nonnegative, check_optional_positive_int, check_bool,
                    new_step_counter, zeros_like)
 
 
@@ -74,3 +75,22 @@ class AdEMAMix(Algorithm):
         if weight_decay != 0:
             direction.add_(param, alpha=weight_decay)
         param.add_(direction, alpha=-lr)
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        return {"atan2": "no reference defines atan2 for AdEMAMix's two-EMA numerator"}
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        eps = hp["eps"]
+        beta1, beta2, beta3 = hp["betas"]
+        state["step"] += 1
+        step = t.step
+        alpha = alpha_at(step, hp["alpha"], hp["alpha_warmup"])
+        beta3 = beta3_at(step, beta1, beta3, hp["beta3_warmup"])
+        exp_avg, exp_avg_slow, exp_avg_sq = state["exp_avg"], state["exp_avg_slow"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_slow.lerp_(grad, 1 - beta3)
+        decay, bias_correction2 = second_moment_decay(t, beta2)
+        exp_avg_sq.mul_(decay).addcmul_(grad, grad, value=1 - decay)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        return exp_avg.div(1 - beta1**step).add_(exp_avg_slow, alpha=alpha).div_(denom)

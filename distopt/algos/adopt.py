@@ -10,6 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import math
+
+from ..transforms import flags
+from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
 from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 
@@ -60,3 +64,38 @@ class ADOPT(Algorithm):
         exp_avg.lerp_(normed, 1 - beta1)
         param.add_(exp_avg, alpha=-lr)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        reason = "ADOPT's second moment is not bias-corrected and lags one step; the flag's schedule has no meaning there"
+        refused = {"palm": reason, "kourkoutas_beta": reason}
+        if not hp["decouple"]:
+            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
+        return refused
+
+    def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
+        return hp["decouple"]
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor | None:
+        """With ``atan2`` the normalised gradient is ``atan2(g, sqrt(v))`` and the step ``(4/π) m`` (adv_optm's
+        Adopt_adv), which replaces eps and the clip."""
+        eps, weight_decay = hp["eps"], hp["weight_decay"]
+        beta1, beta2 = hp["betas"]
+        step = t.step - 1
+        state["step"] += 1
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if step == 0:
+            exp_avg_sq.addcmul_(grad, grad)
+            return None
+        if weight_decay != 0 and not hp["decouple"]:
+            grad = grad.add(param, alpha=weight_decay)
+        if flags.value(hp, "atan2"):
+            normed = torch.atan2(grad, exp_avg_sq.sqrt())
+        else:
+            normed = grad / torch.clamp(exp_avg_sq.sqrt(), min=eps)
+            if hp["clip"]:
+                bound = step**0.25
+                normed.clamp_(-bound, bound)
+        exp_avg.lerp_(normed, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        return exp_avg * (4 / math.pi) if flags.value(hp, "atan2") else exp_avg.clone()

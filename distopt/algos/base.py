@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
+from ..transforms.flags import SWITCHES as FLAG_SWITCHES
+
 ELEMENTWISE = "elementwise"
 
 
@@ -59,6 +61,31 @@ class Algorithm:
             state = {k: (torch.view_as_real(v) if torch.is_complex(v) else v) for k, v in state.items()}
         self.update(param, grad, state, hp)
 
+    # --------------------------------------------------------------------------------------------------------
+    # The chain form (see :mod:`distopt.transforms`): what the seeds' flags need of an algorithm.
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        """Flags whose maths cannot apply to this algorithm (with ``hp``), each with the reason. An algorithm
+        without :meth:`direction` takes none."""
+        return {name: f"{self.name} has no chain form" for name in FLAG_SWITCHES}
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor | None:
+        """The update direction ``u`` of one step, state updated, such that the step is
+        ``param <- param (1 - lr wd) - lr u`` (the decay only if :meth:`decoupled_decay`; L2 decay, if any, is
+        inside ``u``). ``grad`` is already negated under ``maximize``. ``t`` (a
+        :class:`~distopt.transforms.base.TensorStep`) may replace the second moment's decay and bias correction.
+        None means that this step makes no update (ADOPT's first)."""
+        raise NotImplementedError(f"{self.name} has no chain form")
+
+    def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
+        """Whether ``weight_decay`` is applied to the parameter (decoupled) rather than added to the gradient."""
+        return True
+
+    def momentum_beta(self, hp: Mapping[str, Any]) -> float:
+        """The first moment's decay (MARS's ``β1``)."""
+        return float(hp["betas"][0])
+
     def check_torch_group(self, saved: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if a param group saved by a torch.optim optimizer (no ``"algorithm"`` key) holds a
         setting that this algorithm would silently run otherwise."""
@@ -82,6 +109,14 @@ class Algorithm:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def second_moment_decay(t: Any, beta2: float) -> tuple[float, float]:
+    """The second moment's decay and bias correction at ``t.step``: ``beta2`` and ``1 - beta2^t``, unless a flag
+    (PaLM, Kourkoutas-β) set them for this step."""
+    decay = beta2 if t.beta2 is None else t.beta2
+    bias_correction2 = 1 - beta2**t.step if t.bias_correction2 is None else t.bias_correction2
+    return decay, bias_correction2
 
 
 def new_step_counter() -> Tensor:

@@ -9,7 +9,12 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
+import math
+
+import torch
+
+from ..transforms import flags
+from .base import second_moment_decay, Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 
 class LaProp(Algorithm):
@@ -47,3 +52,23 @@ class LaProp(Algorithm):
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         param.add_(exp_avg, alpha=-lr / (1 - beta1**step))
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        return {}
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        """``u = m / (1 - b1^t)``. With ``atan2``, the normalised gradient is ``(4/π) atan2(g, sqrt(v̂))`` (no eps),
+        as adv_optm normalises ADOPT's."""
+        beta1, beta2 = hp["betas"]
+        state["step"] += 1
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        decay, bias_correction2 = second_moment_decay(t, beta2)
+        exp_avg_sq.mul_(decay).addcmul_(grad, grad, value=1 - decay)
+        scale = (exp_avg_sq / bias_correction2).sqrt_()
+        if flags.value(hp, "atan2"):
+            normed = torch.atan2(grad, scale).mul_(4 / math.pi)
+        else:
+            normed = grad / scale.add_(hp["eps"])
+        exp_avg.lerp_(normed, 1 - beta1)
+        return exp_avg / (1 - beta1**t.step)

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
 from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 
@@ -42,3 +43,16 @@ class Lion(Algorithm):
             param.mul_(1 - lr * weight_decay)
         param.add_(direction, alpha=-lr)
         exp_avg.lerp_(grad, 1 - beta2)
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        return {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT, "atan2": NO_EPS_DIVISION,
+                "grams": SIGN_UPDATE}
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        beta1, beta2 = hp["betas"]
+        state["step"] += 1
+        exp_avg = state["exp_avg"]
+        u = exp_avg.lerp(grad, 1 - beta1).sign_()
+        exp_avg.lerp_(grad, 1 - beta2)
+        return u

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import compile
 from ..compile import kernel
+from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
 from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -160,6 +161,17 @@ class Muon(MatrixAlgorithm):
         orthogonalize = newton_schulz if compile.enabled() else newton_schulz_each
         result = orthogonalize(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))
         return [r.reshape(shape) for r in result.unbind(0)]
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        return {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT, "atan2": NO_EPS_DIVISION,
+                "grams": "its update is orthogonalized; sign(g)·|u| would undo the orthogonalization"}
+
+    def momentum_beta(self, hp: Mapping[str, Any]) -> float:
+        return float(hp["momentum"])
+
+    def finish_direction(self, update: Tensor, hp: Mapping[str, Any], shape: tuple[int, ...]) -> Tensor:
+        """The chain form of :meth:`finish`: the step is ``p (1 - lr wd) - lr u`` with this ``u``."""
+        return update * adjusted_lr(1.0, hp["adjust_lr_fn"], self.matrix_shape(shape))
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:

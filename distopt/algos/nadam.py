@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
+from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
+from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, second_moment_decay, zeros_like
 
 
 class NAdam(Algorithm):
@@ -65,3 +66,32 @@ class NAdam(Algorithm):
         denom.add_(eps)
         param.addcdiv_(grad, denom, value=(-lr * (1.0 - mu) / (1.0 - mu_product_value)))
         param.addcdiv_(exp_avg, denom, value=(-lr * mu_next) / (1.0 - mu_product_next))
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        refused = {"atan2": "NAdam divides two terms by the second moment, and no reference defines atan2 for it"}
+        if not hp["decoupled_weight_decay"]:
+            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
+        return refused
+
+    def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
+        return hp["decoupled_weight_decay"]
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        weight_decay, eps, momentum_decay = hp["weight_decay"], hp["eps"], hp["momentum_decay"]
+        beta1, beta2 = hp["betas"]
+        exp_avg, exp_avg_sq, mu_product = state["exp_avg"], state["exp_avg_sq"], state["mu_product"]
+        state["step"] += 1
+        step = t.step
+        if weight_decay != 0 and not hp["decoupled_weight_decay"]:
+            grad = grad.add(param, alpha=weight_decay)
+        mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+        mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+        mu_product *= mu
+        exp_avg.lerp_(grad, 1 - beta1)
+        decay, bias_correction2 = second_moment_decay(t, beta2)
+        exp_avg_sq.mul_(decay).addcmul_(grad, grad, value=1 - decay)
+        denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+        mu_product_value = mu_product.item()
+        u = grad.div(denom).mul_((1.0 - mu) / (1.0 - mu_product_value))
+        return u.addcdiv_(exp_avg, denom, value=mu_next / (1.0 - mu_product_value * mu_next))

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
 from .base import Algorithm, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 
@@ -59,3 +60,35 @@ class RMSprop(Algorithm):
             param.add_(buf, alpha=-lr)
         else:
             param.addcdiv_(grad, avg, value=-lr)
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        return {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT,
+                "atan2": "no reference defines atan2 for RMSprop", "cautious_weight_decay": L2_DECAY,
+                "decouple_lr": L2_DECAY}
+
+    def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
+        return False
+
+    def momentum_beta(self, hp: Mapping[str, Any]) -> float:
+        return float(hp["momentum"])
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        alpha, eps, weight_decay, momentum = hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"]
+        state["step"] += 1
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        square_avg = state["square_avg"]
+        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+        if hp["centered"]:
+            grad_avg = state["grad_avg"]
+            grad_avg.lerp_(grad, 1 - alpha)
+            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        else:
+            avg = square_avg.sqrt()
+        avg = avg.add_(eps)
+        if momentum > 0:
+            buf = state["momentum_buffer"]
+            buf.mul_(momentum).addcdiv_(grad, avg)
+            return buf.clone()
+        return grad / avg

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (Algorithm, check_bool, check_fusable, check_nonnegative, check_optional_bool,
+from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
+from .base import (FLAG_SWITCHES, Algorithm, check_bool, check_fusable, check_nonnegative, check_optional_bool,
                    group_by_device_and_dtype, new_step_counter, zeros_like, _as_number)
 
 
@@ -104,6 +105,37 @@ class SGD(Algorithm):
                 buffers = [states[i]["momentum_buffer"] for i in picked] if momentum != 0 else []
                 torch._fused_sgd_([params[i] for i in picked], [grads[i] for i in picked], buffers,
                                   is_first_step=is_first, **options)
+
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        refused = {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT, "atan2": NO_EPS_DIVISION,
+                   "cautious_weight_decay": L2_DECAY, "decouple_lr": L2_DECAY}
+        if hp["fused"]:
+            refused.update({name: "fused=True runs torch's kernel for the whole step, with no place for a flag "
+                            "between its parts; use fused=False" for name in FLAG_SWITCHES})
+        return refused
+
+    def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
+        return False
+
+    def momentum_beta(self, hp: Mapping[str, Any]) -> float:
+        return float(hp["momentum"])
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        momentum, weight_decay = hp["momentum"], hp["weight_decay"]
+        state["step"] += 1
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if momentum == 0:
+            return grad
+        _check_buffer(self.name, state)
+        buf = state["momentum_buffer"]
+        if t.step == 1:
+            buf.copy_(grad)
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - hp["dampening"])
+        return grad.add(buf, alpha=momentum) if hp["nesterov"] else buf.clone()
 
 
 def _check_buffer(algo: str, state: dict[str, Tensor]) -> None:

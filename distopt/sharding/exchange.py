@@ -5,6 +5,8 @@
   makes the same calls whatever its model holds, so a mismatch raises on every rank instead of hanging.
 * Steady state: :class:`Exchange`, per bucket one ``all_to_all_single`` of boxes to their owners and one of results
   back. Split sizes and buffer offsets are precomputed Python ints: no metadata traffic, no host-device sync.
+* Flags that need a number of a whole tensor: :func:`sum_over_ranks`, one ``all_reduce`` of a small vector per
+  param group and chain point (never per tensor).
 
 The collectives are kept out of ``torch.compile`` regions.
 """
@@ -114,6 +116,14 @@ class Exchange:
             mine[t.matrix] = received[offset:offset + t.numel].view(t.box[1])
             offset += t.numel
         return mine
+
+
+@torch.compiler.disable
+def sum_over_ranks(partials: Tensor, group=None) -> Tensor:
+    """The sum over the process group of a small tensor of partial sums (the flags' reductions: every number a
+    chain point needs for every tensor of a param group, in one collective). In place, and returned."""
+    dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
+    return partials
 
 
 @torch.compiler.disable

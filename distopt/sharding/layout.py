@@ -6,6 +6,7 @@ with uneven or empty shards, ``Shard(k)``, ``Replicate()``, 2-D HSDP meshes) wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -46,6 +47,21 @@ def like_param(param: Tensor, local_state: Tensor) -> Tensor:
         return local_state
     return DTensor.from_local(local_state, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
+
+
+def counts_here(param: Tensor, rank: int, world_size: int, name_of: Callable[[Tensor], str]) -> bool:
+    """Whether this rank's part of ``param`` counts in a sum over the process group (``rank`` of ``world_size``):
+    every shard counts once, replicas (``Replicate`` mesh dimensions, HSDP's replica groups, plain tensors held
+    whole by every rank) only at coordinate 0. A reduction sums over the process group, so the mesh must span it."""
+    if not isinstance(param, DTensor):
+        return rank == 0
+    mesh = param.device_mesh
+    if mesh.size() != world_size:
+        raise NotImplementedError(f"parameter {name_of(param)}: its device mesh has {mesh.size()} ranks but the optimizer's "
+                                  f"process group has {world_size}; flags that reduce over a whole tensor need a "
+                                  "mesh over exactly the optimizer's ranks")
+    coordinate = mesh.get_coordinate()
+    return all(c == 0 for c, p in zip(coordinate, param.placements) if isinstance(p, Replicate))
 
 
 # ----------------------------------------------------------------------------------------------------------------

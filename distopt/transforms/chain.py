@@ -1,0 +1,156 @@
+"""An algorithm with flags as a chain: ``[mars] [gradient clip] [orthograd] [palm | kourkoutas] core
+[update clip] [grams] [caution] apply``, HeavyBall 3.2.1's order (with adv_optm's OrthoGrad and Kourkoutas-β on the
+gradient before the core, and Grams before caution).
+
+The core is the algorithm's own maths in its chain form (:meth:`Algorithm.direction`, or for matrix algorithms
+``prepare`` / owner / ``finish_direction``). A group with no flag on never comes here: it runs the algorithm's own
+step, so the torch.optim look-alikes, Muon, SOAP and PSGD keep their results to the bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import flags
+from .base import Reducer, TensorStep, Transform, run
+from .kourkoutas import Kourkoutas
+from .parts import Caution, Clip, Grams, Mars, OrthoGraft, OrthoProject, PaLM, apply_update
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _key(hp: Mapping[str, Any]) -> tuple:
+    return (flags.active(hp), flags.clip_name(flags.value(hp, "gradient_clipping")),
+            flags.clip_name(flags.value(hp, "update_clipping")))
+
+
+@lru_cache(maxsize=256)
+def _parts(algorithm: Any, key: tuple) -> tuple[tuple[Transform, ...], tuple[Transform, ...]]:
+    on, gradient_clip, update_clip = key
+    before: list[Transform] = []
+    if "mars" in on:
+        before.append(Mars(algorithm.momentum_beta))
+    if gradient_clip:
+        before.append(Clip(gradient_clip, "gradient"))
+    if "orthograd" in on:
+        before += [OrthoProject(), OrthoGraft()]
+    if "palm" in on:
+        before.append(PaLM())
+    if "kourkoutas_beta" in on:
+        before.append(Kourkoutas())
+    after: list[Transform] = []
+    if update_clip:
+        after.append(Clip(update_clip, "update"))
+    if "grams" in on:
+        after.append(Grams())
+    if "caution" in on:
+        after.append(Caution())
+    return tuple(before), tuple(after)
+
+
+def parts(algorithm: Any, hp: Mapping[str, Any]) -> tuple[tuple[Transform, ...], tuple[Transform, ...]]:
+    """The transforms before and after the core for this group's flags."""
+    return _parts(algorithm, _key(hp))
+
+
+def flag_state(algorithm: Any, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The state the group's flags keep for one local tensor (none when no flag is on)."""
+    if not flags.active(hp):
+        return {}
+    state: dict[str, Tensor] = {}
+    for transform in (*parts(algorithm, hp)[0], *parts(algorithm, hp)[1]):
+        state.update(transform.init(param, hp))
+    return state
+
+
+def is_scalar_state(algorithm: Any, key: str) -> bool:
+    """Whether a state entry is a scalar rather than shaped like the parameter."""
+    return key in algorithm.scalar_state or key in Kourkoutas.scalar_state
+
+
+def begin(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]],
+          hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]]) -> list[TensorStep]:
+    """One :class:`TensorStep` per tensor: the gradient as the chain takes it in (negated under ``maximize``,
+    float32 under ``promote``)."""
+    maximize, promote = hp.get("maximize", False), flags.value(hp, "promote")
+    steps = []
+    for param, grad, state, shape in zip(params, grads, states, shapes):
+        if maximize:
+            grad = -grad
+        if promote and grad.dtype in LOW_PRECISION:
+            grad = grad.float()
+        steps.append(TensorStep(param=param, grad=grad, u=grad, state=state, hp=hp, numel=math.prod(shape),
+                                shape=tuple(shape), step=int(state["step"]) + 1))
+    return steps
+
+
+class _Promoted:
+    """Under ``promote``, the core runs on float32 copies of low-precision state, written back after."""
+
+    def __init__(self, t: TensorStep):
+        self.t = t
+        self.low = {k: v for k, v in t.state.items() if flags.value(t.hp, "promote") and v.dtype in LOW_PRECISION}
+
+    def __enter__(self) -> dict[str, Tensor]:
+        if not self.low:
+            return self.t.state
+        return {**self.t.state, **{k: v.float() for k, v in self.low.items()}}
+
+    def run(self, fn, *args):
+        state = self.__enter__()
+        out = fn(*args[:2], state, *args[2:])
+        for key, original in self.low.items():
+            original.copy_(state[key])
+        return out
+
+
+def run_elementwise(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
+                    states: Sequence[dict[str, Tensor]], hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
+                    reducer: Reducer) -> None:
+    """One step of an elementwise group with flags on."""
+    before, after = parts(algorithm, hp)
+    steps = begin(params, grads, states, hp, shapes)
+    run(before, steps, reducer)
+    for t in steps:
+        u = _Promoted(t).run(algorithm.direction, t.param, t.u, hp, t)
+        if u is None:
+            t.skip = True
+        else:
+            t.u = u
+    finish(algorithm, steps, after, reducer)
+
+
+def finish(algorithm: Any, steps: list[TensorStep], after: Sequence[Transform], reducer: Reducer) -> None:
+    run(after, steps, reducer)
+    if steps:
+        decoupled = algorithm.decoupled_decay(steps[0].hp)
+    for t in steps:
+        if not t.skip:
+            apply_update(t, decoupled)
+
+
+def prepare_matrices(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
+                     states: Sequence[dict[str, Tensor]], hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
+                     reducer: Reducer) -> tuple[list[Tensor], list[TensorStep]]:
+    """The shard section before the owners: the flags before the core, then the algorithm's ``prepare``."""
+    before, _ = parts(algorithm, hp)
+    steps = begin(params, grads, states, hp, shapes)
+    run(before, steps, reducer)
+    pieces = [_Promoted(t).run(algorithm.prepare, t.param, t.u, hp) for t in steps]
+    return pieces, steps
+
+
+def finish_matrices(algorithm: Any, steps: list[TensorStep], updates: Sequence[Tensor], reducer: Reducer) -> None:
+    """The shard section after the owners: ``finish_direction``, the flags after the core, and the step."""
+    if not steps:
+        return
+    hp = steps[0].hp
+    for t, update in zip(steps, updates):
+        t.u = algorithm.finish_direction(update, hp, t.shape)
+    finish(algorithm, steps, parts(algorithm, hp)[1], reducer)
