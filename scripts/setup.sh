@@ -11,6 +11,10 @@ TORCH_CPU="torch==2.13.0+cpu"
 # FSDP2 route, HF Trainer's checkpoints); both take the installed torch as it is.
 TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy" "kron-torch==0.3.3" "accelerate==1.15.0"
            "transformers==5.24.0")
+# The peers whose own code the flag tests compare against (HeavyBall's flags, adv_optm's Kourkoutas-beta, OrthoGrad
+# and atan2, optimi's decouple_lr). Installed without their dependencies, so that pip never touches torch.
+PEER_TEST_DEPS=("heavyball==3.2.1" "torch-optimi==0.3.3" "adv-optm==2.5.16")
+PEER_TEST_LIBS=("opt-einsum>=3.3")
 # The main job's progress bar and loss plots (not needed by the library itself).
 JOB_DEPS=("tqdm>=4.60" "matplotlib>=3.7")
 
@@ -29,6 +33,11 @@ setup_python() {
       echo "setup: installing test tools: ${TEST_DEPS[*]}"
       # torch is already satisfied here, so pip resolves nothing toward a CUDA build.
       "$PYTHON" -m pip install --quiet "${TEST_DEPS[@]}"
+    fi
+    if ! "$PYTHON" -c "import heavyball, optimi, adv_optm, opt_einsum" >/dev/null 2>&1; then
+      echo "setup: installing the reference peers: ${PEER_TEST_DEPS[*]} (without dependencies)"
+      "$PYTHON" -m pip install --quiet "${PEER_TEST_LIBS[@]}"
+      "$PYTHON" -m pip install --quiet --no-deps "${PEER_TEST_DEPS[@]}"
     fi
   fi
 }

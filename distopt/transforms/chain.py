@@ -152,5 +152,8 @@ def finish_matrices(algorithm: Any, steps: list[TensorStep], updates: Sequence[T
         return
     hp = steps[0].hp
     for t, update in zip(steps, updates):
-        t.u = algorithm.finish_direction(update, hp, t.shape)
+        # The owners' result travels in the wire dtype (bfloat16 for Muon); the shard arithmetic after it runs in
+        # the parameter's dtype (or float32 under promote), as torch.optim.Muon adds it to the parameter.
+        dtype = torch.promote_types(update.dtype, t.grad.dtype if t.grad.is_floating_point() else t.param.dtype)
+        t.u = algorithm.finish_direction(update.to(torch.promote_types(dtype, t.param.dtype)), hp, t.shape)
     finish(algorithm, steps, parts(algorithm, hp)[1], reducer)
