@@ -101,6 +101,21 @@ def adopt(p, grads, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, de
     return out
 
 
+def adamw_grams(p, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """Grams, Cao et al. 2024 (arXiv 2412.17107), Algorithm 1 on AdamW: the Adam step's magnitude with the current
+    gradient's sign, ``u = sign(g) |m̂ / (sqrt(v̂) + eps)|``, decoupled decay ``p (1 - lr wd)``."""
+    b1, b2 = betas
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        step = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        p = p * (1 - lr * weight_decay) - lr * torch.sign(g) * step.abs()
+        out.append(p)
+    return out
+
+
 def ademamix(p, grads, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
              eps=1e-8, weight_decay=0.0, maximize=False):
     """Pagliardini et al. 2024, Algorithm 1 with the schedulers of Section 3."""

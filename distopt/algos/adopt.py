@@ -78,7 +78,7 @@ class ADOPT(Algorithm):
     def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                   t: Any) -> Tensor | None:
         """With ``atan2`` the normalised gradient is ``atan2(g, sqrt(v))`` and the step ``(4/π) m`` (adv_optm's
-        Adopt_adv), which replaces eps and the clip."""
+        Adopt_adv), which replaces eps and the clip; the first step then updates too, as in adv_optm."""
         eps, weight_decay = hp["eps"], hp["weight_decay"]
         beta1, beta2 = hp["betas"]
         step = t.step - 1
@@ -86,7 +86,9 @@ class ADOPT(Algorithm):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if step == 0:
             exp_avg_sq.addcmul_(grad, grad)
-            return None
+            if not flags.value(hp, "atan2"):
+                return None
+            # adv_optm steps at once with atan2 (scale-invariant, so v = g^2 is a usable first estimate).
         if weight_decay != 0 and not hp["decouple"]:
             grad = grad.add(param, alpha=weight_decay)
         if flags.value(hp, "atan2"):
