@@ -5,6 +5,9 @@ implementation switches of torch.optim (``foreach``, ``fused``, ``capturable``, 
 so that code written for torch.optim runs unchanged: ``foreach`` only selects between equivalent torch kernels and
 is ignored here; ``fused=True`` runs torch's fused kernel where distopt has one (Adam, AdamW, SGD) and raises
 elsewhere; the switches that would change semantics (``capturable``, ``differentiable``) raise.
+
+Every constructor also takes the seeds' flags as keywords (``caution=True``, ``mars=True``, ... : see
+:mod:`distopt.transforms.flags`), for every group whose algorithm can take them.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ class AdamW(DistributedOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, **flags):
         _check_switches(foreach, fused, capturable, differentiable, fusable=True)
         super().__init__(params, "adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, fused=fused)
+                         amsgrad=amsgrad, maximize=maximize, fused=fused, **flags)
 
 
 class Adam(DistributedOptimizer):
@@ -58,10 +61,10 @@ class Adam(DistributedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False):
+                 decoupled_weight_decay=False, **flags):
         _check_switches(foreach, fused, capturable, differentiable, fusable=True)
         super().__init__(params, "adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, fused=fused)
+                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, fused=fused, **flags)
 
 
 class SGD(DistributedOptimizer):
@@ -69,10 +72,10 @@ class SGD(DistributedOptimizer):
     ``fused=True`` runs torch's fused SGD kernel (the results of ``torch.optim.SGD(..., fused=True)``)."""
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, **flags):
         _check_switches(foreach, fused, False, differentiable, fusable=True)
         super().__init__(params, "sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                         nesterov=nesterov, maximize=maximize, fused=fused)
+                         nesterov=nesterov, maximize=maximize, fused=fused, **flags)
 
 
 class NAdam(DistributedOptimizer):
@@ -80,54 +83,54 @@ class NAdam(DistributedOptimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False):
+                 differentiable=False, **flags):
         _check_switches(foreach, None, capturable, differentiable)
         super().__init__(params, "nadam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         maximize=maximize)
+                         maximize=maximize, **flags)
 
 
 class RMSprop(DistributedOptimizer):
     """RMSprop, plain or centered, the defaults and results of ``torch.optim.RMSprop``."""
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, **flags):
         _check_switches(foreach, None, capturable, differentiable)
         super().__init__(params, "rmsprop", lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                         momentum=momentum, centered=centered, maximize=maximize)
+                         momentum=momentum, centered=centered, maximize=maximize, **flags)
 
 
 class Lion(DistributedOptimizer):
     """Lion, sign momentum (Chen et al. 2023, https://arxiv.org/abs/2302.06675)."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False):
-        super().__init__(params, "lion", lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **flags):
+        super().__init__(params, "lion", lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, **flags)
 
 
 class LaProp(DistributedOptimizer):
     """LaProp, momentum after normalisation (Ziyin et al. 2020, https://arxiv.org/abs/2002.04839)."""
 
-    def __init__(self, params, lr=4e-4, betas=(0.8, 0.99), eps=1e-15, weight_decay=0.0, *, maximize=False):
+    def __init__(self, params, lr=4e-4, betas=(0.8, 0.99), eps=1e-15, weight_decay=0.0, *, maximize=False, **flags):
         super().__init__(params, "laprop", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         maximize=maximize)
+                         maximize=maximize, **flags)
 
 
 class ADOPT(DistributedOptimizer):
     """ADOPT, Adam converging for any beta2 (Taniguchi et al. 2024, https://arxiv.org/abs/2411.02853)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False,
-                 clip=True, *, maximize=False):
+                 clip=True, *, maximize=False, **flags):
         super().__init__(params, "adopt", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         decouple=decouple, clip=clip, maximize=maximize)
+                         decouple=decouple, clip=clip, maximize=maximize, **flags)
 
 
 class AdEMAMix(DistributedOptimizer):
     """AdEMAMix, a mixture of two gradient EMAs (Pagliardini et al. 2024, https://arxiv.org/abs/2409.03137)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None,
-                 alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False):
+                 alpha_warmup=None, eps=1e-8, weight_decay=0.0, *, maximize=False, **flags):
         super().__init__(params, "ademamix", lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
-                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay, maximize=maximize)
+                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay, maximize=maximize, **flags)
 
 
 class Muon(DistributedOptimizer):
@@ -146,13 +149,13 @@ class Muon(DistributedOptimizer):
                  owner_dtype=torch.bfloat16, adamw_lr=1e-3,
                  adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_weight_decay=1e-2,
                  adamw_predicate=is_embedding_or_head, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
-                 compile=None):
+                 compile=None, **flags):
         elementwise = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
         super().__init__(split_groups(params, adamw_predicate, elementwise), "muon", lr=lr,
                          weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                          owner_dtype=owner_dtype, process_group=process_group, bucket_bytes=bucket_bytes,
-                         compile=compile)
+                         compile=compile, **flags)
 
 
 class SOAP(DistributedOptimizer):
@@ -163,12 +166,12 @@ class SOAP(DistributedOptimizer):
     def __init__(self, params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
                  normalize_grads=False, correct_bias=True, *, process_group=None,
-                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None):
+                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
         super().__init__(params, "soap", lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                          weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                          max_precond_dim=max_precond_dim, merge_dims=merge_dims, precondition_1d=precondition_1d,
                          normalize_grads=normalize_grads, correct_bias=correct_bias, process_group=process_group,
-                         bucket_bytes=bucket_bytes, compile=compile)
+                         bucket_bytes=bucket_bytes, compile=compile, **flags)
 
 
 class PSGDKron(DistributedOptimizer):
@@ -179,10 +182,10 @@ class PSGDKron(DistributedOptimizer):
     def __init__(self, params, lr=3e-4, b1=0.9, weight_decay=0.0, preconditioner_update_probability=None,
                  max_size_triangular=8192, min_ndim_triangular=2, memory_save_mode=None,
                  momentum_into_precond_update=True, precond_lr=0.1, precond_init_scale=1.0, merge_dims=True, *,
-                 seed=0, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None):
+                 seed=0, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
         super().__init__(params, "psgdkron", lr=lr, b1=b1, weight_decay=weight_decay,
                          preconditioner_update_probability=preconditioner_update_probability,
                          max_size_triangular=max_size_triangular, min_ndim_triangular=min_ndim_triangular,
                          memory_save_mode=memory_save_mode, momentum_into_precond_update=momentum_into_precond_update,
                          precond_lr=precond_lr, precond_init_scale=precond_init_scale, merge_dims=merge_dims,
-                         seed=seed, process_group=process_group, bucket_bytes=bucket_bytes, compile=compile)
+                         seed=seed, process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)

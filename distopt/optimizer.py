@@ -23,7 +23,7 @@ from .sharding import layout
 from .sharding import exchange
 from .sharding.plan import Plan
 from .transforms import Reducer, flags
-from .transforms.chain import flag_state, is_scalar_state, run_elementwise
+from .transforms.chain import flag_state, flag_state_keys, is_scalar_state, run_elementwise
 from .transforms.flags import FLAGS
 
 
@@ -242,6 +242,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         each checked by the algorithm: ``(algorithm, params, grads, states, group, whole parameters)``."""
         algorithm = self.algorithm_of(group)
         check, state_of, local_of = algorithm.check_local, self.state, layout.local  # hot loop: bound once
+        flag_keys = flag_state_keys(algorithm, group)
         params, grads, states, wholes = [], [], [], []
         for i, param in enumerate(group["params"]):
             if param.grad is None or self._on_owner(param):
@@ -249,6 +250,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             state = state_of[param]
             if not state:
                 state.update(self._init_state(algorithm, param, group))
+            elif flag_keys and not flag_keys <= state.keys():
+                state.update(self._flag_state(algorithm, param, group, state))
             local = local_of(param)
             try:
                 grad = layout.local_grad(param, param.grad)
@@ -270,9 +273,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _matrix_state(self, entry: MatrixEntry) -> dict[str, Tensor]:
         state = self.state[entry.param]
+        group = self.param_groups[entry.group_index]
         if not state:
-            state.update(self._init_state(entry.algorithm, entry.param, self.param_groups[entry.group_index]))
+            state.update(self._init_state(entry.algorithm, entry.param, group))
+        elif not flag_state_keys(entry.algorithm, group) <= state.keys():
+            state.update(self._flag_state(entry.algorithm, entry.param, group, state))
         return state
+
+    def _flag_state(self, algorithm: Algorithm, param: Tensor, group: dict[str, Any],
+                    state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The state of flags switched on after the parameter's first step (or absent from a loaded state dict):
+        fresh, as the flag's first step would make it (HeavyBall does the same)."""
+        fresh = flag_state(algorithm, layout.local(param), group)
+        return {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
+                for key, value in fresh.items() if key not in state}
 
     def _on_owner(self, param: Tensor) -> bool:
         """Whether ``param`` runs on the owner route (a matrix algorithm that needs the whole matrix)."""

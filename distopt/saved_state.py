@@ -33,7 +33,8 @@ from .algos.base import OWNER_PREFIX
 from .owner import group_layout
 from .sharding import layout, rows
 from .sharding.rows import OwnerItem
-from .transforms.chain import is_scalar_state
+from .transforms.chain import flag_state_keys, is_scalar_state
+from .transforms.flags import FLAGS
 
 
 class StateDictMismatch(ValueError):
@@ -204,7 +205,9 @@ class SavedState:
                 saved = _renamed(saved, algorithm.renamed_local_state)
             fresh = self.opt._init_state(algorithm, param, group)
             unsaved = set(algorithm.unsaved_state)
-            missing = sorted(set(fresh) - set(saved) - unsaved)
+            # A flag's state may be absent (a torch.optim state dict, a flag switched on at resume): it starts fresh.
+            optional = flag_state_keys(algorithm, group)
+            missing = sorted(set(fresh) - set(saved) - unsaved - optional)
             extra = sorted(set(saved) - set(fresh) - unsaved)
             if missing or extra:
                 raise StateDictMismatch(f"optimizer state of {name} ({algorithm.name}) does not match: missing "
@@ -217,7 +220,7 @@ class SavedState:
                 # would tell SGD that its first step is past. As in torch.optim, nothing is kept.
                 continue
             for key, target in fresh.items():
-                if key in unsaved:
+                if key in unsaved or (key in optional and key not in saved):
                     continue
                 value = saved[key]
                 if not isinstance(value, Tensor):
@@ -297,6 +300,10 @@ class SavedState:
             new["algorithm"] = group["algorithm"]
             for key in self.opt.algorithm_of(group).hyperparameters:
                 new.setdefault(key, group[key])
+            if "algorithm" not in saved:  # torch.optim has no flags: this group's stay on
+                for key in FLAGS:
+                    if key in group:
+                        new.setdefault(key, group[key])
             new["params"] = group["params"]
             if "param_names" in group:
                 new["param_names"] = group["param_names"]

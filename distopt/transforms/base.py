@@ -64,6 +64,8 @@ class Transform:
     reductions: ClassVar[int] = 0
     #: Whether the totals are pooled over every tensor of the reduction (a global norm) rather than per tensor.
     pooled: ClassVar[bool] = False
+    #: The keys :meth:`init` returns.
+    state_keys: ClassVar[tuple[str, ...]] = ()
     #: State entries that are scalars (not shaped like the parameter).
     scalar_state: ClassVar[tuple[str, ...]] = ()
 

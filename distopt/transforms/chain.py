@@ -69,6 +69,14 @@ def flag_state(algorithm: Any, param: Tensor, hp: Mapping[str, Any]) -> dict[str
     return state
 
 
+def flag_state_keys(algorithm: Any, hp: Mapping[str, Any]) -> frozenset[str]:
+    """The state keys of the group's flags (empty when no flag is on)."""
+    if not flags.active(hp):
+        return frozenset()
+    before, after = parts(algorithm, hp)
+    return frozenset(key for transform in (*before, *after) for key in transform.state_keys)
+
+
 def is_scalar_state(algorithm: Any, key: str) -> bool:
     """Whether a state entry is a scalar rather than shaped like the parameter."""
     return key in algorithm.scalar_state or key in Kourkoutas.scalar_state

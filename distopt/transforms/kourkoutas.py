@@ -25,7 +25,7 @@ from .base import Transform, TensorStep
 class Kourkoutas(Transform):
     name = "kourkoutas_beta"
     reductions = 1
-    scalar_state = ("kourkoutas_r_ema", "kourkoutas_sum_sq")
+    scalar_state = state_keys = ("kourkoutas_r_ema", "kourkoutas_sum_sq")
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         return {key: torch.tensor(0.0, dtype=torch.float32) for key in self.scalar_state}

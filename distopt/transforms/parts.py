@@ -29,6 +29,7 @@ class Mars(Transform):
     compare against. State: ``mars_prev_grad``."""
 
     name = "mars"
+    state_keys = ("mars_prev_grad",)
 
     def __init__(self, beta1: Callable[[Mapping[str, Any]], float]):
         self.beta1 = beta1
