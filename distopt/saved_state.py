@@ -141,7 +141,8 @@ class SavedState:
         state = {}
         for pid, saved in torch_state_dict["state"].items():
             param, gi, _ = params[pid]
-            unsaved = self.opt.algorithm_of(self.opt.param_groups[gi]).unsaved_state
+            group = self.opt.param_groups[gi]
+            unsaved = self.opt.algorithm_of(group).unsaved_keys(group)
             out = {}
             for key, value in saved.items():
                 if key in unsaved:
@@ -220,7 +221,8 @@ class SavedState:
                 # would tell SGD that its first step is past. As in torch.optim, nothing is kept.
                 continue
             for key, target in fresh.items():
-                if key in unsaved or (key in optional and key not in saved):
+                # Keys torch.optim does not keep, or flags' state, may be absent; where present they are loaded.
+                if key not in saved and (key in unsaved or key in optional):
                     continue
                 value = saved[key]
                 if not isinstance(value, Tensor):
@@ -236,7 +238,8 @@ class SavedState:
                 else:
                     _check_shape(value, tuple(param.shape), name, key)
                     layout.local(target).copy_(_local_part(value, param))
-            algorithm.restore_unsaved(fresh)
+            if not unsaved <= saved.keys():
+                algorithm.restore_unsaved(fresh)
             new_state[param] = fresh
         if route is not None:
             self._install_owner_state(owner_blocks, new_state, groups)

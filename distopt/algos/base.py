@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
+from ..transforms import flags
 from ..transforms.flags import SWITCHES as FLAG_SWITCHES
 
 ELEMENTWISE = "elementwise"
@@ -89,6 +90,13 @@ class Algorithm:
     def check_torch_group(self, saved: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if a param group saved by a torch.optim optimizer (no ``"algorithm"`` key) holds a
         setting that this algorithm would silently run otherwise."""
+
+    def unsaved_keys(self, hp: Mapping[str, Any]) -> tuple[str, ...]:
+        """The :attr:`unsaved_state` entries left out of this group's state dicts: all of them, but the step
+        counter where a flag's schedule reads it (``warmup_steps``), so that a resumed run continues the schedule."""
+        if flags.reads_step(hp):
+            return tuple(key for key in self.unsaved_state if key != "step")
+        return self.unsaved_state
 
     def restore_unsaved(self, state: dict[str, Tensor]) -> None:
         """Rebuild the :attr:`unsaved_state` entries of a state just loaded (the others are in place)."""

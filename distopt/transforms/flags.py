@@ -85,6 +85,11 @@ def check(algo: str, hp: Mapping[str, Any], refused: Mapping[str, str]) -> None:
                              f"beta2_min={value(hp, 'beta2_min')!r}")
 
 
+def reads_step(hp: Mapping[str, Any]) -> bool:
+    """Whether a flag's schedule depends on the step count (so that the count must be saved)."""
+    return bool(value(hp, "warmup_steps") or value(hp, "palm") or value(hp, "kourkoutas_beta"))
+
+
 def fill(hp: dict[str, Any]) -> None:
     """Settings a switch derives from the group: optimi's ``max_lr`` defaults to the group's ``lr`` (optimi takes
     the constructor's, which gives a group with its own ``lr`` another decay than it asked for)."""
