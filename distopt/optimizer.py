@@ -131,7 +131,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _register(self, algorithm: Algorithm) -> Algorithm:
         known = self._algorithms.setdefault(algorithm.name, algorithm)
-        if type(known) is not type(algorithm):
+        signature = getattr(known, "signature", None)
+        if type(known) is not type(algorithm) or (signature is not None and signature() != algorithm.signature()):
             raise ValueError(f"two different algorithms share the name {algorithm.name!r}: {known!r} and "
                              f"{algorithm!r}")
         return known
@@ -210,12 +211,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for algorithm, params, grads, states, group, wholes in batches:
             if not params:
                 continue
-            if algorithm.kind == MATRIX:
-                for param, grad, state in zip(params, grads, states):
-                    algorithm.local_update(param, grad, state, group)
-            elif flags.active(group):
+            if algorithm.chained(group):
                 run_elementwise(algorithm, params, grads, states, group, [tuple(p.shape) for p in wholes],
                                 self._reducer(wholes))
+            elif algorithm.kind == MATRIX:
+                for param, grad, state in zip(params, grads, states):
+                    algorithm.local_update(param, grad, state, group)
             else:
                 algorithm.apply_many(params, grads, states, group)
         if self._owner is not None:

@@ -122,7 +122,8 @@ class OwnerRoute:
         chains: dict[int, tuple[list[int], list, Reducer]] = {}
         by_group: dict[int, list[int]] = defaultdict(list)
         for m in sorted(active):
-            if flags.active(groups[self.entries[m].group_index]):
+            entry = self.entries[m]
+            if entry.algorithm.chained(groups[entry.group_index]):
                 by_group[self.entries[m].group_index].append(m)
         for group_index, members in by_group.items():
             entries = [self.entries[m] for m in members]

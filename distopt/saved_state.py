@@ -220,9 +220,10 @@ class SavedState:
                 # step): installing it would hold every state tensor unsharded before FSDP shards the model, and
                 # would tell SGD that its first step is past. As in torch.optim, nothing is kept.
                 continue
+            skipped = set(algorithm.unsaved_keys(group))  # the step counter is read where a flag's schedule needs it
             for key, target in fresh.items():
-                # Keys torch.optim does not keep, or flags' state, may be absent; where present they are loaded.
-                if key not in saved and (key in unsaved or key in optional):
+                # Keys torch.optim does not keep, and flags' state, may be absent.
+                if key in skipped or (key not in saved and (key in unsaved or key in optional)):
                     continue
                 value = saved[key]
                 if not isinstance(value, Tensor):
@@ -238,7 +239,7 @@ class SavedState:
                 else:
                     _check_shape(value, tuple(param.shape), name, key)
                     layout.local(target).copy_(_local_part(value, param))
-            if not unsaved <= saved.keys():
+            if not unsaved <= (saved.keys() - skipped):
                 algorithm.restore_unsaved(fresh)
             new_state[param] = fresh
         if route is not None:

@@ -24,6 +24,12 @@ REGISTRY: dict[str, type[Algorithm]] = {
 ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == ELEMENTWISE)
 
 
+from ..transforms.custom import laprop_ortho, muon_laprop, ortho_laprop  # noqa: E402  (chains of the classes above)
+
+#: Built-in chains (HeavyBall's names, lowercase): each name builds a fresh :class:`~distopt.transforms.Chain`.
+CHAINS = {"muonlaprop": muon_laprop, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho}
+
+
 def resolve(algorithm: str | Algorithm) -> Algorithm:
     """Turn a name or an algorithm object into an algorithm object; unknown names list the known ones."""
     if isinstance(algorithm, Algorithm):
@@ -32,9 +38,10 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
         return algorithm()
     if not isinstance(algorithm, str):
         raise TypeError(f"algorithm must be a name or an Algorithm object, got {algorithm!r}")
-    cls = REGISTRY.get(algorithm.lower())
+    cls = REGISTRY.get(algorithm.lower()) or CHAINS.get(algorithm.lower())
     if cls is None:
-        raise ValueError(f"unknown algorithm {algorithm!r}; known algorithms: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(f"unknown algorithm {algorithm!r}; known algorithms: "
+                         f"{', '.join(sorted({*REGISTRY, *CHAINS}))}")
     return cls()
 
 

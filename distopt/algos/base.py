@@ -79,6 +79,11 @@ class Algorithm:
         None means that this step makes no update (ADOPT's first)."""
         raise NotImplementedError(f"{self.name} has no chain form")
 
+    def chained(self, hp: Mapping[str, Any]) -> bool:
+        """Whether this group runs through the chain runtime (:mod:`distopt.transforms.chain`): when a flag is on
+        (custom chains always do); otherwise the algorithm's own step runs."""
+        return bool(flags.active(hp))
+
     def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
         """Whether ``weight_decay`` is applied to the parameter (decoupled) rather than added to the gradient."""
         return True

@@ -22,6 +22,19 @@ from .base import Reducer, TensorStep, Transform, run
 from .kourkoutas import Kourkoutas
 from .parts import Caution, Clip, Grams, Mars, OrthoGraft, OrthoProject, PaLM, apply_update
 
+
+class CountStep(Transform):
+    """A custom chain's step counter (``state["step"]``), first among its own transforms."""
+
+    name = "count_step"
+
+    def update(self, t: TensorStep, totals: Tensor | None) -> None:
+        t.state["step"] += 1
+        return None
+
+
+COUNT_STEP = CountStep()
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -55,8 +68,13 @@ def _parts(algorithm: Any, key: tuple) -> tuple[tuple[Transform, ...], tuple[Tra
 
 
 def parts(algorithm: Any, hp: Mapping[str, Any]) -> tuple[tuple[Transform, ...], tuple[Transform, ...]]:
-    """The transforms before and after the core for this group's flags."""
-    return _parts(algorithm, _key(hp))
+    """The transforms before and after the owner section (for an elementwise algorithm: around its core): the
+    group's flags, and a custom chain's own transforms."""
+    before, after = _parts(algorithm, _key(hp))
+    own = getattr(algorithm, "transforms", None)
+    if own is None:
+        return before, after
+    return (*before, COUNT_STEP, *algorithm.before), (*algorithm.after, *after)
 
 
 def flag_state(algorithm: Any, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -121,16 +139,18 @@ class _Promoted:
 def run_elementwise(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
                     states: Sequence[dict[str, Tensor]], hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
                     reducer: Reducer) -> None:
-    """One step of an elementwise group with flags on."""
+    """One step of an elementwise group with flags on, or of a custom chain (for a matrix chain: its tensors that
+    skip the owner section)."""
     before, after = parts(algorithm, hp)
     steps = begin(params, grads, states, hp, shapes)
     run(before, steps, reducer)
-    for t in steps:
-        u = _Promoted(t).run(algorithm.direction, t.param, t.u, hp, t)
-        if u is None:
-            t.skip = True
-        else:
-            t.u = u
+    if getattr(algorithm, "transforms", None) is None:
+        for t in steps:
+            u = _Promoted(t).run(algorithm.direction, t.param, t.u, hp, t)
+            if u is None:
+                t.skip = True
+            else:
+                t.u = u
     finish(algorithm, steps, after, reducer)
 
 

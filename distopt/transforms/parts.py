@@ -95,6 +95,8 @@ class OrthoProject(Transform):
 
     def __init__(self, eps: float | None = 1e-30):
         self.eps = eps
+        if eps is None:  # the group's eps, as HeavyBall's OrthoLaProp reads it
+            self.hyperparameters = {"eps": 1e-8}
 
     def partials(self, t: TensorStep) -> Tensor:
         w, u = _f32(t.param), _f32(t.u)

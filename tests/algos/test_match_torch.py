@@ -55,11 +55,14 @@ def test_complex_parameters_match_torch():
 
 @pytest.mark.parametrize("name", sorted(TORCH_OPTIMIZERS))
 def test_constructor_signature_is_torchs(name):
-    """Every keyword of the torch.optim namesake exists with the same default (and the same kind)."""
+    """Every keyword of the torch.optim namesake exists with the same default (and the same kind), in the same
+    order; distopt adds only the seeds' flags, as a trailing ``**flags``."""
     import inspect
 
     theirs = inspect.signature(TORCH_OPTIMIZERS[name].__init__).parameters
-    ours = inspect.signature(getattr(distopt, TORCH_OPTIMIZERS[name].__name__).__init__).parameters
+    ours = dict(inspect.signature(getattr(distopt, TORCH_OPTIMIZERS[name].__name__).__init__).parameters)
+    flags = ours.pop("flags")
+    assert flags.kind == inspect.Parameter.VAR_KEYWORD
     assert list(theirs) == list(ours)
     for key, param in theirs.items():
         assert ours[key].default == param.default, key

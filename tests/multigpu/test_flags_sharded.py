@@ -74,13 +74,28 @@ def _configs():
                 warmup_steps=2, cautious_weight_decay=True)
     configs["muon/caution"] = ("muon", dict(lr=0.02), dict(caution=True), 2, True)  # one call each: muon, adamw
     configs["muon/everything"] = ("muon", dict(lr=0.02), muon, 8, False)
+    # Chains: matrices on owners and vectors on their shards (one collective for each, per reduction point).
+    configs["muonlaprop/caution"] = ("muonlaprop", dict(owner_dtype="float32"), dict(caution=True), 2, True)
+    configs["ortholaprop"] = ("ortholaprop", {}, {}, 2, False)
+    configs["laproportho/caution"] = ("laproportho", {}, dict(caution=True), 3, False)
+    configs["custom/sign_caution"] = (sign_caution, dict(lr=0.01), dict(mars=True), 1, True)
     return configs
+
+
+def sign_caution():
+    """A user's chain, built from the public parts."""
+    from distopt.transforms.cores import ScaleByAdam
+    from distopt.transforms.custom import Chain
+    from distopt.transforms.parts import Caution
+    return Chain("sign_caution", [ScaleByAdam(), Caution()])
 
 
 CONFIGS = _configs()
 
 
 def _groups(model, algo, hp, flags):
+    if callable(algo):
+        algo = algo()
     if algo != "muon":
         return DistributedOptimizer(model.named_parameters(), algo, **{**hp, **flags})
     named = list(model.named_parameters())
