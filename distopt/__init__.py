@@ -2,11 +2,14 @@
 
 from .algos import REGISTRY as ALGORITHMS
 from .algos import Algorithm
-from .constructors import ADOPT, SGD, AdamW, Adam, AdEMAMix, LaProp, Lion, Muon, NAdam, PSGDKron, RMSprop, SOAP
+from .constructors import (ADOPT, SGD, AdamW, Adam, AdEMAMix, LaProp, LaPropOrtho, Lion, Muon, MuonLaProp, NAdam,
+                           OrthoLaProp, PSGDKron, RMSprop, SOAP)
 from .optimizer import DistributedOptimizer
 from .saved_state import StateDictMismatch
+from .transforms.custom import Chain
 
 __version__ = "0.1.0"
 
 __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "SGD", "NAdam", "RMSprop", "Lion",
-           "LaProp", "ADOPT", "AdEMAMix", "Muon", "SOAP", "PSGDKron", "StateDictMismatch"]
+           "LaProp", "ADOPT", "AdEMAMix", "Muon", "SOAP", "PSGDKron", "StateDictMismatch", "Chain", "MuonLaProp",
+           "OrthoLaProp", "LaPropOrtho"]

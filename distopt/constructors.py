@@ -189,3 +189,35 @@ class PSGDKron(DistributedOptimizer):
                          memory_save_mode=memory_save_mode, momentum_into_precond_update=momentum_into_precond_update,
                          precond_lr=precond_lr, precond_init_scale=precond_init_scale, merge_dims=merge_dims,
                          seed=seed, process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class _HeavyBallChain(DistributedOptimizer):
+    """HeavyBall 3.2.1's optimizers that are chains of distopt's parts, with HeavyBall's keywords and defaults."""
+
+    chain = ""
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, *, process_group=None,
+                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        super().__init__(params, self.chain, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class MuonLaProp(_HeavyBallChain):
+    """HeavyBall's MuonLaProp: LaProp's momentum, orthogonalized on owner ranks (HeavyBall's five Newton-Schulz
+    coefficient triples, ``ns_coefficients``; the maths in ``owner_dtype``, bfloat16 by default). Tensors with one
+    dimension skip the orthogonalization and stay on their shards."""
+
+    chain = "muonlaprop"
+
+
+class OrthoLaProp(_HeavyBallChain):
+    """HeavyBall's OrthoLaProp: OrthoGrad (https://arxiv.org/abs/2501.04697) on the gradient, then LaProp; the
+    OrthoGrad sums are over the whole tensor, however it is sharded."""
+
+    chain = "ortholaprop"
+
+
+class LaPropOrtho(_HeavyBallChain):
+    """HeavyBall's LaPropOrtho: LaProp, then OrthoGrad on its update."""
+
+    chain = "laproportho"

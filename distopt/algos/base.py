@@ -88,6 +88,10 @@ class Algorithm:
         """Whether ``weight_decay`` is applied to the parameter (decoupled) rather than added to the gradient."""
         return True
 
+    def decays(self, hp: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+        """Whether the chain's last step decays a parameter of this global shape (PSGD decays matrices only)."""
+        return self.decoupled_decay(hp)
+
     def momentum_beta(self, hp: Mapping[str, Any]) -> float:
         """The first moment's decay (MARS's ``β1``)."""
         return float(hp["betas"][0])
@@ -301,6 +305,12 @@ class MatrixAlgorithm(Algorithm):
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:
         raise NotImplementedError
+
+    def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                         shape: tuple[int, ...]) -> Tensor | None:
+        """The chain form of :meth:`finish`: the owner's result (in the parameter's dtype) as the direction ``u`` of
+        the step ``p (1 - lr wd) - lr u``; None for a step that makes no update."""
+        raise NotImplementedError(f"{self.name} has no chain form")
 
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
         """The whole step on one whole parameter: the definition of the maths, and the single-process path."""

@@ -169,7 +169,8 @@ class Muon(MatrixAlgorithm):
     def momentum_beta(self, hp: Mapping[str, Any]) -> float:
         return float(hp["momentum"])
 
-    def finish_direction(self, update: Tensor, hp: Mapping[str, Any], shape: tuple[int, ...]) -> Tensor:
+    def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                         shape: tuple[int, ...]) -> Tensor:
         """The chain form of :meth:`finish`: the step is ``p (1 - lr wd) - lr u`` with this ``u``."""
         return update * adjusted_lr(1.0, hp["adjust_lr_fn"], self.matrix_shape(shape))
 

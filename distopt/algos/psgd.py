@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..compile import kernel
+from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_bool, check_nonnegative, check_unit_interval,
                    new_step_counter, zeros_like)
 
@@ -262,6 +263,22 @@ class PSGDKron(MatrixAlgorithm):
         for i, q in enumerate(factors):
             state[f"{OWNER_PREFIX}Q.{i}"] = q
         return precondition(g, factors, diag).reshape(shape)
+
+    # The chain form (flags): kron-torch's step, ``p - lr (u + wd p)`` on matrices, is the chains' last step.
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        return {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT, "atan2": NO_EPS_DIVISION,
+                "grams": "its update is preconditioned; sign(g)·|u| would undo the preconditioning"}
+
+    def momentum_beta(self, hp: Mapping[str, Any]) -> float:
+        return float(hp["b1"])
+
+    def decays(self, hp: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 2  # kron-torch decays matrices only
+
+    def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                         shape: tuple[int, ...]) -> Tensor:
+        return update
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:

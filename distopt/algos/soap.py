@@ -258,6 +258,36 @@ class SOAP(MatrixAlgorithm):
                 state[f"{OWNER_PREFIX}Q.{i}"] = q[:, order].contiguous()
         state[f"{OWNER_PREFIX}exp_avg_sq"] = exp_avg_sq
 
+    # The chain form (flags). SOAP's own step decays the parameter after moving it, ``(p - s u)(1 - lr wd)``; with
+    # flags the step is the chains' ``p (1 - lr wd) - lr u`` (HeavyBall's order), which differs by ``lr² wd s u``.
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        reason = "its second moment lives in the eigenbasis on the owner, where the flag's schedule does not reach"
+        return {"palm": reason, "kourkoutas_beta": reason,
+                "atan2": "no reference defines atan2 for SOAP's Adam in the eigenbasis",
+                "grams": "its update is preconditioned; sign(g)·|u| would undo the preconditioning"}
+
+    def _step_scale(self, state: dict[str, Tensor], hp: Mapping[str, Any]) -> float | None:
+        t = int(state["step"].item()) - 1
+        if t == 0:
+            return None
+        beta1, beta2 = hp["betas"]
+        return (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t) if hp["correct_bias"] else 1.0
+
+    def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                         shape: tuple[int, ...]) -> Tensor | None:
+        scale = self._step_scale(state, hp)
+        return None if scale is None else update * scale
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor | None:
+        """The local route's chain form (parameters without a factor)."""
+        if not self._momentum(grad, state, hp):
+            return None
+        update = adam_in_eigenbasis(grad, state["exp_avg"], state["exp_avg_sq"], [], hp["betas"][1], hp["eps"],
+                                    hp["normalize_grads"])
+        return update * self._step_scale(state, hp)
+
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:
         t = int(state["step"].item()) - 1

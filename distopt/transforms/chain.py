@@ -156,11 +156,9 @@ def run_elementwise(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Te
 
 def finish(algorithm: Any, steps: list[TensorStep], after: Sequence[Transform], reducer: Reducer) -> None:
     run(after, steps, reducer)
-    if steps:
-        decoupled = algorithm.decoupled_decay(steps[0].hp)
     for t in steps:
         if not t.skip:
-            apply_update(t, decoupled)
+            apply_update(t, algorithm.decays(t.hp, t.shape))
 
 
 def prepare_matrices(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
@@ -183,5 +181,9 @@ def finish_matrices(algorithm: Any, steps: list[TensorStep], updates: Sequence[T
         # The owners' result travels in the wire dtype (bfloat16 for Muon); the shard arithmetic after it runs in
         # the parameter's dtype (or float32 under promote), as torch.optim.Muon adds it to the parameter.
         dtype = torch.promote_types(update.dtype, t.grad.dtype if t.grad.is_floating_point() else t.param.dtype)
-        t.u = algorithm.finish_direction(update.to(torch.promote_types(dtype, t.param.dtype)), hp, t.shape)
+        u = algorithm.finish_direction(update.to(torch.promote_types(dtype, t.param.dtype)), t.state, hp, t.shape)
+        if u is None:  # a step that makes no update (SOAP's first)
+            t.skip = True
+        else:
+            t.u = u
     finish(algorithm, steps, parts(algorithm, hp)[1], reducer)

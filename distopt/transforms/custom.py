@@ -137,7 +137,8 @@ class Chain(MatrixAlgorithm):
             out = transform.owner_update(out, hp, shape)
         return out
 
-    def finish_direction(self, update: Tensor, hp: Mapping[str, Any], shape: tuple[int, ...]) -> Tensor:
+    def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                         shape: tuple[int, ...]) -> Tensor:
         return update
 
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:

@@ -78,6 +78,11 @@ def _configs():
     configs["muonlaprop/caution"] = ("muonlaprop", dict(owner_dtype="float32"), dict(caution=True), 2, True)
     configs["ortholaprop"] = ("ortholaprop", {}, {}, 2, False)
     configs["laproportho/caution"] = ("laproportho", {}, dict(caution=True), 3, False)
+    # SOAP and PSGD: matrices on owners (SOAP's vectors on their shards); MARS and clips before, caution after.
+    second_order = dict(caution=True, mars=True, gradient_clipping="l2_clip", gradient_clip_at=0.5, warmup_steps=2)
+    configs["soap/flags"] = ("soap", dict(lr=0.01, precondition_frequency=2), second_order, 4, False)
+    configs["psgdkron/flags"] = ("psgdkron", dict(lr=0.01, weight_decay=0.1, preconditioner_update_probability=0.5),
+                                 second_order, 2, False)
     configs["custom/sign_caution"] = (sign_caution, dict(lr=0.01), dict(mars=True), 1, True)
     return configs
 
@@ -143,12 +148,18 @@ def _sharded(mesh_kind, names):
 
 
 def _single_process(name):
+    """The ranks run one intra-op thread: SOAP's eigh of rank-deficient statistics depends on LAPACK's blocking."""
     from .sharded_models import Net
     algo, hp, flags, _, _ = CONFIGS[name]
-    torch.manual_seed(0)
-    model = Net()
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    calls, _ = _train(model, [p.detach().clone() for p in model.parameters()], algo, hp, flags)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        calls, _ = _train(model, [p.detach().clone() for p in model.parameters()], algo, hp, flags)
+    finally:
+        torch.set_num_threads(threads)
     assert calls == [], "a single process issues no collective"
     return start, {n: p.detach() for n, p in model.named_parameters()}
 

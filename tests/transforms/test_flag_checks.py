@@ -30,8 +30,11 @@ REFUSED = [
     ("sgd", dict(lr=0.1, fused=True), "mars", "fused=True"),
     ("muon", {}, "grams", "orthogonalized"),
     ("muon", {}, "atan2", "no division"),
-    ("soap", {}, "caution", "no chain form"),
-    ("psgdkron", {}, "mars", "no chain form"),
+    ("soap", {}, "palm", "eigenbasis on the owner"),
+    ("soap", {}, "grams", "preconditioned"),
+    ("psgdkron", {}, "kourkoutas_beta", "no bias-corrected second moment"),
+    ("muonlaprop", {}, "grams", "orthogonalized"),
+    ("ortholaprop", {}, "atan2", "no eps division of its own"),
 ]
 
 
