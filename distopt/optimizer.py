@@ -25,6 +25,7 @@ from .sharding.plan import Plan
 from .transforms import Reducer, flags
 from .transforms.chain import flag_state, flag_state_keys, is_scalar_state, run_elementwise
 from .transforms.flags import FLAGS
+from .transforms.global_clip import clip_grad_norm
 
 
 
@@ -41,6 +42,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         bucket_bytes: payload bound of one bucket of the owner exchange (whole matrices in the wire dtype).
         compile: run the owners' maths under ``torch.compile``; None (default) reads the environment variable
             ``DISTOPT_COMPILE`` (on unless it is ``0``).
+        max_grad_norm: clip the norm of all gradients together, over every parameter of every rank, before the
+            step (``torch.nn.utils.clip_grad_norm_``'s maths; the gradients are scaled in place, and the norm before
+            the clip is kept in :attr:`last_grad_norm`). One ``all_reduce`` of one number per step.
         **hyperparameters: defaults for every group whose algorithm has a hyperparameter of that name; the
             algorithm's own defaults fill in the rest. A name that no group's algorithm knows is a ``TypeError``.
 
@@ -50,7 +54,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm = "adamw", *, process_group=None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool | None = None, **hyperparameters: Any):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool | None = None,
+                 max_grad_norm: float | None = None, **hyperparameters: Any):
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not max_grad_norm > 0):
+            raise ValueError(f"invalid max_grad_norm={max_grad_norm!r} (must be None or a number > 0)")
+        self.max_grad_norm = max_grad_norm
+        #: The norm of all gradients before the clip, at the last step (``max_grad_norm`` only; a 0-d tensor).
+        self.last_grad_norm: Tensor | None = None
         self._process_group, self._bucket_bytes = process_group, bucket_bytes
         self._compile = default_enabled() if compile is None else bool(compile)
         self._owner: OwnerRoute | None = None
@@ -205,6 +216,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Every gradient is checked before any parameter moves, so a bad one leaves nothing half-updated.
         for group_index, group in enumerate(self.param_groups):
             self._check_grads(group, group_index, self.algorithm_of(group))
+        if self.max_grad_norm is not None:
+            self._clip_grad_norm()
         # Every tensor that runs on its own shard (elementwise groups, and the parameters of matrix groups whose
         # maths is elementwise for their shape); the owner route below runs the rest.
         batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)]
@@ -223,6 +236,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._owner.step(self.param_groups, self._matrix_state,
                              lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]))
         return loss
+
+    def _clip_grad_norm(self) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        reducer = self._reducer(params)
+        grads = [layout.local_grad(p, p.grad) for p in params]
+        self.last_grad_norm = clip_grad_norm(grads, reducer.weights, float(self.max_grad_norm), reducer.all_reduce)
 
     def _reducer(self, params: list[Tensor]) -> Reducer:
         """Sums over the process group for the flags of a batch of parameters (see :class:`Reducer`)."""

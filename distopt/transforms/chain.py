@@ -102,38 +102,32 @@ def is_scalar_state(algorithm: Any, key: str) -> bool:
 
 def begin(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]],
           hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]]) -> list[TensorStep]:
-    """One :class:`TensorStep` per tensor: the gradient as the chain takes it in (negated under ``maximize``,
-    float32 under ``promote``)."""
+    """One :class:`TensorStep` per tensor: the gradient as the chain takes it in (negated under ``maximize``).
+    Under ``promote`` the chain runs on float32 copies of a low-precision gradient and state; :func:`end` writes
+    the state back."""
     maximize, promote = hp.get("maximize", False), flags.value(hp, "promote")
     steps = []
     for param, grad, state, shape in zip(params, grads, states, shapes):
         if maximize:
             grad = -grad
-        if promote and grad.dtype in LOW_PRECISION:
-            grad = grad.float()
-        steps.append(TensorStep(param=param, grad=grad, u=grad, state=state, hp=hp, numel=math.prod(shape),
-                                shape=tuple(shape), step=int(state["step"]) + 1))
+        low = {}
+        if promote:
+            grad = grad.float() if grad.dtype in LOW_PRECISION else grad
+            low = {k: v for k, v in state.items() if v.dtype in LOW_PRECISION}
+            state = {**state, **{k: v.float() for k, v in low.items()}} if low else state
+        t = TensorStep(param=param, grad=grad, u=grad, state=state, hp=hp, numel=math.prod(shape),
+                       shape=tuple(shape), step=int(state["step"]) + 1)
+        if low:
+            t.extra["low_precision_state"] = low
+        steps.append(t)
     return steps
 
 
-class _Promoted:
-    """Under ``promote``, the core runs on float32 copies of low-precision state, written back after."""
-
-    def __init__(self, t: TensorStep):
-        self.t = t
-        self.low = {k: v for k, v in t.state.items() if flags.value(t.hp, "promote") and v.dtype in LOW_PRECISION}
-
-    def __enter__(self) -> dict[str, Tensor]:
-        if not self.low:
-            return self.t.state
-        return {**self.t.state, **{k: v.float() for k, v in self.low.items()}}
-
-    def run(self, fn, *args):
-        state = self.__enter__()
-        out = fn(*args[:2], state, *args[2:])
-        for key, original in self.low.items():
-            original.copy_(state[key])
-        return out
+def end(steps: list[TensorStep]) -> None:
+    """Write float32 copies of low-precision state back (``promote``)."""
+    for t in steps:
+        for key, original in t.extra.pop("low_precision_state", {}).items():
+            original.copy_(t.state[key])
 
 
 def run_elementwise(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
@@ -146,7 +140,7 @@ def run_elementwise(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Te
     run(before, steps, reducer)
     if getattr(algorithm, "transforms", None) is None:
         for t in steps:
-            u = _Promoted(t).run(algorithm.direction, t.param, t.u, hp, t)
+            u = algorithm.direction(t.param, t.u, t.state, hp, t)
             if u is None:
                 t.skip = True
             else:
@@ -159,6 +153,7 @@ def finish(algorithm: Any, steps: list[TensorStep], after: Sequence[Transform], 
     for t in steps:
         if not t.skip:
             apply_update(t, algorithm.decays(t.hp, t.shape))
+    end(steps)
 
 
 def prepare_matrices(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
@@ -168,7 +163,7 @@ def prepare_matrices(algorithm: Any, params: Sequence[Tensor], grads: Sequence[T
     before, _ = parts(algorithm, hp)
     steps = begin(params, grads, states, hp, shapes)
     run(before, steps, reducer)
-    pieces = [_Promoted(t).run(algorithm.prepare, t.param, t.u, hp) for t in steps]
+    pieces = [algorithm.prepare(t.param, t.u, t.state, hp) for t in steps]
     return pieces, steps
 
 
