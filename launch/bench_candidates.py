@@ -205,6 +205,30 @@ def _psgd() -> list[Candidate]:
             Candidate("kron_torch.Kron", _kron(PSGD))]
 
 
+# -- flags (the transforms issue): the same flags on both sides ------------------------------------------------------
+ADAMW_FLAGS = {"caution": True, "mars": True}
+MUON_FLAGS = {"caution": True}
+
+
+def _adamw_flags() -> list[Candidate]:
+    hp = {**ADAMW, "betas": (0.9, 0.99)}  # heavyball's AdamW default betas; distopt takes the same
+    return [Candidate("distopt.AdamW caution+mars", lambda ps, mesh: distopt.AdamW(ps, **hp, **ADAMW_FLAGS),
+                      ours=True),
+            Candidate("distopt.AdamW", lambda ps, mesh: distopt.AdamW(ps, **hp), ours=True),
+            Candidate("heavyball.AdamW caution+mars", _heavyball("AdamW", **hp, **ADAMW_FLAGS)),
+            Candidate("heavyball.AdamW", _heavyball("AdamW", **hp))]
+
+
+def _muon_flags() -> list[Candidate]:
+    return [Candidate("distopt.Muon caution (compiled)", lambda ps, mesh: distopt.DistributedOptimizer(
+                ps, algorithm="muon", compile=True, **MUON, **MUON_FLAGS), ours=True),
+            Candidate("distopt.Muon (compiled)", _distopt("muon", True, MUON), ours=True),
+            Candidate("heavyball.Muon caution", _heavyball("Muon", lr=MUON["lr"], betas=(MUON["momentum"], 0.99),
+                                                           weight_decay=MUON["weight_decay"], **MUON_FLAGS)),
+            Candidate("heavyball.Muon", _heavyball("Muon", lr=MUON["lr"], betas=(MUON["momentum"], 0.99),
+                                                   weight_decay=MUON["weight_decay"]))]
+
+
 def _kron(hp: dict):
     def build(ps, mesh):
         import kron_torch
@@ -226,6 +250,8 @@ SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
     "muon": _muon,
     "soap": lambda dion_path: _soap(),
     "psgd": lambda dion_path: _psgd(),
+    "adamw_flags": lambda dion_path: _adamw_flags(),
+    "muon_flags": lambda dion_path: _muon_flags(),
 }
 
 

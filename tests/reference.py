@@ -116,6 +116,20 @@ def adamw_grams(p, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
     return out
 
 
+def laprop_atan2(p, grads, lr=4e-4, betas=(0.8, 0.99), weight_decay=0.0):
+    """LaProp (Ziyin et al. 2020, Algorithm 1) with Adam-atan2's division (Everett et al. 2024, arXiv 2407.05872)
+    in adv_optm's constants: the normalised gradient ``(4/π) atan2(g, sqrt(v̂))``, no eps."""
+    b1, b2 = betas
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        v = b2 * v + (1 - b2) * g * g
+        m = b1 * m + (1 - b1) * (4 / math.pi) * torch.atan2(g, (v / (1 - b2**t)).sqrt())
+        p = p * (1 - lr * weight_decay) - lr * m / (1 - b1**t)
+        out.append(p)
+    return out
+
+
 def ademamix(p, grads, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
              eps=1e-8, weight_decay=0.0, maximize=False):
     """Pagliardini et al. 2024, Algorithm 1 with the schedulers of Section 3."""

@@ -1,6 +1,6 @@
 """The flags that HeavyBall lacks, against the library that has them: adv_optm 2.5.16 (Adam-atan2 on AdamW and
-ADOPT, OrthoGrad, Kourkoutas-β, cautious weight decay), torch-optimi 0.3.3 (``decouple_lr``), and, for Grams (in
-none of the installed libraries), a loop from the paper in ``tests/reference.py``.
+ADOPT, OrthoGrad, Kourkoutas-β, cautious weight decay), torch-optimi 0.3.3 (``decouple_lr``), and, for Grams and
+LaProp with atan2 (in none of the installed libraries), loops from the papers in ``tests/reference.py``.
 
 adv_optm and optimi run in float32 (adv_optm's OrthoGrad and Kourkoutas-β sums are float32 whatever the input), so
 both sides run float32 with the same gradients, stochastic rounding off: they differ by the rounding of a few
@@ -98,15 +98,29 @@ def test_decouple_lr_equals_optimi_under_a_schedule():
     check(ours, theirs, plain)
 
 
-def test_grams_equals_the_paper_loop():
-    hp = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    start, ours = run(lambda ps: distopt.DistributedOptimizer(ps, "adamw", grams=True, **hp), dtype=torch.float64)
+def _grads_float64():
     gen = torch.Generator().manual_seed(1)
     grads = [[] for _ in SHAPES]
     for _ in range(STEPS):
         for i, s in enumerate(SHAPES):
             grads[i].append(torch.randn(s, generator=gen, dtype=torch.float64))
-    expected = [reference.adamw_grams(p, g, **hp)[-1] for p, g in zip(start, grads)]
+    return grads
+
+
+def test_laprop_atan2_equals_the_paper_loop():
+    """No library has LaProp with atan2: a loop from the two papers, with adv_optm's constants."""
+    hp = dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
+    start, ours = run(lambda ps: distopt.DistributedOptimizer(ps, "laprop", atan2=True, **hp), dtype=torch.float64)
+    expected = [reference.laprop_atan2(p, g, **hp)[-1] for p, g in zip(start, _grads_float64())]
+    _, plain = run(lambda ps: distopt.DistributedOptimizer(ps, "laprop", **hp), dtype=torch.float64)
+    assert worst(ours, expected) <= 1e-12 * worst(ours, start)
+    assert worst(ours, plain) > 1e-6
+
+
+def test_grams_equals_the_paper_loop():
+    hp = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    start, ours = run(lambda ps: distopt.DistributedOptimizer(ps, "adamw", grams=True, **hp), dtype=torch.float64)
+    expected = [reference.adamw_grams(p, g, **hp)[-1] for p, g in zip(start, _grads_float64())]
     _, plain = run(lambda ps: distopt.DistributedOptimizer(ps, "adamw", **hp), dtype=torch.float64)
     assert worst(ours, expected) <= 1e-12 * worst(ours, start)
     assert worst(ours, plain) > 1e-6
