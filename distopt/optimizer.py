@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import algos, param_groups, replaced_params
+from .algos import compiled as compiled_pass
 from .algos import MATRIX, Algorithm
 from .compile import default_enabled
 from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute, group_layout
@@ -40,8 +41,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         process_group: the ranks that share the matrix algorithms' work (default: the whole job). Plain tensors in
             a multi-rank job are taken to be replicated over it (DDP-style).
         bucket_bytes: payload bound of one bucket of the owner exchange (whole matrices in the wire dtype).
-        compile: run the owners' maths under ``torch.compile``; None (default) reads the environment variable
-            ``DISTOPT_COMPILE`` (on unless it is ``0``).
+        compile: run the owners' maths, and each elementwise group's step (one fused pass over its local tensors,
+            :mod:`distopt.algos.compiled`), under ``torch.compile``; None (default) reads the environment variable
+            ``DISTOPT_COMPILE`` (on unless it is ``0``). Off, the elementwise steps are torch.optim's arithmetic to
+            the bit; on, they differ from it by a few float32 units per step.
         max_grad_norm: clip the norm of all gradients together, over every parameter of every rank, before the
             step (``torch.nn.utils.clip_grad_norm_``'s maths; the gradients are scaled in place, and the norm before
             the clip is kept in :attr:`last_grad_norm`). One ``all_reduce`` of one number per step.
@@ -231,7 +234,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 for param, grad, state in zip(params, grads, states):
                     algorithm.local_update(param, grad, state, group)
             else:
-                algorithm.apply_many(params, grads, states, group)
+                eager = compiled_pass.run(algorithm, params, grads, states, group) if self._compile else None
+                if eager is not None and len(eager) < len(params):
+                    params, grads, states = ([xs[i] for i in eager] for xs in (params, grads, states))
+                if params:
+                    algorithm.apply_many(params, grads, states, group)
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state,
                              lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]))
