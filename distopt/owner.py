@@ -21,7 +21,7 @@ from .algos import MatrixAlgorithm
 from .compile import compiling
 from .sharding import exchange, layout
 from .sharding.plan import MatrixSpec, Plan, make_plan
-from .transforms import Reducer, flags
+from .transforms import Reducer
 from .transforms.chain import finish_matrices, prepare_matrices
 
 #: Default payload bound of one bucket (whole matrices, in the wire dtype).

@@ -11,7 +11,6 @@ from typing import Any
 
 from torch import Tensor
 
-from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
 from .base import (second_moment_decay, Algorithm, check_betas, check_nonnegative, check_optional_positive_int, check_bool,
                    new_step_counter, zeros_like)
 

@@ -13,7 +13,7 @@ from torch import Tensor
 import math
 
 from ..transforms import flags
-from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
+from ..transforms.flags import L2_DECAY
 from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 

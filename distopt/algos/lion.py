@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
+from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
 from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
+from ..transforms.flags import L2_DECAY
 from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, second_moment_decay, zeros_like
 
 

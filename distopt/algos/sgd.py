@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
+from ..transforms.flags import L2_DECAY, NO_EPS_DIVISION, NO_SECOND_MOMENT
 from .base import (FLAG_SWITCHES, Algorithm, check_bool, check_fusable, check_nonnegative, check_optional_bool,
                    group_by_device_and_dtype, new_step_counter, zeros_like, _as_number)
 

@@ -14,18 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..algos.base import second_moment_decay
 from ..algos.muon import OWNER_DTYPES
 from .base import OWNER, Transform, TensorStep
 
 
 def _zeros(param: Tensor) -> Tensor:
     return torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def _second_moment(t: TensorStep, beta2: float) -> tuple[float, float]:
-    decay = beta2 if t.beta2 is None else t.beta2
-    correction = 1 - beta2**t.step if t.bias_correction2 is None else t.bias_correction2
-    return decay, correction
 
 
 class ScaleByAdam(Transform):
@@ -44,7 +39,7 @@ class ScaleByAdam(Transform):
         beta1, beta2 = t.hp["betas"]
         m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
         m.lerp_(t.u, 1 - beta1)
-        decay, correction = _second_moment(t, beta2)
+        decay, correction = second_moment_decay(t, beta2)
         v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
         return (m / (1 - beta1**t.step)) / (v / correction).sqrt().clamp(min=t.hp["eps"])
 
@@ -66,7 +61,7 @@ class ScaleByLaProp(Transform):
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
         beta1, beta2 = t.hp["betas"]
         m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
-        decay, correction = _second_moment(t, beta2)
+        decay, correction = second_moment_decay(t, beta2)
         v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
         m.lerp_(t.u / (v / correction).sqrt().clamp(min=self.floor), 1 - beta1)
         return m / (1 - beta1**t.step)

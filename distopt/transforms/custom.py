@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..algos.base import ELEMENTWISE, MATRIX, MatrixAlgorithm, check_nonnegative, new_step_counter
 from . import flags
-from .base import OWNER, Transform, TensorStep
+from .base import OWNER, Transform
 from .cores import Orthogonalize, ScaleByLaProp
 from .parts import OrthoGraft, OrthoProject
 

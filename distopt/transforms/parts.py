@@ -7,7 +7,6 @@ over every rank.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
