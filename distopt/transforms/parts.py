@@ -17,6 +17,11 @@ from . import flags
 from .base import Transform, TensorStep
 
 
+#: Integer dtypes of the same width, to read a float's sign bit as the integer's sign.
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+                   torch.float16: torch.int16}
+
+
 def _f32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -40,7 +45,7 @@ class Mars(Transform):
         gamma = flags.value(t.hp, "mars_gamma")
         c = self.beta1(t.hp) * gamma / (1.0 - gamma)
         prev = t.state["mars_prev_grad"]
-        corrected = t.u + (t.u - prev.to(t.u.dtype)) * c
+        corrected = torch.lerp(t.u, prev.to(t.u.dtype), -c)  # u + c (u - prev), one pass
         prev.copy_(t.u)
         t.grad = corrected
         return corrected
@@ -167,19 +172,28 @@ class Caution(Transform):
 
     @staticmethod
     def _mask(t: TensorStep) -> Tensor:
-        return torch.signbit(t.grad) ^ torch.signbit(t.u)
+        grad, u = t.grad, t.u
+        bits = _SAME_WIDTH_INT.get(u.dtype)
+        if bits is not None and grad.dtype == u.dtype:
+            # The sign bits differ exactly where the XOR of the raw bits is negative: two passes instead of three.
+            return (grad.view(bits) ^ u.view(bits)) < 0
+        return torch.signbit(grad) ^ torch.signbit(u)
 
     def partials(self, t: TensorStep) -> Tensor:
         mask = self._mask(t)
         t.extra["caution_mask"] = mask
         return mask.sum().reshape(1)
 
+    def pool(self, totals: Tensor, steps: list[TensorStep]) -> Tensor:
+        """The scale of every tensor at once, ``numel / max(numel - masked, 1)``, instead of a few scalar ops each."""
+        numels = torch.tensor([[float(t.numel)] for t in steps], dtype=totals.dtype, device=totals.device)
+        return numels / (numels - totals).clamp(min=1)
+
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
         mask = t.extra.pop("caution_mask", None)
         if mask is None:  # a replica: it did not compute partials
             mask = self._mask(t)
-        scale = t.numel / (t.numel - totals[0]).clamp(min=1)
-        return t.u.masked_fill(mask, 0).mul_(scale.to(t.u.dtype))
+        return torch.where(mask, 0.0, t.u * totals[0].to(t.u.dtype))
 
 
 def apply_update(t: TensorStep, decoupled: bool) -> None:
