@@ -219,6 +219,21 @@ def _adamw_flags() -> list[Candidate]:
             Candidate("heavyball.AdamW", _heavyball("AdamW", **hp))]
 
 
+def _elementwise_flags() -> list[Candidate]:
+    """Every elementwise algorithm that HeavyBall has, with caution and MARS on both sides."""
+    out = []
+    for name, hp, peer, peer_hp in (
+            ("LaProp", LAPROP, "LaProp", LAPROP), ("NAdam", NADAM, "NAdam", NADAM),
+            ("ADOPT", ADOPT, "ADOPT", ADOPT), ("AdEMAMix", ADEMAMIX, "AdEMAMix", ADEMAMIX),
+            ("SGD", SGD, "SGD", {"lr": SGD["lr"], "beta": SGD["momentum"]}),
+            ("RMSprop", RMSPROP, "RMSprop", {"lr": RMSPROP["lr"], "betas": (0.0, RMSPROP["alpha"]),
+                                             "eps": RMSPROP["eps"]})):
+        out += [Candidate(f"distopt.{name} caution+mars",
+                          lambda ps, mesh, name=name, hp=hp: getattr(distopt, name)(ps, **hp, **ADAMW_FLAGS), ours=True),
+                Candidate(f"heavyball.{peer} caution+mars", _heavyball(peer, **peer_hp, **ADAMW_FLAGS))]
+    return out
+
+
 def _muon_flags() -> list[Candidate]:
     return [Candidate("distopt.Muon caution (compiled)", lambda ps, mesh: distopt.DistributedOptimizer(
                 ps, algorithm="muon", compile=True, **MUON, **MUON_FLAGS), ours=True),
@@ -252,6 +267,7 @@ SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
     "psgd": lambda dion_path: _psgd(),
     "adamw_flags": lambda dion_path: _adamw_flags(),
     "muon_flags": lambda dion_path: _muon_flags(),
+    "elementwise_flags": lambda dion_path: _elementwise_flags(),
 }
 
 
