@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from . import algos, param_groups, replaced_params
 from .algos import compiled as compiled_pass
@@ -86,6 +87,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"unexpected hyperparameter(s) {', '.join(map(repr, unknown))}: no param group's "
                             f"algorithm ({', '.join(sorted(self._algorithms))}) has them")
+        self._check_default_flags()
         self._ready = True
         self._build_owner_route()
         self._remember_params()
@@ -167,8 +169,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         group["algorithm"] = algorithm.name
         for key, default in algorithm.hyperparameters.items():
             group.setdefault(key, self._overrides.get(key, default))
+        refused = algorithm.refused_flags({**group, **self._overrides})
         for key in FLAGS:
-            if key in self._overrides:
+            if key in self._overrides and not (key in refused and key not in group):
                 group.setdefault(key, self._overrides[key])
         flags.fill(group)
         algorithm.check(group)
@@ -181,12 +184,28 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._ready:
             self._remember_params()
 
+    def _check_default_flags(self) -> None:
+        """A flag given to the optimizer must reach at least one group; where it reaches none, say why."""
+        for key in flags.active(self._overrides):
+            if self.param_groups and not any(key in group for group in self.param_groups):
+                reasons = [f"param group {i} ({g['algorithm']}): "
+                           f"{self.algorithm_of(g).refused_flags({**g, **self._overrides}).get(key, '')}"
+                           for i, g in enumerate(self.param_groups)]
+                raise ValueError(f"flag {key}={self._overrides[key]!r} cannot apply to any param group: "
+                                 f"{'; '.join(reasons)}")
+
     @staticmethod
     def check_flags(algorithm: Algorithm, group: dict[str, Any], index: int) -> None:
         """Raise ``ValueError`` naming the group, the flag and its value if a flag is invalid or its maths cannot
         apply to the group's algorithm."""
         try:
             flags.check(algorithm.name, group, algorithm.refused_flags(group))
+            for where in ("gradient_clipping", "update_clipping"):
+                clip = flags.clip_name(flags.value(group, where))
+                if clip and flags.CLIPS[clip] == "global" and getattr(algorithm, "splits_groups", False):
+                    raise ValueError(f"{algorithm.name}: {where}={group[where]!r} cannot apply: this algorithm's "
+                                     "parameters take two routes (whole matrices on owners, the others on their "
+                                     "shards) whose norms would be pooled apart; use l2_clip or rmsnorm_clip")
         except ValueError as error:
             raise ValueError(f"param group {index}: {error}") from None
 
@@ -219,6 +238,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Every gradient is checked before any parameter moves, so a bad one leaves nothing half-updated.
         for group_index, group in enumerate(self.param_groups):
             self._check_grads(group, group_index, self.algorithm_of(group))
+            if flags.active(group):  # flags may have been set in param_groups since the last step
+                flags.fill(group)
+                self.check_flags(self.algorithm_of(group), group, group_index)
         if self.max_grad_norm is not None:
             self._clip_grad_norm()
         # Every tensor that runs on its own shard (elementwise groups, and the parameters of matrix groups whose
@@ -246,6 +268,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _clip_grad_norm(self) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p in params:
+            # A gradient laid out otherwise (Partial) is put in the parameter's layout once, here, so that the
+            # clip scales the gradient the step then reads.
+            if isinstance(p.grad, DTensor) and isinstance(p, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
         reducer = self._reducer(params)
         grads = [layout.local_grad(p, p.grad) for p in params]
         self.last_grad_norm = clip_grad_norm(grads, reducer.weights, float(self.max_grad_norm), reducer.all_reduce)
@@ -270,6 +297,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         algorithm = self.algorithm_of(group)
         check, state_of, local_of = algorithm.check_local, self.state, layout.local  # hot loop: bound once
         flag_keys = flag_state_keys(algorithm, group)
+        chained = algorithm.chained(group)
         params, grads, states, wholes = [], [], [], []
         for i, param in enumerate(group["params"]):
             if param.grad is None or self._on_owner(param):
@@ -283,6 +311,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             try:
                 grad = layout.local_grad(param, param.grad)
                 check(local, grad, group)
+                if chained and torch.is_complex(local):
+                    raise TypeError("flags and chains do not take complex parameters (their sign and norm "
+                                    "rules are defined for real numbers); use torch.view_as_real")
             except (TypeError, ValueError, RuntimeError) as error:
                 raise type(error)(f"parameter {param_groups.describe(group, group_index, i)}: {error}") from None
             params.append(local)

@@ -33,7 +33,7 @@ from .algos.base import OWNER_PREFIX
 from .owner import group_layout
 from .sharding import layout, rows
 from .sharding.rows import OwnerItem
-from .transforms.chain import flag_state_keys, is_scalar_state
+from .transforms.chain import ALL_FLAG_STATE, flag_state, flag_state_keys, is_scalar_state
 from .transforms.flags import FLAGS
 
 
@@ -206,10 +206,12 @@ class SavedState:
                 saved = _renamed(saved, algorithm.renamed_local_state)
             fresh = self.opt._init_state(algorithm, param, group)
             unsaved = set(algorithm.unsaved_state)
-            # A flag's state may be absent (a torch.optim state dict, a flag switched on at resume): it starts fresh.
+            # A flag's state may be absent (a torch.optim state dict, whose groups keep this optimizer's flags; or a
+            # flag the saved group had off, switched on after loading): it starts fresh.
             optional = flag_state_keys(algorithm, group)
             missing = sorted(set(fresh) - set(saved) - unsaved - optional)
-            extra = sorted(set(saved) - set(fresh) - unsaved)
+            # State of a flag that this group no longer runs (switched off) is left behind, not refused.
+            extra = sorted(set(saved) - set(fresh) - unsaved - ALL_FLAG_STATE)
             if missing or extra:
                 raise StateDictMismatch(f"optimizer state of {name} ({algorithm.name}) does not match: missing "
                                         f"{missing}, unexpected {extra}")
@@ -264,7 +266,7 @@ class SavedState:
         whole = torch.zeros(param.shape, dtype=local.dtype, device=local.device)
         on_owner = self.opt._on_owner(param)
         init = algorithm.local_init if algorithm.kind == MATRIX and not on_owner else algorithm.init
-        initial = dict(init(whole, group))
+        initial = {**init(whole, group), **flag_state(algorithm, whole, group)}
         if on_owner:
             initial.update(algorithm.owner_init(tuple(param.shape), group, param.dtype, local.device))
         for key, value in values.items():

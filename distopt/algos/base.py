@@ -257,6 +257,10 @@ class MatrixAlgorithm(Algorithm):
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
 
+    #: Whether a group of this algorithm may hold parameters on both routes (owner and shard), so that a norm over
+    #: the whole group (HeavyBall's global clips) would be pooled in two parts.
+    splits_groups: ClassVar[bool] = False
+
     #: Keys that state of the local route had under an earlier layout (old name -> current), accepted on load.
     renamed_local_state: ClassVar[dict[str, str]] = {}
 

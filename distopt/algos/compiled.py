@@ -15,6 +15,7 @@ cover (ADOPT's and SGD's first, complex tensors, a group spread over devices or 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,12 +39,12 @@ def _compiled(fn: Callable) -> Callable:
 
 def adam_kernel(ps, gs, ms, vs, maxs, s, flags):
     lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt = s.unbind(0)
-    maximize, decoupled, amsgrad = flags
+    maximize, decoupled, amsgrad, decays = flags
     for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
         g = -g if maximize else g
-        if decoupled:
+        if decays and decoupled:
             p.mul_(1 - lr * weight_decay)
-        else:
+        elif decays:
             g = g + weight_decay * p
         m.lerp_(g, 1 - beta1)
         v.copy_(v * beta2 + (1 - beta2) * g * g)
@@ -56,12 +57,12 @@ def adam_kernel(ps, gs, ms, vs, maxs, s, flags):
 
 def nadam_kernel(ps, gs, ms, vs, mu_products, s, flags):
     lr, beta1, beta2, eps, weight_decay, bias_correction2, mu, mu_next = s.unbind(0)
-    maximize, decoupled = flags
+    maximize, decoupled, decays = flags
     for p, g, m, v, mu_product in zip(ps, gs, ms, vs, mu_products):
         g = -g if maximize else g
-        if decoupled:
+        if decays and decoupled:
             p.mul_(1 - lr * weight_decay)
-        else:
+        elif decays:
             g = g + weight_decay * p
         mu_product.copy_(mu_product * mu)
         m.lerp_(g, 1 - beta1)
@@ -73,10 +74,11 @@ def nadam_kernel(ps, gs, ms, vs, mu_products, s, flags):
 
 def rmsprop_kernel(ps, gs, squares, averages, buffers, s, flags):
     lr, alpha, eps, weight_decay, momentum = s.unbind(0)
-    maximize, centered, with_momentum = flags
+    maximize, centered, with_momentum, decays = flags
     for i, (p, g, square) in enumerate(zip(ps, gs, squares)):
         g = -g if maximize else g
-        g = g + weight_decay * p
+        if decays:
+            g = g + weight_decay * p
         square.copy_(square * alpha + (1 - alpha) * g * g)
         if centered:
             averages[i].lerp_(g, 1 - alpha)
@@ -112,12 +114,12 @@ def laprop_kernel(ps, gs, ms, vs, s, flags):
 
 def adopt_kernel(ps, gs, ms, vs, s, flags):
     lr, beta1, beta2, eps, weight_decay, bound = s.unbind(0)
-    maximize, decoupled, clip = flags
+    maximize, decoupled, clip, decays = flags
     for p, g, m, v in zip(ps, gs, ms, vs):
         g = -g if maximize else g
-        if decoupled:
+        if decays and decoupled:
             p.mul_(1 - lr * weight_decay)
-        else:
+        elif decays:
             g = g + weight_decay * p
         normed = g / v.sqrt().clamp(min=eps)
         if clip:
@@ -129,22 +131,23 @@ def adopt_kernel(ps, gs, ms, vs, s, flags):
 
 def ademamix_kernel(ps, gs, ms, slows, vs, s, flags):
     lr, beta1, beta2, beta3, alpha, eps, weight_decay, bias_correction1, bias_correction2_sqrt = s.unbind(0)
-    (maximize,) = flags
+    maximize, decays = flags
     for p, g, m, slow, v in zip(ps, gs, ms, slows, vs):
         g = -g if maximize else g
         m.lerp_(g, 1 - beta1)
         slow.lerp_(g, 1 - beta3)
         v.copy_(v * beta2 + (1 - beta2) * g * g)
         direction = (m / bias_correction1 + alpha * slow) / (v.sqrt() / bias_correction2_sqrt + eps)
-        p.sub_(lr * (direction + weight_decay * p))
+        p.sub_(lr * (direction + weight_decay * p) if decays else lr * direction)
 
 
 def sgd_kernel(ps, gs, buffers, s, flags):
     lr, momentum, dampening, weight_decay = s.unbind(0)
-    maximize, with_momentum, nesterov = flags
+    maximize, with_momentum, nesterov, decays = flags
     for i, (p, g) in enumerate(zip(ps, gs)):
         g = -g if maximize else g
-        g = g + weight_decay * p
+        if decays:
+            g = g + weight_decay * p
         if with_momentum:
             buffers[i].copy_(buffers[i] * momentum + (1 - dampening) * g)
             g = g + momentum * buffers[i] if nesterov else buffers[i]
@@ -168,7 +171,8 @@ def run(algorithm: Any, params: list[Tensor], grads: list[Tensor], states: list[
     """Run the compiled pass of ``algorithm`` over the tensors it covers; return the indices left to the eager
     step (all of them if this algorithm or group has no compiled pass)."""
     name = algorithm.name
-    if name not in PLANS or hp.get("fused"):
+    # Exactly the built-in classes: a subclass may override the maths that the kernel would replace.
+    if PLANS.get(name, (None,))[0] is not type(algorithm) or hp.get("fused"):
         return list(range(len(params)))
     first = params[0]
     if any(p.device != first.device or p.dtype != first.dtype or torch.is_complex(p) or g.dtype != p.dtype
@@ -182,10 +186,42 @@ def run(algorithm: Any, params: list[Tensor], grads: list[Tensor], states: list[
             by_step.setdefault(step, []).append(i)
     for step, indices in by_step.items():
         ps, gs, ss = [params[i] for i in indices], [grads[i] for i in indices], [states[i] for i in indices]
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                PLANS[name][1](algorithm, ps, gs, ss, hp, step)
+        except KeyError:
+            # State without a key the kernel needs (momentum switched on after the first step): the eager step
+            # raises the error that explains it.
+            eager += indices
+            continue
+        except Exception as error:
+            if not _is_compiler_error(error):
+                raise
+            # The graph failed to compile, so none of it ran: the eager step does these tensors.
+            _warn_once(name, error)
+            eager += indices
+            continue
         for state in ss:
             state["step"] += 1
-        PLANS[name](algorithm, ps, gs, ss, hp, step)
     return eager
+
+
+#: Graphs one kernel may compile in a process (one per group composition, and per set of tensors stepped together);
+#: torch's default of 8 is shared by every optimizer of the process. Past it, the eager step runs, with a warning.
+RECOMPILE_LIMIT = 64
+_WARNED: set[str] = set()
+
+
+def _is_compiler_error(error: BaseException) -> bool:
+    return (isinstance(error, torch._dynamo.exc.TorchDynamoException)
+            or type(error).__module__.startswith(("torch._dynamo", "torch._inductor")))
+
+
+def _warn_once(name: str, error: BaseException) -> None:
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(f"distopt: the compiled pass of {name} could not compile ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}); these steps run eagerly", stacklevel=3)
 
 
 FIRST_STEP_EAGER = {"adopt", "sgd"}  # ADOPT's first step only fills v; SGD's seeds the buffer with the gradient
@@ -197,7 +233,8 @@ def _adam(algorithm, ps, gs, ss, hp, step):
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta1**step,
                   math.sqrt(1 - beta2**step)], ps[0])
     ms, vs, maxs = _lists(ss, "exp_avg", "exp_avg_sq", "max_exp_avg_sq" if hp["amsgrad"] else "")
-    _compiled(adam_kernel)(ps, gs, ms, vs, maxs, s, (hp["maximize"], decoupled, hp["amsgrad"]))
+    _compiled(adam_kernel)(ps, gs, ms, vs, maxs, s, (hp["maximize"], decoupled, hp["amsgrad"],
+                                                                 hp["weight_decay"] != 0))
 
 
 def _nadam(algorithm, ps, gs, ss, hp, step):
@@ -208,7 +245,8 @@ def _nadam(algorithm, ps, gs, ss, hp, step):
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta2**step, mu, mu_next],
                  ps[0])
     ms, vs, products = _lists(ss, "exp_avg", "exp_avg_sq", "mu_product")
-    _compiled(nadam_kernel)(ps, gs, ms, vs, products, s, (hp["maximize"], hp["decoupled_weight_decay"]))
+    _compiled(nadam_kernel)(ps, gs, ms, vs, products, s, (hp["maximize"], hp["decoupled_weight_decay"],
+                                                                   hp["weight_decay"] != 0))
 
 
 def _rmsprop(algorithm, ps, gs, ss, hp, step):
@@ -216,7 +254,7 @@ def _rmsprop(algorithm, ps, gs, ss, hp, step):
     squares, averages, buffers = _lists(ss, "square_avg", "grad_avg" if hp["centered"] else "",
                                         "momentum_buffer" if hp["momentum"] > 0 else "")
     _compiled(rmsprop_kernel)(ps, gs, squares, averages, buffers, s,
-                              (hp["maximize"], hp["centered"], hp["momentum"] > 0))
+                              (hp["maximize"], hp["centered"], hp["momentum"] > 0, hp["weight_decay"] != 0))
 
 
 def _lion(algorithm, ps, gs, ss, hp, step):
@@ -237,7 +275,8 @@ def _adopt(algorithm, ps, gs, ss, hp, step):
     beta1, beta2 = hp["betas"]
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], (step - 1) ** 0.25], ps[0])
     ms, vs = _lists(ss, "exp_avg", "exp_avg_sq")
-    _compiled(adopt_kernel)(ps, gs, ms, vs, s, (hp["maximize"], hp["decouple"], hp["clip"]))
+    _compiled(adopt_kernel)(ps, gs, ms, vs, s, (hp["maximize"], hp["decouple"], hp["clip"],
+                                                       hp["weight_decay"] != 0))
 
 
 def _ademamix(algorithm, ps, gs, ss, hp, step):
@@ -246,15 +285,29 @@ def _ademamix(algorithm, ps, gs, ss, hp, step):
                   alpha_at(step, hp["alpha"], hp["alpha_warmup"]), hp["eps"], hp["weight_decay"], 1 - beta1**step,
                   math.sqrt(1 - beta2**step)], ps[0])
     ms, slows, vs = _lists(ss, "exp_avg", "exp_avg_slow", "exp_avg_sq")
-    _compiled(ademamix_kernel)(ps, gs, ms, slows, vs, s, (hp["maximize"],))
+    _compiled(ademamix_kernel)(ps, gs, ms, slows, vs, s, (hp["maximize"], hp["weight_decay"] != 0))
 
 
 def _sgd(algorithm, ps, gs, ss, hp, step):
     momentum = hp["momentum"]
     s = _scalars([float(hp["lr"]), momentum, hp["dampening"], hp["weight_decay"]], ps[0])
     buffers = _lists(ss, "momentum_buffer" if momentum != 0 else "")[0]
-    _compiled(sgd_kernel)(ps, gs, buffers, s, (hp["maximize"], momentum != 0, hp["nesterov"]))
+    _compiled(sgd_kernel)(ps, gs, buffers, s, (hp["maximize"], momentum != 0, hp["nesterov"],
+                                                        hp["weight_decay"] != 0))
 
 
-PLANS: dict[str, Callable] = {"adam": _adam, "adamw": _adam, "nadam": _nadam, "rmsprop": _rmsprop, "lion": _lion,
-                              "laprop": _laprop, "adopt": _adopt, "ademamix": _ademamix, "sgd": _sgd}
+def _plans() -> dict[str, tuple[type, Callable]]:
+    from .adam import Adam, AdamW
+    from .ademamix import AdEMAMix
+    from .adopt import ADOPT
+    from .laprop import LaProp
+    from .lion import Lion
+    from .nadam import NAdam
+    from .rmsprop import RMSprop
+    from .sgd import SGD
+    return {"adam": (Adam, _adam), "adamw": (AdamW, _adam), "nadam": (NAdam, _nadam), "rmsprop": (RMSprop, _rmsprop),
+            "lion": (Lion, _lion), "laprop": (LaProp, _laprop), "adopt": (ADOPT, _adopt),
+            "ademamix": (AdEMAMix, _ademamix), "sgd": (SGD, _sgd)}
+
+
+PLANS = _plans()

@@ -147,6 +147,8 @@ class SOAP(MatrixAlgorithm):
     #: Until the local route, a vector kept its second moment on an owner.
     renamed_local_state = {f"{OWNER_PREFIX}exp_avg_sq": "exp_avg_sq"}
 
+    splits_groups = True  # factor-less parameters run on their shards
+
     def on_owner(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> bool:
         # Without a factor SOAP is Adam in the original basis: elementwise, unless normalize_grads needs the mean
         # over the whole tensor (a scalar is whole on every rank).

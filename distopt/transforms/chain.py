@@ -95,6 +95,10 @@ def flag_state_keys(algorithm: Any, hp: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(key for transform in (*before, *after) for key in transform.state_keys)
 
 
+#: Every state key a flag keeps (for state dicts that hold a flag's state after the flag was switched off).
+ALL_FLAG_STATE = frozenset({*Mars.state_keys, *Kourkoutas.state_keys})
+
+
 def is_scalar_state(algorithm: Any, key: str) -> bool:
     """Whether a state entry is a scalar rather than shaped like the parameter."""
     return key in algorithm.scalar_state or key in Kourkoutas.scalar_state

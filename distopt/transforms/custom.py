@@ -59,6 +59,7 @@ class Chain(MatrixAlgorithm):
         self.owner = self.transforms[owners[0]:owners[-1] + 1] if owners else ()
         self.after = self.transforms[owners[-1] + 1:] if owners else ()
         self.kind = MATRIX if owners else ELEMENTWISE
+        self.splits_groups = bool(owners)  # tensors the owner transforms skip stay on their shards
         defaults: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0}
         keys: dict[str, str] = {}
         for transform in self.transforms:

@@ -122,8 +122,8 @@ def _check_value(algo: str, name: str, raw: Any) -> None:
         raise ValueError(f"{algo}: invalid {name}={raw!r} (must be in [0, 1))")
     if name in ("beta2_scale", "gradient_clip_at", "update_clip_at", "max_lr") and not raw > 0:
         raise ValueError(f"{algo}: invalid {name}={raw!r} (must be > 0)")
-    if name == "tiny_spike" and not raw >= 0:
-        raise ValueError(f"{algo}: invalid {name}={raw!r} (must be >= 0)")
+    if name == "tiny_spike" and not raw > 0:
+        raise ValueError(f"{algo}: invalid {name}={raw!r} (must be > 0: it keeps the first ratio finite)")
 
 
 # Reasons shared by several algorithms' refusals.

@@ -56,3 +56,51 @@ def test_compiled_pass_equals_the_eager_step(algo, hp, monkeypatch):
     assert diff <= 4 * STEPS * torch.finfo(torch.float32).eps * scale, diff
     # A falling lr and the step count are data, not constants of the graph: one compilation for the run.
     assert frames.get("ok", 0) <= 2, frames
+
+
+def test_many_groups_compile_past_torchs_default_recompile_limit():
+    """One graph per group composition: ten groups of different sizes (torch's default limit is 8 graphs per
+    function in a process) all run compiled, with the eager step's results."""
+    torch._dynamo.reset()
+
+    def train(compile):
+        torch.manual_seed(0)
+        params = [torch.randn(i + 1, requires_grad=True) for i in range(10)]
+        opt = distopt.DistributedOptimizer([{"params": [p], "lr": 0.01 * (i + 1)} for i, p in enumerate(params)],
+                                           "adamw", compile=compile)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        return params
+
+    for a, b in zip(train(True), train(False)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_the_eager_step(monkeypatch):
+    class Failure(torch._dynamo.exc.TorchDynamoException):
+        pass
+
+    def broken(fn):
+        def raise_(*args, **kwargs):
+            raise Failure("no compiler here")
+        return raise_
+
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    monkeypatch.setattr(compiled, "_WARNED", set())
+    with pytest.warns(UserWarning, match="compiled pass of adamw could not compile"):
+        fast = run("adamw", {}, True)
+    assert all(torch.equal(a, b) for a, b in zip(fast, run("adamw", {}, False)))
+
+
+def test_state_the_kernel_lacks_gets_the_eager_explanation():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = distopt.SGD([p], lr=0.1, momentum=0.0)
+    opt.defaults["compile"] = True
+    opt._compile = True
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["momentum"] = 0.9
+    with pytest.raises(RuntimeError, match="momentum was switched on after the first step"):
+        opt.step()

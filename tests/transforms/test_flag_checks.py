@@ -42,6 +42,10 @@ REFUSED = [
 def test_a_flag_that_cannot_apply_is_refused_with_its_reason(algo, hp, flag, reason):
     ps = [p for p in params() if p.ndim == 2] if algo == "muon" else params()
     with pytest.raises(ValueError, match=rf"param group 0: {algo}: flag {flag}=True cannot apply: .*{reason}"):
+        distopt.DistributedOptimizer([{"params": ps, flag: True}], algo, **hp)
+    # Given to the optimizer, a flag goes to the groups that can take it; where none can, the error says why.
+    with pytest.raises(ValueError, match=rf"flag {flag}=True cannot apply to any param group: param group 0 "
+                                         rf"\({algo}\): .*{reason}"):
         distopt.DistributedOptimizer(ps, algo, **hp, **{flag: True})
 
 
@@ -77,11 +81,11 @@ def test_a_refused_group_added_later_changes_nothing():
     opt = distopt.DistributedOptimizer([a], "adamw", caution=True)
     before = [dict(g) for g in opt.param_groups]
     with pytest.raises(ValueError, match="param group 1: sgd: flag caution"):
-        opt.add_param_group({"params": [b], "algorithm": "sgd", "lr": 0.1, "fused": True})
+        opt.add_param_group({"params": [b], "algorithm": "sgd", "lr": 0.1, "fused": True, "caution": True})
     assert [dict(g) for g in opt.param_groups] == before
-    # The optimizer-wide default reaches every group whose algorithm takes it.
-    opt.add_param_group({"params": [b], "algorithm": "lion"})
-    assert opt.param_groups[1]["caution"] is True
+    # The optimizer-wide default reaches every group whose algorithm takes it, and only those.
+    opt.add_param_group({"params": [b], "algorithm": "sgd", "lr": 0.1, "fused": True})
+    assert "caution" not in opt.param_groups[1]
 
 
 def test_flags_live_in_param_groups_only_where_given():
@@ -196,3 +200,62 @@ def test_promote_computes_in_float32_and_keeps_bfloat16_storage():
     p.grad = grad
     distopt.AdamW([p], lr=0.05, promote=True).step()
     assert torch.equal(p.detach(), reference.detach().to(torch.bfloat16))
+
+
+def test_flags_edited_into_param_groups_are_checked_at_the_next_step():
+    ps = params()
+    opt = distopt.AdamW(ps, fused=True)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.param_groups[0]["caution"] = True
+    with pytest.raises(ValueError, match="param group 0: adamw: flag caution=True cannot apply: fused=True"):
+        opt.step()
+    plain = distopt.AdamW(ps)
+    plain.param_groups[0]["decouple_lr"] = True
+    plain.step()
+    assert plain.param_groups[0]["max_lr"] == plain.param_groups[0]["lr"]
+
+
+def test_optimizer_wide_flags_reach_the_groups_that_take_them():
+    w, b = params()
+    opt = distopt.Muon([("w", w), ("b", b)], palm=True)
+    assert [(g["algorithm"], g.get("palm")) for g in opt.param_groups] == [("muon", None), ("adamw", True)]
+    with pytest.raises(ValueError, match=r"flag caution=True cannot apply to any param group: param group 0 \(adamw\): fused"):
+        distopt.AdamW(params(), fused=True, caution=True)
+
+
+def test_global_clips_are_refused_where_a_group_takes_two_routes():
+    with pytest.raises(ValueError, match="soap: gradient_clipping='global_l2norm_clip' cannot apply: .*two routes"):
+        distopt.SOAP(params(), gradient_clipping="global_l2norm_clip")
+    distopt.SOAP(params(), gradient_clipping="l2_clip")
+    distopt.DistributedOptimizer([params()[0]], "muon", update_clipping="global_rmsnorm_clip")
+
+
+def test_complex_parameters_are_refused_with_flags():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = distopt.AdamW([p], caution=True)
+    p.grad = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="do not take complex parameters"):
+        opt.step()
+
+
+def test_tiny_spike_must_be_positive():
+    with pytest.raises(ValueError, match="invalid tiny_spike=0.0"):
+        distopt.AdamW(params(), kourkoutas_beta=True, tiny_spike=0.0)
+
+
+def test_an_unstepped_state_dict_with_flag_state_is_initial_and_a_flag_switched_off_loads():
+    """An optimizer that has not stepped round-trips to nothing (SGD's first step then seeds its buffer); a state
+    dict that still holds the state of a flag switched off since loads, leaving that state behind."""
+    a, b = params(), params()
+    opt = distopt.SGD(a, lr=0.1, momentum=0.9, dampening=0.5, mars=True)
+    saved = opt.state_dict()
+    fresh = distopt.SGD(b, lr=0.1, momentum=0.9, dampening=0.5, mars=True)
+    fresh.load_state_dict(saved)
+    assert not fresh.state
+    train(opt, a, steps=2)
+    opt.param_groups[0]["mars"] = False
+    train(opt, a, steps=1)
+    again = distopt.SGD(params(), lr=0.1, momentum=0.9, dampening=0.5)
+    again.load_state_dict(opt.state_dict())
+    assert "mars_prev_grad" not in again.state[again.param_groups[0]["params"][0]]
