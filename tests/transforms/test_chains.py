@@ -157,5 +157,6 @@ def test_chain_errors_name_the_problem():
     with pytest.raises(ValueError, match="invalid ns_coefficients"):
         distopt.DistributedOptimizer(params, Chain("muonish", [NesterovMomentum(), Orthogonalize()]),
                                      ns_coefficients=(1.0, 2.0))
-    with pytest.raises(ValueError, match="muonlaprop: flag grams=True cannot apply: .*orthogonalized"):
+    with pytest.raises(ValueError, match=r"grams=True cannot apply to any param group: param group 0 \(muonlaprop\): "
+                                         r".*orthogonalized"):
         distopt.DistributedOptimizer(params, "muonlaprop", grams=True)
