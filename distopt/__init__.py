@@ -2,8 +2,8 @@
 
 from .algos import REGISTRY as ALGORITHMS
 from .algos import Algorithm
-from .constructors import (ADOPT, SGD, AdamW, Adam, AdEMAMix, LaProp, LaPropOrtho, Lion, Muon, MuonLaProp, NAdam,
-                           OrthoLaProp, PSGDKron, RMSprop, SOAP)
+from .constructors import (ADOPT, SGD, Adadelta, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
+                           Muon, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SOAP)
 from .optimizer import DistributedOptimizer
 from .saved_state import StateDictMismatch
 from .transforms.custom import Chain
@@ -12,4 +12,4 @@ __version__ = "0.1.0"
 
 __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "SGD", "NAdam", "RMSprop", "Lion",
            "LaProp", "ADOPT", "AdEMAMix", "Muon", "SOAP", "PSGDKron", "StateDictMismatch", "Chain", "MuonLaProp",
-           "OrthoLaProp", "LaPropOrtho"]
+           "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta"]

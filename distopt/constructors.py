@@ -32,7 +32,7 @@ def _check_switches(foreach: Any = None, fused: Any = None, capturable: bool = F
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if fused and not fusable:
         raise ValueError("fused=True is not supported by this distopt optimizer: only Adam, AdamW and SGD have "
-                         "a fused kernel")
+                         "a fused kernel in distopt")
     for key, value in (("capturable", capturable), ("differentiable", differentiable)):
         if value:
             raise ValueError(f"{key}=True is not supported by distopt: its step is not differentiable and not "
@@ -98,6 +98,46 @@ class RMSprop(DistributedOptimizer):
         _check_switches(foreach, None, capturable, differentiable)
         super().__init__(params, "rmsprop", lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          momentum=momentum, centered=centered, maximize=maximize, **flags)
+
+
+class RAdam(DistributedOptimizer):
+    """RAdam (https://arxiv.org/abs/1908.03265), the defaults and results of ``torch.optim.RAdam``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False,
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, **flags):
+        _check_switches(foreach, None, capturable, differentiable)
+        super().__init__(params, "radam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, **flags)
+
+
+class Adamax(DistributedOptimizer):
+    """Adamax (https://arxiv.org/abs/1412.6980, §7.1), the defaults and results of ``torch.optim.Adamax``."""
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
+                 maximize=False, differentiable=False, capturable=False, **flags):
+        _check_switches(foreach, None, capturable, differentiable)
+        super().__init__(params, "adamax", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                         **flags)
+
+
+class Adagrad(DistributedOptimizer):
+    """Adagrad (Duchi et al. 2011), the defaults and results of ``torch.optim.Adagrad`` for dense gradients."""
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, **flags):
+        _check_switches(foreach, fused, False, differentiable)
+        super().__init__(params, "adagrad", lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize, **flags)
+
+
+class Adadelta(DistributedOptimizer):
+    """Adadelta (https://arxiv.org/abs/1212.5701), the defaults and results of ``torch.optim.Adadelta``."""
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *, capturable=False,
+                 maximize=False, differentiable=False, **flags):
+        _check_switches(foreach, None, capturable, differentiable)
+        super().__init__(params, "adadelta", lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                         **flags)
 
 
 class Lion(DistributedOptimizer):

@@ -11,7 +11,8 @@ import math
 import torch
 
 TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
-                    "nadam": torch.optim.NAdam, "rmsprop": torch.optim.RMSprop}
+                    "nadam": torch.optim.NAdam, "rmsprop": torch.optim.RMSprop, "radam": torch.optim.RAdam,
+                    "adamax": torch.optim.Adamax, "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta}
 
 # Configurations beyond torch's own (common_optimizers) that exercise every hyperparameter at least once.
 _EXTRA = {
@@ -23,6 +24,11 @@ _EXTRA = {
     "nadam": [{"betas": (0.8, 0.95), "eps": 1e-4}, {"weight_decay": 0.1, "decoupled_weight_decay": True,
               "maximize": True}],
     "rmsprop": [{"alpha": 0.9, "eps": 1e-4}, {"momentum": 0.9}, {"centered": True, "alpha": 0.5}],
+    "radam": [{"betas": (0.5, 0.9)}, {"betas": (0.9, 0.99), "weight_decay": 0.1, "decoupled_weight_decay": True,
+               "maximize": True}],
+    "adamax": [{"betas": (0.5, 0.9), "eps": 1e-3}],
+    "adagrad": [{"eps": 1e-3, "initial_accumulator_value": 0.5, "lr_decay": 0.1, "maximize": True}],
+    "adadelta": [{"rho": 0.5, "eps": 1e-3, "lr": 0.5}],
 }
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from .adadelta import Adadelta
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adamax import Adamax
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
 from .base import ELEMENTWISE, MATRIX, Algorithm, MatrixAlgorithm
@@ -11,13 +14,15 @@ from .lion import Lion
 from .muon import Muon
 from .nadam import NAdam
 from .psgd import PSGDKron
+from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 from .soap import SOAP
 
 #: Built-in algorithms by name; a name is the lowercase class name.
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, Lion, LaProp, ADOPT, AdEMAMix, Muon, SOAP, PSGDKron)
+    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Lion, LaProp, ADOPT,
+                              AdEMAMix, Muon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.
@@ -46,4 +51,5 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
 
 
 __all__ = ["ELEMENTWISE_NAMES", "Algorithm", "MatrixAlgorithm", "ELEMENTWISE", "MATRIX", "Muon", "SOAP", "PSGDKron", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
+           "RAdam", "Adamax", "Adagrad", "Adadelta",
            "LaProp", "ADOPT", "AdEMAMix"]

@@ -136,6 +136,11 @@ def second_moment_decay(t: Any, beta2: float) -> tuple[float, float]:
     return decay, bias_correction2
 
 
+def as_scalar(value: Any) -> Any:
+    """A 0-d tensor as a Python number (torch.optim's ``_to_scalar``), anything else as it is."""
+    return value.item() if isinstance(value, Tensor) else value
+
+
 def new_step_counter() -> Tensor:
     """A float32 scalar on the CPU, as torch.optim keeps ``state["step"]`` (no device sync to read it)."""
     return torch.tensor(0.0, dtype=torch.float32)

@@ -40,6 +40,8 @@ ELEMENTWISE = {
     "laprop": dict(lr=0.01, weight_decay=0.1),
     "adopt": dict(lr=0.01, decouple=True, weight_decay=0.1),
     "ademamix": dict(lr=0.01, weight_decay=0.1),
+    "radam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    "adamax": dict(lr=0.01),
 }
 
 #: Flags on AdamW, one at a time and together: (flags, all_reduce calls per step for one group, bitwise).

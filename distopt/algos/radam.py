@@ -1,0 +1,93 @@
+"""RAdam, Adam with the variance of its adaptive learning rate rectified, with the arithmetic of torch.optim.RAdam's
+single-tensor path (results bitwise). Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond",
+https://arxiv.org/abs/1908.03265; ``decoupled_weight_decay``: AdamW's decay (Loshchilov & Hutter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ..transforms.flags import L2_DECAY
+from .base import as_scalar, Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
+
+
+def _rectification(beta2: float, step: float) -> tuple[float, float]:
+    """(rho_t, the rectification factor where rho_t > 5): the length of the approximated SMA and its correction."""
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / (1 - beta2**step)
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5 if rho_t > 5 else 0.0
+    return rho_t, rect
+
+
+class RAdam(Algorithm):
+    """RAdam. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``; defaults of torch.optim.RAdam."""
+
+    name = "radam"
+    hyperparameters = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                       "decoupled_weight_decay": False, "maximize": False}
+
+    def check(self, hp: Mapping[str, Any]) -> None:
+        super().check(hp)
+        check_betas(self.name, hp)
+        check_nonnegative(self.name, hp, "eps")
+        check_nonnegative(self.name, hp, "weight_decay")
+        check_bool(self.name, hp, "decoupled_weight_decay", "maximize")
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"step": new_step_counter(), "exp_avg": zeros_like(param), "exp_avg_sq": zeros_like(param)}
+
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        hp = {**hp, "lr": as_scalar(hp["lr"])}  # torch.optim reads a tensor lr as a number here
+        lr, weight_decay, eps = hp["lr"], hp["weight_decay"], hp["eps"]
+        beta1, beta2 = hp["betas"]
+        if hp["maximize"]:
+            grad = -grad
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = state["step"].item()
+        if weight_decay != 0:
+            if hp["decoupled_weight_decay"]:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_corrected_exp_avg = exp_avg / (1 - beta1**step)
+        rho_t, rect = _rectification(beta2, step)
+        if rho_t > 5.0:
+            adaptive = (1 - beta2**step) ** 0.5 / exp_avg_sq.sqrt().add_(eps)
+            param.add_(bias_corrected_exp_avg * lr * adaptive * rect, alpha=-1.0)
+        else:
+            param.add_(bias_corrected_exp_avg * lr, alpha=-1.0)
+
+    # The chain form (flags): u = m̂ · (rectified adaptive lr), or m̂ while the variance is untractable.
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        refused = {"palm": "its rectification assumes a constant beta2", "kourkoutas_beta":
+                   "its rectification assumes a constant beta2", "atan2": "no reference defines atan2 for RAdam"}
+        if not hp["decoupled_weight_decay"]:
+            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
+        return refused
+
+    def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
+        return hp["decoupled_weight_decay"]
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
+        weight_decay, eps = hp["weight_decay"], hp["eps"]
+        beta1, beta2 = hp["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = t.step
+        if weight_decay != 0 and not hp["decoupled_weight_decay"]:
+            grad = grad.add(param, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_corrected_exp_avg = exp_avg / (1 - beta1**step)
+        rho_t, rect = _rectification(beta2, step)
+        if rho_t > 5.0:
+            return bias_corrected_exp_avg * ((1 - beta2**step) ** 0.5 / exp_avg_sq.sqrt().add_(eps)) * rect
+        return bias_corrected_exp_avg
