@@ -87,6 +87,10 @@ RMSPROP = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8}
 ADOPT = {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6, "weight_decay": 0.0}
 LAPROP = {"lr": 4e-4, "betas": (0.8, 0.99), "eps": 1e-15, "weight_decay": 0.0}
 ADEMAMIX = {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "alpha": 2.0, "eps": 1e-8, "weight_decay": 0.0}
+RADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+ADAMAX = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+ADAGRAD = {"lr": 1e-2, "lr_decay": 0.0, "eps": 1e-10}
+ADADELTA = {"lr": 1.0, "rho": 0.9, "eps": 1e-6}
 
 
 def _heavyball(cls_name: str, **hp):
@@ -155,6 +159,13 @@ def _rmsprop() -> list[Candidate]:
             *_torch_variants(torch.optim.RMSprop, "RMSprop", RMSPROP, fused=False),
             Candidate("heavyball.RMSprop", _heavyball("RMSprop", lr=RMSPROP["lr"], betas=(0.0, RMSPROP["alpha"]),
                                                       eps=RMSPROP["eps"]))]
+
+
+def _torch_only(name: str, cls: type, hp: dict, fused: bool = False,
+                extra: list[Candidate] | None = None) -> Callable[[], list[Candidate]]:
+    """torch.optim's other first-order optimizers: distopt against torch's implementations (and a peer's)."""
+    return lambda: [Candidate(f"distopt.{name}", lambda ps, mesh: getattr(distopt, name)(ps, **hp), ours=True),
+                    *_torch_variants(cls, name, hp, fused=fused), *(extra or [])]
 
 
 def _heavyball_only(name: str, hp: dict) -> Callable[[], list[Candidate]]:
@@ -262,6 +273,11 @@ SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
     "adopt": lambda dion_path: _heavyball_only("ADOPT", ADOPT)(),
     "laprop": lambda dion_path: _heavyball_only("LaProp", LAPROP)(),
     "ademamix": lambda dion_path: _heavyball_only("AdEMAMix", ADEMAMIX)(),
+    "radam": lambda dion_path: _torch_only("RAdam", torch.optim.RAdam, RADAM,
+                                           extra=[Candidate("optimi.RAdam", _optimi("RAdam", **RADAM))])(),
+    "adamax": lambda dion_path: _torch_only("Adamax", torch.optim.Adamax, ADAMAX)(),
+    "adagrad": lambda dion_path: _torch_only("Adagrad", torch.optim.Adagrad, ADAGRAD, fused=True)(),
+    "adadelta": lambda dion_path: _torch_only("Adadelta", torch.optim.Adadelta, ADADELTA)(),
     "muon": _muon,
     "soap": lambda dion_path: _soap(),
     "psgd": lambda dion_path: _psgd(),

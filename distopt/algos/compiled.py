@@ -154,6 +154,60 @@ def sgd_kernel(ps, gs, buffers, s, flags):
         p.sub_(lr * g)
 
 
+def radam_kernel(ps, gs, ms, vs, s, flags):
+    lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt, rect = s.unbind(0)
+    maximize, decoupled, decays, rectified = flags
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        g = -g if maximize else g
+        if decays and decoupled:
+            p.mul_(1 - lr * weight_decay)
+        elif decays:
+            g = g + weight_decay * p
+        m.lerp_(g, 1 - beta1)
+        v.copy_(v * beta2 + (1 - beta2) * g * g)
+        corrected = m / bias_correction1
+        if rectified:
+            p.sub_(corrected * lr * (bias_correction2_sqrt / (v.sqrt() + eps)) * rect)
+        else:
+            p.sub_(corrected * lr)
+
+
+def adamax_kernel(ps, gs, ms, infs, s, flags):
+    lr, beta1, beta2, eps, weight_decay, bias_correction = s.unbind(0)
+    maximize, decays = flags
+    for p, g, m, inf in zip(ps, gs, ms, infs):
+        g = -g if maximize else g
+        if decays:
+            g = g + weight_decay * p
+        m.lerp_(g, 1 - beta1)
+        inf.copy_(torch.maximum(inf * beta2, g.abs() + eps))
+        p.sub_(lr / bias_correction * m / inf)
+
+
+def adagrad_kernel(ps, gs, sums, s, flags):
+    clr, weight_decay, eps = s.unbind(0)
+    maximize, decays = flags
+    for p, g, total in zip(ps, gs, sums):
+        g = -g if maximize else g
+        if decays:
+            g = g + weight_decay * p
+        total.add_(g * g)
+        p.sub_(clr * g / (total.sqrt() + eps))
+
+
+def adadelta_kernel(ps, gs, squares, deltas, s, flags):
+    lr, rho, eps, weight_decay = s.unbind(0)
+    maximize, decays = flags
+    for p, g, square, acc in zip(ps, gs, squares, deltas):
+        g = -g if maximize else g
+        if decays:
+            g = g + weight_decay * p
+        square.copy_(square * rho + (1 - rho) * g * g)
+        delta = (acc + eps).sqrt() / (square + eps).sqrt() * g
+        acc.copy_(acc * rho + (1 - rho) * delta * delta)
+        p.sub_(lr * delta)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 
@@ -296,18 +350,52 @@ def _sgd(algorithm, ps, gs, ss, hp, step):
                                                         hp["weight_decay"] != 0))
 
 
+def _radam(algorithm, ps, gs, ss, hp, step):
+    from .radam import _rectification
+    beta1, beta2 = hp["betas"]
+    rho_t, rect = _rectification(beta2, step)
+    s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta1**step,
+                  (1 - beta2**step) ** 0.5, rect], ps[0])
+    ms, vs = _lists(ss, "exp_avg", "exp_avg_sq")
+    _compiled(radam_kernel)(ps, gs, ms, vs, s, (hp["maximize"], hp["decoupled_weight_decay"], hp["weight_decay"] != 0,
+                                                 rho_t > 5.0))
+
+
+def _adamax(algorithm, ps, gs, ss, hp, step):
+    beta1, beta2 = hp["betas"]
+    s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta1**step], ps[0])
+    ms, infs = _lists(ss, "exp_avg", "exp_inf")
+    _compiled(adamax_kernel)(ps, gs, ms, infs, s, (hp["maximize"], hp["weight_decay"] != 0))
+
+
+def _adagrad(algorithm, ps, gs, ss, hp, step):
+    s = _scalars([float(hp["lr"]) / (1 + (step - 1) * hp["lr_decay"]), hp["weight_decay"], hp["eps"]], ps[0])
+    _compiled(adagrad_kernel)(ps, gs, _lists(ss, "sum")[0], s, (hp["maximize"], hp["weight_decay"] != 0))
+
+
+def _adadelta(algorithm, ps, gs, ss, hp, step):
+    s = _scalars([float(hp["lr"]), hp["rho"], hp["eps"], hp["weight_decay"]], ps[0])
+    squares, deltas = _lists(ss, "square_avg", "acc_delta")
+    _compiled(adadelta_kernel)(ps, gs, squares, deltas, s, (hp["maximize"], hp["weight_decay"] != 0))
+
+
 def _plans() -> dict[str, tuple[type, Callable]]:
+    from .adadelta import Adadelta
+    from .adagrad import Adagrad
     from .adam import Adam, AdamW
+    from .adamax import Adamax
     from .ademamix import AdEMAMix
     from .adopt import ADOPT
     from .laprop import LaProp
     from .lion import Lion
     from .nadam import NAdam
+    from .radam import RAdam
     from .rmsprop import RMSprop
     from .sgd import SGD
     return {"adam": (Adam, _adam), "adamw": (AdamW, _adam), "nadam": (NAdam, _nadam), "rmsprop": (RMSprop, _rmsprop),
             "lion": (Lion, _lion), "laprop": (LaProp, _laprop), "adopt": (ADOPT, _adopt),
-            "ademamix": (AdEMAMix, _ademamix), "sgd": (SGD, _sgd)}
+            "ademamix": (AdEMAMix, _ademamix), "sgd": (SGD, _sgd), "radam": (RAdam, _radam),
+            "adamax": (Adamax, _adamax), "adagrad": (Adagrad, _adagrad), "adadelta": (Adadelta, _adadelta)}
 
 
 PLANS = _plans()

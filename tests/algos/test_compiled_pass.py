@@ -17,13 +17,16 @@ import distopt
 import distopt.algos.compiled as compiled
 
 SHAPES = ((6, 5), (7,), (4, 4), (3, 1, 2))
-STEPS = 5
+STEPS = 8  # RAdam rectifies from its sixth step on
 CASES = [("adamw", {}), ("adamw", dict(amsgrad=True, maximize=True)), ("adam", dict(weight_decay=0.1)),
          ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)), ("sgd", dict(lr=0.1)),
          ("nadam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
          ("rmsprop", dict(momentum=0.9, centered=True, weight_decay=0.1)), ("lion", dict(weight_decay=0.1)),
          ("laprop", dict(weight_decay=0.1)), ("adopt", dict(weight_decay=0.1)),
-         ("ademamix", dict(weight_decay=0.1, alpha_warmup=3, beta3_warmup=3))]
+         ("ademamix", dict(weight_decay=0.1, alpha_warmup=3, beta3_warmup=3)),
+         ("radam", dict(weight_decay=0.1, decoupled_weight_decay=True)), ("radam", dict(betas=(0.5, 0.6))),
+         ("adamax", dict(weight_decay=0.1, maximize=True)), ("adagrad", dict(lr_decay=0.1, weight_decay=0.1)),
+         ("adadelta", dict(rho=0.5, weight_decay=0.1))]
 
 
 def run(algo, hp, compile, schedule=False):

@@ -92,7 +92,8 @@ def test_every_elementwise_algorithm_has_a_scenario_with_peers():
     from distopt import ALGORITHMS
 
     elementwise = {name for name, algo in ALGORITHMS.items() if algo.kind == "elementwise"}
-    covered = {"adamw", "adam", "sgd", "lion", "nadam", "rmsprop", "adopt", "laprop", "ademamix"}
+    covered = {"adamw", "adam", "sgd", "lion", "nadam", "rmsprop", "adopt", "laprop", "ademamix", "radam", "adamax",
+               "adagrad", "adadelta"}
     assert elementwise <= covered <= set(SCENARIOS)
     for scenario in covered:
         chosen = candidates(scenario)
