@@ -1,6 +1,6 @@
 """Thin constructors: each is a :class:`DistributedOptimizer` whose default algorithm is fixed.
 
-The five torch.optim look-alikes keep every keyword of their torch.optim namesake, with its default. The
+The nine torch.optim look-alikes keep every keyword of their torch.optim namesake, with its default. The
 implementation switches of torch.optim (``foreach``, ``fused``, ``capturable``, ``differentiable``) are accepted
 so that code written for torch.optim runs unchanged: ``foreach`` only selects between equivalent torch kernels and
 is ignored here; ``fused=True`` runs torch's fused kernel where distopt has one (Adam, AdamW, SGD) and raises
