@@ -3,7 +3,8 @@
 from .algos import REGISTRY as ALGORITHMS
 from .algos import Algorithm
 from .constructors import (ADOPT, SGD, Adadelta, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
-                           Muon, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SOAP)
+                           Muon, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SignLaProp, SOAP,
+                           UnscaledAdamW)
 from .optimizer import DistributedOptimizer
 from .saved_state import StateDictMismatch
 from .transforms.custom import Chain
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 
 __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "SGD", "NAdam", "RMSprop", "Lion",
            "LaProp", "ADOPT", "AdEMAMix", "Muon", "SOAP", "PSGDKron", "StateDictMismatch", "Chain", "MuonLaProp",
-           "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta"]
+           "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "SignLaProp", "UnscaledAdamW"]

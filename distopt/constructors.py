@@ -261,3 +261,16 @@ class LaPropOrtho(_HeavyBallChain):
     """HeavyBall's LaPropOrtho: LaProp, then OrthoGrad on its update."""
 
     chain = "laproportho"
+
+
+class SignLaProp(_HeavyBallChain):
+    """HeavyBall's SignLaProp: LaProp, then the sign of its update grafted to the update's norm (a norm over the
+    whole tensor, however it is sharded)."""
+
+    chain = "signlaprop"
+
+
+class UnscaledAdamW(_HeavyBallChain):
+    """HeavyBall's UnscaledAdamW: the momentum of ``g / d`` times the current ``d = max(sqrt(v̂), 1e-8)``."""
+
+    chain = "unscaledadamw"

@@ -29,10 +29,12 @@ REGISTRY: dict[str, type[Algorithm]] = {
 ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == ELEMENTWISE)
 
 
-from ..transforms.custom import laprop_ortho, muon_laprop, ortho_laprop  # noqa: E402  (chains of the classes above)
+from ..transforms.custom import (laprop_ortho, muon_laprop, ortho_laprop, sign_laprop,  # noqa: E402
+                                 unscaled_adamw)
 
 #: Built-in chains (HeavyBall's names, lowercase): each name builds a fresh :class:`~distopt.transforms.Chain`.
-CHAINS = {"muonlaprop": muon_laprop, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho}
+CHAINS = {"muonlaprop": muon_laprop, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho,
+          "signlaprop": sign_laprop, "unscaledadamw": unscaled_adamw}
 
 
 def resolve(algorithm: str | Algorithm) -> Algorithm:

@@ -67,6 +67,44 @@ class ScaleByLaProp(Transform):
         return m / (1 - beta1**t.step)
 
 
+class ScaleByUnscaledAdam(Transform):
+    """HeavyBall's UnscaledAdamW direction: LaProp's momentum of ``g / d`` times the current ``d``, with
+    ``d = max(sqrt(v̂), 1e-8)``. State: ``exp_avg``, ``exp_avg_sq``."""
+
+    name = "scale_by_unscaled_adam"
+    hyperparameters = {"betas": (0.9, 0.99)}
+    state_keys = ("exp_avg", "exp_avg_sq")
+    second_moment = True
+    floor = 1e-8
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+
+    def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
+        beta1, beta2 = t.hp["betas"]
+        m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
+        decay, correction = second_moment_decay(t, beta2)
+        v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
+        denom = (v / correction).sqrt().clamp(min=self.floor)
+        m.lerp_(t.u / denom, 1 - beta1)
+        return m / (1 - beta1**t.step) * denom
+
+
+class SignGraft(Transform):
+    """The sign of the update, grafted to its norm: ``sign(u) |u| / max(|sign(u)|, 1e-6)`` with norms over the whole
+    tensor (HeavyBall's ``sign`` with ``graft=True``)."""
+
+    name = "sign_graft"
+    reductions = 2
+
+    def partials(self, t: TensorStep) -> Tensor:
+        u = t.u if t.u.dtype in (torch.float32, torch.float64) else t.u.float()
+        return torch.stack([u.square().sum(), (u != 0).sum().to(u.dtype)])
+
+    def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
+        return t.u.sign() * (totals[0].sqrt() / totals[1].sqrt().clamp(min=1e-6)).to(t.u.dtype)
+
+
 class NesterovMomentum(Transform):
     """torch.optim.Muon's momentum: ``b <- lerp(b, g, 1 - μ)``, the update ``lerp(g, b, μ)`` (or ``b`` without
     Nesterov). State: ``momentum_buffer``."""

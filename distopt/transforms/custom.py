@@ -21,7 +21,7 @@ from torch import Tensor
 from ..algos.base import ELEMENTWISE, MATRIX, MatrixAlgorithm, check_nonnegative, new_step_counter
 from . import flags
 from .base import OWNER, Transform
-from .cores import Orthogonalize, ScaleByLaProp
+from .cores import Orthogonalize, ScaleByLaProp, ScaleByUnscaledAdam, SignGraft
 from .parts import OrthoGraft, OrthoProject
 
 
@@ -169,3 +169,14 @@ def ortho_laprop() -> Chain:
 def laprop_ortho() -> Chain:
     """HeavyBall's LaPropOrtho: LaProp, then OrthoGrad on its update."""
     return Chain("laproportho", [ScaleByLaProp(), heavyball_orthograd()], HEAVYBALL_DEFAULTS)
+
+
+def sign_laprop() -> Chain:
+    """HeavyBall's SignLaProp: LaProp, then the sign of its update grafted to the update's norm."""
+    return Chain("signlaprop", [ScaleByLaProp(), SignGraft()], HEAVYBALL_DEFAULTS)
+
+
+def unscaled_adamw() -> Chain:
+    """HeavyBall's UnscaledAdamW: LaProp's momentum of the normalized gradient, rescaled by the current
+    denominator."""
+    return Chain("unscaledadamw", [ScaleByUnscaledAdam()], HEAVYBALL_DEFAULTS)

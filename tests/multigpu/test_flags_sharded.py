@@ -80,6 +80,8 @@ def _configs():
     configs["muonlaprop/caution"] = ("muonlaprop", dict(owner_dtype="float32"), dict(caution=True), 2, True)
     configs["ortholaprop"] = ("ortholaprop", {}, {}, 2, False)
     configs["laproportho/caution"] = ("laproportho", {}, dict(caution=True), 3, False)
+    configs["signlaprop/caution"] = ("signlaprop", {}, dict(caution=True), 2, False)
+    configs["unscaledadamw/mars"] = ("unscaledadamw", {}, dict(mars=True), 0, True)
     # SOAP and PSGD: matrices on owners (SOAP's vectors on their shards); MARS and clips before, caution after.
     second_order = dict(caution=True, mars=True, gradient_clipping="l2_clip", gradient_clip_at=0.5, warmup_steps=2)
     configs["soap/flags"] = ("soap", dict(lr=0.01, precondition_frequency=2), second_order, 4, False)

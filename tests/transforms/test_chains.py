@@ -1,5 +1,5 @@
-"""Chains: HeavyBall's MuonLaProp, OrthoLaProp and LaPropOrtho as chains of the same parts, against HeavyBall
-3.2.1's own classes; and the public API for custom chains (a user's transform beside built-in ones, state dicts,
+"""Chains: HeavyBall's MuonLaProp, OrthoLaProp, LaPropOrtho, SignLaProp and UnscaledAdamW as chains of the same
+parts, against HeavyBall 3.2.1's own classes; and the public API for custom chains (a user's transform beside built-in ones, state dicts,
 errors).
 
 Against HeavyBall the runs are float64 (HeavyBall orthogonalizes float64 input in float64, without its stochastic
@@ -43,7 +43,8 @@ def worst(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-CHAINS = {"muonlaprop": "MuonLaProp", "ortholaprop": "OrthoLaProp", "laproportho": "LaPropOrtho"}
+CHAINS = {"muonlaprop": "MuonLaProp", "ortholaprop": "OrthoLaProp", "laproportho": "LaPropOrtho",
+          "signlaprop": "SignLaProp", "unscaledadamw": "UnscaledAdamW"}
 FLAGS = {"none": {}, "caution": dict(caution=True), "mars_update_clip": dict(mars=True, update_clipping="l2_clip_"),
          "palm_warmup": dict(palm=True, warmup_steps=3)}
 
