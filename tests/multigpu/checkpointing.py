@@ -15,7 +15,7 @@ from .harness import device
 from .sharded_models import feed_same_grads, full, mesh_for
 from .test_muon_owner import MuonNet
 
-ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags")
+ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags", "catalogue")
 
 
 def make_optimizer(kind: str, model):
@@ -31,6 +31,10 @@ def make_optimizer(kind: str, model):
         return distopt.SOAP(named, lr=3e-3, precondition_frequency=2, precondition_1d=True)
     if kind == "psgd":
         return distopt.PSGDKron(named, lr=1e-3, preconditioner_update_probability=0.5)
+    if kind == "catalogue":  # the newer first-order algorithms, one group each (round robin over the parameters)
+        names = ("radam", "adamax", "adagrad", "adadelta", "unscaledadamw")
+        return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2}
+                                             for i, name in enumerate(names)])
     if kind == "flags":  # flag state (MARS's previous gradient) on shards, with flags whose reductions are exact
         return distopt.Muon(named, lr=0.02, weight_decay=0.1, adamw_lr=3e-3, mars=True, mars_gamma=0.05,
                             caution=True, cautious_weight_decay=True, warmup_steps=2)
