@@ -41,27 +41,29 @@ class RAdam(Algorithm):
 
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
         hp = {**hp, "lr": as_scalar(hp["lr"])}  # torch.optim reads a tensor lr as a number here
-        lr, weight_decay, eps = hp["lr"], hp["weight_decay"], hp["eps"]
-        beta1, beta2 = hp["betas"]
+        lr, weight_decay = hp["lr"], hp["weight_decay"]
         if hp["maximize"]:
             grad = -grad
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
         step = state["step"].item()
-        if weight_decay != 0:
-            if hp["decoupled_weight_decay"]:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_corrected_exp_avg = exp_avg / (1 - beta1**step)
-        rho_t, rect = _rectification(beta2, step)
+        if weight_decay != 0 and hp["decoupled_weight_decay"]:
+            param.mul_(1 - lr * weight_decay)
+        bias_corrected_exp_avg, rho_t, rect = self._moments(param, grad, state, hp, step)
         if rho_t > 5.0:
-            adaptive = (1 - beta2**step) ** 0.5 / exp_avg_sq.sqrt().add_(eps)
+            adaptive = (1 - hp["betas"][1] ** step) ** 0.5 / state["exp_avg_sq"].sqrt().add_(hp["eps"])
             param.add_(bias_corrected_exp_avg * lr * adaptive * rect, alpha=-1.0)
         else:
             param.add_(bias_corrected_exp_avg * lr, alpha=-1.0)
+
+    @staticmethod
+    def _moments(param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any], step: float) -> tuple:
+        """Update the moments (L2 decay first, where the decay is not decoupled); return ``(m̂, rho_t, rect)``."""
+        beta1, beta2 = hp["betas"]
+        if hp["weight_decay"] != 0 and not hp["decoupled_weight_decay"]:
+            grad = grad.add(param, alpha=hp["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        return (state["exp_avg"] / (1 - beta1**step), *_rectification(beta2, step))
 
     # The chain form (flags): u = m̂ · (rectified adaptive lr), or m̂ while the variance is untractable.
 
@@ -77,17 +79,9 @@ class RAdam(Algorithm):
 
     def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                   t: Any) -> Tensor:
-        weight_decay, eps = hp["weight_decay"], hp["eps"]
-        beta1, beta2 = hp["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
-        step = t.step
-        if weight_decay != 0 and not hp["decoupled_weight_decay"]:
-            grad = grad.add(param, alpha=weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_corrected_exp_avg = exp_avg / (1 - beta1**step)
-        rho_t, rect = _rectification(beta2, step)
+        bias_corrected_exp_avg, rho_t, rect = self._moments(param, grad, state, hp, t.step)
         if rho_t > 5.0:
-            return bias_corrected_exp_avg * ((1 - beta2**step) ** 0.5 / exp_avg_sq.sqrt().add_(eps)) * rect
+            adaptive = (1 - hp["betas"][1] ** t.step) ** 0.5 / state["exp_avg_sq"].sqrt().add_(hp["eps"])
+            return bias_corrected_exp_avg * adaptive * rect
         return bias_corrected_exp_avg

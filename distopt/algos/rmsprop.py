@@ -37,13 +37,22 @@ class RMSprop(Algorithm):
         return state
 
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
-        lr, alpha, eps, weight_decay, momentum = hp["lr"], hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"]
         if hp["maximize"]:
             grad = -grad
-        state["step"] += 1
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+        grad, avg = self._averages(param, grad, state, hp)
+        if hp["momentum"] > 0:
+            buf = state["momentum_buffer"]
+            buf.mul_(hp["momentum"]).addcdiv_(grad, avg)
+            param.add_(buf, alpha=-hp["lr"])
+        else:
+            param.addcdiv_(grad, avg, value=-hp["lr"])
 
+    def _averages(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> tuple:
+        """Count the step, update the running averages; return the (L2-decayed) gradient and ``sqrt(avg) + eps``."""
+        alpha = hp["alpha"]
+        state["step"] += 1
+        if hp["weight_decay"] != 0:
+            grad = grad.add(param, alpha=hp["weight_decay"])
         square_avg = state["square_avg"]
         square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
         if hp["centered"]:
@@ -52,14 +61,7 @@ class RMSprop(Algorithm):
             avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
         else:
             avg = square_avg.sqrt()
-        avg = avg.add_(eps)
-
-        if momentum > 0:
-            buf = state["momentum_buffer"]
-            buf.mul_(momentum).addcdiv_(grad, avg)
-            param.add_(buf, alpha=-lr)
-        else:
-            param.addcdiv_(grad, avg, value=-lr)
+        return grad, avg.add_(hp["eps"])
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         return {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT,
@@ -74,21 +76,9 @@ class RMSprop(Algorithm):
 
     def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                   t: Any) -> Tensor:
-        alpha, eps, weight_decay, momentum = hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"]
-        state["step"] += 1
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        square_avg = state["square_avg"]
-        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-        if hp["centered"]:
-            grad_avg = state["grad_avg"]
-            grad_avg.lerp_(grad, 1 - alpha)
-            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-        else:
-            avg = square_avg.sqrt()
-        avg = avg.add_(eps)
-        if momentum > 0:
+        grad, avg = self._averages(param, grad, state, hp)
+        if hp["momentum"] > 0:
             buf = state["momentum_buffer"]
-            buf.mul_(momentum).addcdiv_(grad, avg)
+            buf.mul_(hp["momentum"]).addcdiv_(grad, avg)
             return buf.clone()
         return grad / avg

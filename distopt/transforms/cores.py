@@ -44,6 +44,18 @@ class ScaleByAdam(Transform):
         return (m / (1 - beta1**t.step)) / (v / correction).sqrt().clamp(min=t.hp["eps"])
 
 
+def _laprop_moments(t: TensorStep, floor: float) -> Tensor:
+    """LaProp's moments: ``v`` of ``u²``, then the momentum of ``u / max(sqrt(v̂), floor)``; returns the
+    denominator (``exp_avg`` and ``exp_avg_sq`` updated in place)."""
+    beta1, beta2 = t.hp["betas"]
+    m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
+    decay, correction = second_moment_decay(t, beta2)
+    v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
+    denom = (v / correction).sqrt().clamp(min=floor)
+    m.lerp_(t.u / denom, 1 - beta1)
+    return denom
+
+
 class ScaleByLaProp(Transform):
     """LaProp's direction (Ziyin et al., https://arxiv.org/abs/2002.04839) as HeavyBall runs it: the momentum of
     ``g / max(sqrt(v̂), 1e-8)``, bias-corrected (HeavyBall's LaProp ignores the group's eps). State: ``exp_avg``,
@@ -59,12 +71,8 @@ class ScaleByLaProp(Transform):
         return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
-        beta1, beta2 = t.hp["betas"]
-        m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
-        decay, correction = second_moment_decay(t, beta2)
-        v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
-        m.lerp_(t.u / (v / correction).sqrt().clamp(min=self.floor), 1 - beta1)
-        return m / (1 - beta1**t.step)
+        _laprop_moments(t, self.floor)
+        return t.state["exp_avg"] / (1 - t.hp["betas"][0] ** t.step)
 
 
 class ScaleByUnscaledAdam(Transform):
@@ -81,13 +89,8 @@ class ScaleByUnscaledAdam(Transform):
         return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
-        beta1, beta2 = t.hp["betas"]
-        m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
-        decay, correction = second_moment_decay(t, beta2)
-        v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
-        denom = (v / correction).sqrt().clamp(min=self.floor)
-        m.lerp_(t.u / denom, 1 - beta1)
-        return m / (1 - beta1**t.step) * denom
+        denom = _laprop_moments(t, self.floor)
+        return t.state["exp_avg"] / (1 - t.hp["betas"][0] ** t.step) * denom
 
 
 class SignGraft(Transform):
