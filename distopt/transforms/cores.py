@@ -44,53 +44,47 @@ class ScaleByAdam(Transform):
         return (m / (1 - beta1**t.step)) / (v / correction).sqrt().clamp(min=t.hp["eps"])
 
 
-def _laprop_moments(t: TensorStep, floor: float) -> Tensor:
-    """LaProp's moments: ``v`` of ``u²``, then the momentum of ``u / max(sqrt(v̂), floor)``; returns the
-    denominator (``exp_avg`` and ``exp_avg_sq`` updated in place)."""
-    beta1, beta2 = t.hp["betas"]
-    m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
-    decay, correction = second_moment_decay(t, beta2)
-    v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
-    denom = (v / correction).sqrt().clamp(min=floor)
-    m.lerp_(t.u / denom, 1 - beta1)
-    return denom
+class _MomentsOfNormalized(Transform):
+    """LaProp's moments (Ziyin et al., https://arxiv.org/abs/2002.04839) as HeavyBall keeps them: ``v`` of ``u²``,
+    and the momentum of ``u / d`` with ``d = max(sqrt(v̂), 1e-8)`` (HeavyBall's LaProp ignores the group's eps).
+    State: ``exp_avg``, ``exp_avg_sq``; PaLM and Kourkoutas-β schedule ``v``. Subclasses say what the update is."""
+
+    hyperparameters = {"betas": (0.9, 0.99)}
+    state_keys = ("exp_avg", "exp_avg_sq")
+    second_moment = True
+    floor = 1e-8
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+
+    def moments(self, t: TensorStep) -> tuple[Tensor, Tensor]:
+        """Update the state; return the bias-corrected momentum and ``d``."""
+        beta1, beta2 = t.hp["betas"]
+        m, v = t.state["exp_avg"], t.state["exp_avg_sq"]
+        decay, correction = second_moment_decay(t, beta2)
+        v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
+        denom = (v / correction).sqrt().clamp(min=self.floor)
+        m.lerp_(t.u / denom, 1 - beta1)
+        return m / (1 - beta1**t.step), denom
 
 
-class ScaleByLaProp(Transform):
-    """LaProp's direction (Ziyin et al., https://arxiv.org/abs/2002.04839) as HeavyBall runs it: the momentum of
-    ``g / max(sqrt(v̂), 1e-8)``, bias-corrected (HeavyBall's LaProp ignores the group's eps). State: ``exp_avg``,
-    ``exp_avg_sq``."""
+class ScaleByLaProp(_MomentsOfNormalized):
+    """LaProp's direction: the bias-corrected momentum of the normalized gradient."""
 
     name = "scale_by_laprop"
-    hyperparameters = {"betas": (0.9, 0.99)}
-    state_keys = ("exp_avg", "exp_avg_sq")
-    second_moment = True
-    floor = 1e-8
-
-    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
-        return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
-        _laprop_moments(t, self.floor)
-        return t.state["exp_avg"] / (1 - t.hp["betas"][0] ** t.step)
+        return self.moments(t)[0]
 
 
-class ScaleByUnscaledAdam(Transform):
-    """HeavyBall's UnscaledAdamW direction: LaProp's momentum of ``g / d`` times the current ``d``, with
-    ``d = max(sqrt(v̂), 1e-8)``. State: ``exp_avg``, ``exp_avg_sq``."""
+class ScaleByUnscaledAdam(_MomentsOfNormalized):
+    """HeavyBall's UnscaledAdamW direction: LaProp's momentum times the current ``d``."""
 
     name = "scale_by_unscaled_adam"
-    hyperparameters = {"betas": (0.9, 0.99)}
-    state_keys = ("exp_avg", "exp_avg_sq")
-    second_moment = True
-    floor = 1e-8
-
-    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
-        return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
-        denom = _laprop_moments(t, self.floor)
-        return t.state["exp_avg"] / (1 - t.hp["betas"][0] ** t.step) * denom
+        momentum, denom = self.moments(t)
+        return momentum * denom
 
 
 class SignGraft(Transform):
