@@ -18,7 +18,7 @@ from torch import Tensor
 import torch
 
 from ..transforms import flags
-from ..transforms.flags import L2_DECAY
+from ..transforms.flags import l2_refusals
 from .base import (FLAG_SWITCHES, Algorithm, check_betas, check_bool, check_fusable, check_nonnegative,
                    check_optional_bool, group_by_device_and_dtype, new_step_counter, second_moment_decay, zeros_like)
 
@@ -95,9 +95,7 @@ class Adam(Algorithm):
         if hp["fused"]:
             refused.update({name: "fused=True runs torch's kernel for the whole step, with no place for a flag "
                             "between its parts; use fused=False" for name in FLAG_SWITCHES})
-        if not self._decoupled(hp):
-            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
-        return refused
+        return {**refused, **l2_refusals(self._decoupled(hp))}
 
     def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
         return self._decoupled(hp)

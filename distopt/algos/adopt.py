@@ -13,7 +13,7 @@ from torch import Tensor
 import math
 
 from ..transforms import flags
-from ..transforms.flags import L2_DECAY
+from ..transforms.flags import l2_refusals
 from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 
@@ -68,9 +68,7 @@ class ADOPT(Algorithm):
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         reason = "ADOPT's second moment is not bias-corrected and lags one step; the flag's schedule has no meaning there"
         refused = {"palm": reason, "kourkoutas_beta": reason}
-        if not hp["decouple"]:
-            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
-        return refused
+        return {**refused, **l2_refusals(hp["decouple"])}
 
     def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
         return hp["decouple"]

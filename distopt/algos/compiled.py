@@ -37,15 +37,21 @@ def _compiled(fn: Callable) -> Callable:
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels: lists of local tensors, ``s`` the float64 scalars, ``flags`` a tuple of Python bools (static).
 
+def _decayed(p, g, lr, weight_decay, decoupled, decays):
+    """Weight decay as torch.optim applies it: decoupled on the parameter, or L2 on the gradient (returned)."""
+    if decays and decoupled:
+        p.mul_(1 - lr * weight_decay)
+    elif decays:
+        g = g + weight_decay * p
+    return g
+
+
 def adam_kernel(ps, gs, ms, vs, maxs, s, flags):
     lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt = s.unbind(0)
     maximize, decoupled, amsgrad, decays = flags
     for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
         g = -g if maximize else g
-        if decays and decoupled:
-            p.mul_(1 - lr * weight_decay)
-        elif decays:
-            g = g + weight_decay * p
+        g = _decayed(p, g, lr, weight_decay, decoupled, decays)
         m.lerp_(g, 1 - beta1)
         v.copy_(v * beta2 + (1 - beta2) * g * g)
         second = v
@@ -60,10 +66,7 @@ def nadam_kernel(ps, gs, ms, vs, mu_products, s, flags):
     maximize, decoupled, decays = flags
     for p, g, m, v, mu_product in zip(ps, gs, ms, vs, mu_products):
         g = -g if maximize else g
-        if decays and decoupled:
-            p.mul_(1 - lr * weight_decay)
-        elif decays:
-            g = g + weight_decay * p
+        g = _decayed(p, g, lr, weight_decay, decoupled, decays)
         mu_product.copy_(mu_product * mu)
         m.lerp_(g, 1 - beta1)
         v.copy_(v * beta2 + (1 - beta2) * g * g)
@@ -117,10 +120,7 @@ def adopt_kernel(ps, gs, ms, vs, s, flags):
     maximize, decoupled, clip, decays = flags
     for p, g, m, v in zip(ps, gs, ms, vs):
         g = -g if maximize else g
-        if decays and decoupled:
-            p.mul_(1 - lr * weight_decay)
-        elif decays:
-            g = g + weight_decay * p
+        g = _decayed(p, g, lr, weight_decay, decoupled, decays)
         normed = g / v.sqrt().clamp(min=eps)
         if clip:
             normed = normed.clamp(-bound, bound)
@@ -159,10 +159,7 @@ def radam_kernel(ps, gs, ms, vs, s, flags):
     maximize, decoupled, decays, rectified = flags
     for p, g, m, v in zip(ps, gs, ms, vs):
         g = -g if maximize else g
-        if decays and decoupled:
-            p.mul_(1 - lr * weight_decay)
-        elif decays:
-            g = g + weight_decay * p
+        g = _decayed(p, g, lr, weight_decay, decoupled, decays)
         m.lerp_(g, 1 - beta1)
         v.copy_(v * beta2 + (1 - beta2) * g * g)
         corrected = m / bias_correction1

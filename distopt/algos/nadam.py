@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..transforms.flags import L2_DECAY
+from ..transforms.flags import l2_refusals
 from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, second_moment_decay, zeros_like
 
 
@@ -69,9 +69,7 @@ class NAdam(Algorithm):
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         refused = {"atan2": "NAdam divides two terms by the second moment, and no reference defines atan2 for it"}
-        if not hp["decoupled_weight_decay"]:
-            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
-        return refused
+        return {**refused, **l2_refusals(hp["decoupled_weight_decay"])}
 
     def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
         return hp["decoupled_weight_decay"]

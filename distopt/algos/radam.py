@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..transforms.flags import L2_DECAY
+from ..transforms.flags import l2_refusals
 from .base import as_scalar, Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 
@@ -70,9 +70,7 @@ class RAdam(Algorithm):
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         refused = {"palm": "its rectification assumes a constant beta2", "kourkoutas_beta":
                    "its rectification assumes a constant beta2", "atan2": "no reference defines atan2 for RAdam"}
-        if not hp["decoupled_weight_decay"]:
-            refused.update(cautious_weight_decay=L2_DECAY, decouple_lr=L2_DECAY)
-        return refused
+        return {**refused, **l2_refusals(hp["decoupled_weight_decay"])}
 
     def decoupled_decay(self, hp: Mapping[str, Any]) -> bool:
         return hp["decoupled_weight_decay"]

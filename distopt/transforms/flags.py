@@ -131,4 +131,11 @@ NO_SECOND_MOMENT = "it has no bias-corrected second moment with betas[1] whose d
 NO_EPS_DIVISION = "it has no division by an eps-regularized second moment for atan2 to replace"
 L2_DECAY = ("its weight decay is L2 (added to the gradient), and the flag acts on decoupled weight decay; use "
             "decoupled weight decay")
+
+
+def l2_refusals(decoupled: bool) -> dict[str, str]:
+    """The flags that act on decoupled weight decay, refused where the decay is L2."""
+    return {} if decoupled else {"cautious_weight_decay": L2_DECAY, "decouple_lr": L2_DECAY}
+
+
 SIGN_UPDATE = "its update is already a sign, which grams' sign(g)·|u| would turn into signSGD"
