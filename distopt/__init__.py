@@ -2,9 +2,10 @@
 
 from .algos import REGISTRY as ALGORITHMS
 from .algos import Algorithm
-from .constructors import (ADOPT, SGD, Adadelta, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
+from .constructors import (ADOPT, SGD, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
                            Muon, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SignLaProp, SOAP,
                            UnscaledAdamW)
+from .catalogue import Adan, Ranger, StableAdamW
 from .optimizer import DistributedOptimizer
 from .saved_state import StateDictMismatch
 from .transforms.custom import Chain
@@ -13,4 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "SGD", "NAdam", "RMSprop", "Lion",
            "LaProp", "ADOPT", "AdEMAMix", "Muon", "SOAP", "PSGDKron", "StateDictMismatch", "Chain", "MuonLaProp",
-           "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "SignLaProp", "UnscaledAdamW"]
+           "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
+           "Adan", "Ranger", "StableAdamW"]

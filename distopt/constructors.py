@@ -140,6 +140,17 @@ class Adadelta(DistributedOptimizer):
                          **flags)
 
 
+class Adafactor(DistributedOptimizer):
+    """Adafactor (https://arxiv.org/abs/1804.04235), the defaults and results of ``torch.optim.Adafactor``; each
+    tensor's step runs on its owner (it reads norms of the whole tensor)."""
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
+                 foreach=None, maximize=False, **flags):
+        _check_switches(foreach)
+        super().__init__(params, "adafactor", lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                         weight_decay=weight_decay, maximize=maximize, **flags)
+
+
 class Lion(DistributedOptimizer):
     """Lion, sign momentum (Chen et al. 2023, https://arxiv.org/abs/2302.06675)."""
 

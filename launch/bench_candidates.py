@@ -287,6 +287,15 @@ SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
 }
 
 
+def _catalogue() -> None:
+    from .bench_catalogue import SCENARIOS as CATALOGUE
+
+    SCENARIOS.update(CATALOGUE)
+
+
+_catalogue()
+
+
 def candidates(scenario: str, dion_path: str | None = None, only: list[str] | None = None) -> list[Candidate]:
     """The candidates of ``scenario`` whose names contain one of ``only`` (all by default); the first is the
     baseline of the ratios."""

@@ -12,7 +12,8 @@ import torch
 
 TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
                     "nadam": torch.optim.NAdam, "rmsprop": torch.optim.RMSprop, "radam": torch.optim.RAdam,
-                    "adamax": torch.optim.Adamax, "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta}
+                    "adamax": torch.optim.Adamax, "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta,
+                    "adafactor": torch.optim.Adafactor}
 
 # Configurations beyond torch's own (common_optimizers) that exercise every hyperparameter at least once.
 _EXTRA = {
@@ -29,6 +30,8 @@ _EXTRA = {
     "adamax": [{"betas": (0.5, 0.9), "eps": 1e-3}],
     "adagrad": [{"eps": 1e-3, "initial_accumulator_value": 0.5, "lr_decay": 0.1, "maximize": True}],
     "adadelta": [{"rho": 0.5, "eps": 1e-3, "lr": 0.5}],
+    "adafactor": [{"eps": (1e-6, 1e-2), "d": 2.0, "beta2_decay": -0.5, "maximize": True},
+                  {"lr": 0.5, "weight_decay": 0.1}],
 }
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
+from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
 from .base import ELEMENTWISE, MATRIX, Algorithm, MatrixAlgorithm
@@ -15,14 +17,15 @@ from .muon import Muon
 from .nadam import NAdam
 from .psgd import PSGDKron
 from .radam import RAdam
+from .ranger import Ranger
 from .rmsprop import RMSprop
 from .sgd import SGD
 from .soap import SOAP
 
 #: Built-in algorithms by name; a name is the lowercase class name.
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Lion, LaProp, ADOPT,
-                              AdEMAMix, Muon, SOAP, PSGDKron)
+    cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
+                              AdEMAMix, Adan, Ranger, Muon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.
@@ -31,10 +34,12 @@ ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == 
 
 from ..transforms.custom import (laprop_ortho, muon_laprop, ortho_laprop, sign_laprop,  # noqa: E402
                                  unscaled_adamw)
+from ..transforms.catalogue import stable_adamw  # noqa: E402
 
 #: Built-in chains (HeavyBall's names, lowercase): each name builds a fresh :class:`~distopt.transforms.Chain`.
 CHAINS = {"muonlaprop": muon_laprop, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho,
-          "signlaprop": sign_laprop, "unscaledadamw": unscaled_adamw}
+          "signlaprop": sign_laprop, "unscaledadamw": unscaled_adamw,
+          "stableadamw": stable_adamw}
 
 
 def resolve(algorithm: str | Algorithm) -> Algorithm:
@@ -53,5 +58,5 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
 
 
 __all__ = ["ELEMENTWISE_NAMES", "Algorithm", "MatrixAlgorithm", "ELEMENTWISE", "MATRIX", "Muon", "SOAP", "PSGDKron", "REGISTRY", "resolve", "Adam", "AdamW", "SGD", "NAdam", "RMSprop", "Lion",
-           "RAdam", "Adamax", "Adagrad", "Adadelta",
+           "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "Adan", "Ranger",
            "LaProp", "ADOPT", "AdEMAMix"]

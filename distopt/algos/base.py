@@ -43,6 +43,8 @@ class Algorithm:
     #: stays loadable by torch.optim and a torch.optim one by distopt. :meth:`restore_unsaved` rebuilds them on load;
     #: a state dict that holds them anyway (an older distopt checkpoint) is accepted.
     unsaved_state: ClassVar[tuple[str, ...]] = ()
+    #: Whether the chain form's decay is proximal, ``p <- (p - lr u) / (1 + lr wd)`` (Adan's), not multiplicative.
+    proximal_decay: ClassVar[bool] = False
 
     def check(self, hp: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming the first invalid hyperparameter."""
@@ -95,6 +97,9 @@ class Algorithm:
     def momentum_beta(self, hp: Mapping[str, Any]) -> float:
         """The first moment's decay (MARS's ``β1``)."""
         return float(hp["betas"][0])
+
+    def after_step(self, param: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        """The chain form's last word on a parameter after its step (Ranger's lookahead); nothing by default."""
 
     def check_torch_group(self, saved: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if a param group saved by a torch.optim optimizer (no ``"algorithm"`` key) holds a

@@ -44,6 +44,8 @@ class TensorStep:
     bias_correction2: float | None = None
     #: Set by the core when this step makes no update (ADOPT's and SOAP's first step): later transforms skip it.
     skip: bool = False
+    #: A factor of this step's learning rate, for the update and the decay alike (StableAdamW's clip).
+    lr_scale: Any = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -32,7 +32,7 @@ def make_optimizer(kind: str, model):
     if kind == "psgd":
         return distopt.PSGDKron(named, lr=1e-3, preconditioner_update_probability=0.5)
     if kind == "catalogue":  # the newer first-order algorithms, one group each (round robin over the parameters)
-        names = ("radam", "adamax", "adagrad", "adadelta", "unscaledadamw")
+        names = ("radam", "adamax", "adagrad", "adafactor", "adadelta", "unscaledadamw")  # adafactor: 4-D conv too
         return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2}
                                              for i, name in enumerate(names)])
     if kind == "flags":  # flag state (MARS's previous gradient) on shards, with flags whose reductions are exact

@@ -44,6 +44,8 @@ def _compare_with_torch(name, configs, mesh_kind):
             if not torch.equal(full(p), ref):
                 mismatches.append(f"{desc}: {fqn} max diff {(full(p) - ref).abs().max().item():.3g}")
             for key, value in ref_opt.state[ref].items():
+                if key not in opt.state[p] and f"owner.{key}" in opt.state[p]:
+                    continue  # whole on the matrix's owner only (Adafactor): the DCP tests gather and compare it
                 if key != "step" and not torch.equal(full(opt.state[p][key]), value):
                     mismatches.append(f"{desc}: state {key} of {fqn}")
     return mismatches

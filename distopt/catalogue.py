@@ -1,0 +1,64 @@
+"""Constructors of the first-order catalogue under the names and keywords of the libraries that define them
+(torch-optimi, adv_optm, HeavyBall, prodigyopt, schedulefree), with their defaults. Every one is a
+:class:`~distopt.DistributedOptimizer`: sharded, checkpointed through DCP, and taking the seeds' flags (``**flags``)
+where its maths allows."""
+
+from __future__ import annotations
+
+from .optimizer import DistributedOptimizer
+from .owner import DEFAULT_BUCKET_BYTES
+
+
+def _optimi_switches(name: str, kahan_sum, gradient_release) -> None:
+    """optimi's implementation switches: Kahan summation only acts on low-precision parameters, which distopt does
+    not compensate yet; gradient release fuses the step into backward, which a sharded step cannot."""
+    if kahan_sum:
+        raise ValueError(f"{name}: kahan_sum=True is not supported yet (bf16 parameters with Kahan summation are "
+                         "distopt's low-precision work); leave it None or False")
+    if gradient_release:
+        raise ValueError(f"{name}: gradient_release=True is not supported: distopt steps after backward")
+
+
+class Adan(DistributedOptimizer):
+    """optimi's Adan (https://arxiv.org/abs/2208.06677): adaptive Nesterov momentum, proximal weight decay.
+    ``foreach`` and ``triton`` select optimi's kernels and change no maths here."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), weight_decay=2e-2, eps=1e-6, decouple_lr=False,
+                 max_lr=None, kahan_sum=False, foreach=None, triton=None, gradient_release=False, *, maximize=False,
+                 process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        _optimi_switches("adan", kahan_sum, gradient_release)
+        if decouple_lr:
+            flags.update(decouple_lr=True, max_lr=max_lr)
+        super().__init__(params, "adan", lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, maximize=maximize,
+                         process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class Ranger(DistributedOptimizer):
+    """optimi's Ranger: RAdam (https://arxiv.org/abs/1908.03265) with Lookahead (https://arxiv.org/abs/1907.08610)
+    every ``k`` steps."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0, eps=1e-6, k=6, alpha=0.5,
+                 decouple_wd=True, decouple_lr=False, max_lr=None, kahan_sum=None, foreach=None, triton=None,
+                 gradient_release=False, *, maximize=False, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
+                 compile=None, **flags):
+        _optimi_switches("ranger", kahan_sum, gradient_release)
+        if decouple_lr:
+            flags.update(decouple_lr=True, max_lr=max_lr)
+        super().__init__(params, "ranger", lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, k=k, alpha=alpha,
+                         decouple_wd=decouple_wd, maximize=maximize, process_group=process_group,
+                         bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class StableAdamW(DistributedOptimizer):
+    """optimi's StableAdamW (https://arxiv.org/abs/2304.13013): AdamW whose step is clipped by the RMS of
+    ``g² / v̂`` over each whole tensor, summed over every shard."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
+                 max_lr=None, kahan_sum=None, foreach=None, triton=None, gradient_release=False, *, maximize=False,
+                 process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        _optimi_switches("stableadamw", kahan_sum, gradient_release)
+        if decouple_lr:
+            flags.update(decouple_lr=True, max_lr=max_lr)
+        super().__init__(params, "stableadamw", lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
+                         maximize=maximize, process_group=process_group, bucket_bytes=bucket_bytes, compile=compile,
+                         **flags)

@@ -1,0 +1,14 @@
+"""The catalogue's algorithms that are chains of transforms (those whose maths reads a number of the whole tensor,
+or of every tensor, and so needs the chain runtime's reductions)."""
+
+from __future__ import annotations
+
+from .custom import Chain
+from .stable import ClipByStableRMS, ScaleByOptimiAdam
+
+
+def stable_adamw() -> Chain:
+    """torch-optimi's StableAdamW: AdamW whose step is clipped by the RMS of ``g² / v̂`` over each whole tensor
+    (optimi's defaults; optimi has no default ``lr``, distopt's is 1e-3)."""
+    return Chain("stableadamw", [ScaleByOptimiAdam(), ClipByStableRMS()],
+                 {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 1e-2, "eps": 1e-6, "maximize": False})
