@@ -251,7 +251,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 continue
             if algorithm.chained(group):
                 run_elementwise(algorithm, params, grads, states, group, [tuple(p.shape) for p in wholes],
-                                self._reducer(wholes))
+                                self._reducer(wholes), [layout.global_offset(p) for p in wholes])
             elif algorithm.kind == MATRIX:
                 for param, grad, state in zip(params, grads, states):
                     algorithm.local_update(param, grad, state, group)

@@ -34,12 +34,12 @@ ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == 
 
 from ..transforms.custom import (laprop_ortho, muon_laprop, ortho_laprop, sign_laprop,  # noqa: E402
                                  unscaled_adamw)
-from ..transforms.catalogue import stable_adamw  # noqa: E402
+from ..transforms.catalogue import prodigy, stable_adamw  # noqa: E402
 
 #: Built-in chains (HeavyBall's names, lowercase): each name builds a fresh :class:`~distopt.transforms.Chain`.
 CHAINS = {"muonlaprop": muon_laprop, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho,
           "signlaprop": sign_laprop, "unscaledadamw": unscaled_adamw,
-          "stableadamw": stable_adamw}
+          "stableadamw": stable_adamw, "prodigy": prodigy}
 
 
 def resolve(algorithm: str | Algorithm) -> Algorithm:

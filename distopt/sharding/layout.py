@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
@@ -47,6 +48,20 @@ def like_param(param: Tensor, local_state: Tensor) -> Tensor:
         return local_state
     return DTensor.from_local(local_state, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
+
+
+def global_offset(param: Tensor) -> tuple[int, ...]:
+    """Where this rank's part of ``param`` starts in the whole tensor, per dimension (zeros for a plain tensor)."""
+    if not isinstance(param, DTensor):
+        return (0,) * param.dim()
+    return _offset(tuple(param.shape), param.device_mesh, tuple(param.placements))
+
+
+@lru_cache(maxsize=4096)
+def _offset(shape: tuple[int, ...], mesh, placements: tuple[Placement, ...]) -> tuple[int, ...]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return tuple(compute_local_shape_and_global_offset(shape, mesh, placements)[1])
 
 
 def counts_here(param: Tensor, rank: int, world_size: int, name_of: Callable[[Tensor], str]) -> bool:

@@ -4,6 +4,7 @@ or of every tensor, and so needs the chain runtime's reductions)."""
 from __future__ import annotations
 
 from .custom import Chain
+from .prodigy import EstimateProdigyD, ScaleByProdigy
 from .stable import ClipByStableRMS, ScaleByOptimiAdam
 
 
@@ -12,3 +13,10 @@ def stable_adamw() -> Chain:
     (optimi's defaults; optimi has no default ``lr``, distopt's is 1e-3)."""
     return Chain("stableadamw", [ScaleByOptimiAdam(), ClipByStableRMS()],
                  {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 1e-2, "eps": 1e-6, "maximize": False})
+
+
+def prodigy() -> Chain:
+    """adv_optm's Prodigy_adv (Prodigy, https://arxiv.org/abs/2306.06101): Adam at the step size ``d lr``, with
+    ``d`` estimated from statistics summed over every parameter of the group on every rank (adv_optm's defaults)."""
+    return Chain("prodigy", [ScaleByProdigy(), EstimateProdigyD()],
+                 {"lr": 1.0, "weight_decay": 0.0, "maximize": False})

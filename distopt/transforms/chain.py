@@ -105,10 +105,12 @@ def is_scalar_state(algorithm: Any, key: str) -> bool:
 
 
 def begin(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]],
-          hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]]) -> list[TensorStep]:
+          hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
+          offsets: Sequence[tuple[int, ...]] | None = None) -> list[TensorStep]:
     """One :class:`TensorStep` per tensor: the gradient as the chain takes it in (negated under ``maximize``).
     Under ``promote`` the chain runs on float32 copies of a low-precision gradient and state; :func:`end` writes
-    the state back."""
+    the state back. ``offsets``: where each local tensor starts in its whole tensor (``extra["offset"]``), for
+    transforms that pick elements by their place in the whole tensor (Prodigy's ``slice_p``)."""
     maximize, promote = hp.get("maximize", False), flags.value(hp, "promote")
     steps = []
     for param, grad, state, shape in zip(params, grads, states, shapes):
@@ -123,6 +125,8 @@ def begin(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
                        shape=tuple(shape), step=int(state["step"]) + 1)
         if low:
             t.extra["low_precision_state"] = low
+        if offsets is not None:
+            t.extra["offset"] = offsets[len(steps)]
         steps.append(t)
     return steps
 
@@ -136,11 +140,11 @@ def end(steps: list[TensorStep]) -> None:
 
 def run_elementwise(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
                     states: Sequence[dict[str, Tensor]], hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
-                    reducer: Reducer) -> None:
+                    reducer: Reducer, offsets: Sequence[tuple[int, ...]] | None = None) -> None:
     """One step of an elementwise group with flags on, or of a custom chain (for a matrix chain: its tensors that
     skip the owner section)."""
     before, after = parts(algorithm, hp)
-    steps = begin(params, grads, states, hp, shapes)
+    steps = begin(params, grads, states, hp, shapes, offsets)
     run(before, steps, reducer)
     if getattr(algorithm, "transforms", None) is None:
         for t in steps:
