@@ -62,3 +62,42 @@ class StableAdamW(DistributedOptimizer):
         super().__init__(params, "stableadamw", lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
                          maximize=maximize, process_group=process_group, bucket_bytes=bucket_bytes, compile=compile,
                          **flags)
+
+
+class Prodigy(DistributedOptimizer):
+    """adv_optm's Prodigy_adv (https://arxiv.org/abs/2306.06101): Adam at the step size ``d lr``, ``d`` estimated
+    from statistics of every parameter of the group on every rank, with no setting for the sharding (adv_optm's
+    ``fsdp_in_use``). ``d`` lives in the param group (``opt.param_groups[i]["d"]``), one per group. adv_optm's
+    low-precision and factored-state options are not here (see the README's limits)."""
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, beta3=None, d0=1e-6,
+                 d_coef=1.0, growth_rate=float("inf"), safeguard_warmup=False, slice_p=11, prodigy_steps=0,
+                 d_limiter=False, nesterov=False, nesterov_coef=None, maximize=False, process_group=None,
+                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        super().__init__(params, "prodigy", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, beta3=beta3,
+                         d0=d0, d_coef=d_coef, growth_rate=growth_rate, safeguard_warmup=safeguard_warmup,
+                         slice_p=slice_p, prodigy_steps=prodigy_steps, d_limiter=d_limiter, nesterov=nesterov,
+                         nesterov_coef=nesterov_coef, maximize=maximize, process_group=process_group,
+                         bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class SignSGD(DistributedOptimizer):
+    """adv_optm's SignSGD_adv (https://arxiv.org/abs/1802.04434): the sign of an exponential momentum."""
+
+    def __init__(self, params, lr=1e-4, momentum=0.9, weight_decay=0.0, *, nesterov=False, nesterov_coef=None,
+                 normed_momentum=False, maximize=False, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
+                 compile=None, **flags):
+        super().__init__(params, "signsgd", lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                         nesterov_coef=nesterov_coef, normed_momentum=normed_momentum, maximize=maximize,
+                         process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class SinkSGD(DistributedOptimizer):
+    """adv_optm's SinkSGD_adv (https://arxiv.org/abs/2502.06742): the momentum normalized by Sinkhorn iterations
+    over the rows and columns of each whole matrix, on the matrix's owner; ``sign`` for vectors."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0, *, sinkhorn_iterations=5, nesterov=False,
+                 nesterov_coef=None, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        super().__init__(params, "sinksgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         sinkhorn_iterations=sinkhorn_iterations, nesterov=nesterov, nesterov_coef=nesterov_coef,
+                         process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)

@@ -152,10 +152,13 @@ class Adafactor(DistributedOptimizer):
 
 
 class Lion(DistributedOptimizer):
-    """Lion, sign momentum (Chen et al. 2023, https://arxiv.org/abs/2302.06675)."""
+    """Lion, sign momentum (Chen et al. 2023, https://arxiv.org/abs/2302.06675); with ``kappa_p`` or
+    ``auto_kappa_p``, adv_optm's Lion-k (https://arxiv.org/abs/2310.05898), whose norm is over each whole tensor."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **flags):
-        super().__init__(params, "lion", lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, **flags)
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, kappa_p=1.0,
+                 auto_kappa_p=False, **flags):
+        super().__init__(params, "lion", lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                         kappa_p=kappa_p, auto_kappa_p=auto_kappa_p, **flags)
 
 
 class LaProp(DistributedOptimizer):

@@ -98,6 +98,11 @@ class Algorithm:
         """The first moment's decay (MARS's ``β1``)."""
         return float(hp["betas"][0])
 
+    def core_transforms(self, hp: Mapping[str, Any]) -> tuple:
+        """Transforms that finish the core's direction in the chain runtime, where the maths needs a number of the
+        whole tensor (Lion-k's norm): :meth:`chained` must be True wherever these are not empty."""
+        return ()
+
     def after_step(self, param: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
         """The chain form's last word on a parameter after its step (Ranger's lookahead); nothing by default."""
 

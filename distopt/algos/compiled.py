@@ -230,7 +230,9 @@ def run(algorithm: Any, params: list[Tensor], grads: list[Tensor], states: list[
            for p, g in zip(params, grads)) or not first.is_floating_point():
         return list(range(len(params)))
     steps = [int(state["step"]) + 1 for state in states]
-    eager = [i for i, step in enumerate(steps) if step == 1 and name in FIRST_STEP_EAGER]
+    # 0-d tensors step eagerly: inductor drops the in-place update of a 0-d float64 input (measured: such a
+    # parameter never moved), and they are too small for a compiled pass to matter.
+    eager = [i for i, step in enumerate(steps) if (step == 1 and name in FIRST_STEP_EAGER) or params[i].dim() == 0]
     by_step: dict[int, list[int]] = {}
     for i, step in enumerate(steps):
         if i not in eager:

@@ -9,8 +9,10 @@ from typing import Any
 
 from torch import Tensor
 
+from ..transforms.lion_k import LION_K
+
 from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT, SIGN_UPDATE
-from .base import Algorithm, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
+from .base import Algorithm, _as_number, check_betas, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 
 class Lion(Algorithm):
@@ -20,13 +22,17 @@ class Lion(Algorithm):
     """
 
     name = "lion"
-    hyperparameters = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False}
+    hyperparameters = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False, "kappa_p": 1.0,
+                       "auto_kappa_p": False}
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
         check_betas(self.name, hp)
         check_nonnegative(self.name, hp, "weight_decay")
-        check_bool(self.name, hp, "maximize")
+        check_bool(self.name, hp, "maximize", "auto_kappa_p")
+        kappa = _as_number(self.name, "kappa_p", hp["kappa_p"])
+        if not 1.0 <= kappa <= 2.0:
+            raise ValueError(f"{self.name}: invalid kappa_p={hp['kappa_p']!r} (must be in [1, 2])")
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"step": new_step_counter(), "exp_avg": zeros_like(param)}
@@ -44,6 +50,17 @@ class Lion(Algorithm):
         param.add_(direction, alpha=-lr)
         exp_avg.lerp_(grad, 1 - beta2)
 
+    @staticmethod
+    def _lion_k(hp: Mapping[str, Any]) -> bool:
+        return bool(hp["auto_kappa_p"]) or float(hp["kappa_p"]) != 1.0
+
+    def chained(self, hp: Mapping[str, Any]) -> bool:
+        """Lion-k's norm over the whole tensor is a reduction: the chain runtime runs it."""
+        return super().chained(hp) or self._lion_k(hp)
+
+    def core_transforms(self, hp: Mapping[str, Any]) -> tuple:
+        return (LION_K,) if self._lion_k(hp) else ()
+
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         return {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT, "atan2": NO_EPS_DIVISION,
                 "grams": SIGN_UPDATE}
@@ -53,6 +70,6 @@ class Lion(Algorithm):
         beta1, beta2 = hp["betas"]
         state["step"] += 1
         exp_avg = state["exp_avg"]
-        u = exp_avg.lerp(grad, 1 - beta1).sign_()
+        u = exp_avg.lerp(grad, 1 - beta1)
         exp_avg.lerp_(grad, 1 - beta2)
-        return u
+        return u if self._lion_k(hp) else u.sign_()

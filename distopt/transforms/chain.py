@@ -73,7 +73,8 @@ def parts(algorithm: Any, hp: Mapping[str, Any]) -> tuple[tuple[Transform, ...],
     before, after = _parts(algorithm, _key(hp))
     own = getattr(algorithm, "transforms", None)
     if own is None:
-        return before, after
+        core = algorithm.core_transforms(hp)
+        return before, ((*core, *after) if core else after)
     return (*before, COUNT_STEP, *algorithm.before), (*algorithm.after, *after)
 
 

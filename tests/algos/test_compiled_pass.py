@@ -107,3 +107,22 @@ def test_state_the_kernel_lacks_gets_the_eager_explanation():
     opt.param_groups[0]["momentum"] = 0.9
     with pytest.raises(RuntimeError, match="momentum was switched on after the first step"):
         opt.step()
+
+
+def test_a_float64_scalar_parameter_moves_under_the_compiled_pass():
+    """Inductor dropped the in-place update of a 0-d float64 input (the parameter never moved): such tensors step
+    eagerly, and the rest of the group still compiles."""
+    def steps(compile):
+        params = [torch.full((), 0.5, dtype=torch.float64, requires_grad=True),
+                  torch.full((3,), 0.5, dtype=torch.float64, requires_grad=True)]
+        opt = distopt.Lion(params, lr=1e-2, compile=compile)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        return [p.detach() for p in params]
+
+    fast, eager = steps(True), steps(False)
+    assert fast[0].item() != 0.5
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(fast, eager))

@@ -1,10 +1,10 @@
 """The first-order catalogue under FSDP2 (W = 1 to 4, uneven and empty shards), HSDP and DDP-style plain tensors
 equals the same optimizer in one process.
 
-Elementwise maths gives the same bits. Adafactor runs on owners, where the whole tensor is: the same bits too. The
-algorithms with a reduction over each whole tensor (StableAdamW's RMS) add the shards' sums in another order: the
-tolerance is that of the flags' reductions (``STEPS * LARGEST * eps`` of the distance moved; see
-``test_flags_sharded``). The collectives counted are the chain runtime's all_reduces per step.
+Elementwise maths gives the same bits. Adafactor and SinkSGD run on owners, where the whole tensor is: the same bits
+too. The algorithms with a reduction (StableAdamW's RMS and Lion-k's norm over each whole tensor, Prodigy's
+statistics over the whole group) add the shards' sums in another order: the tolerance is that of the flags'
+reductions (``STEPS * LARGEST * eps`` of the distance moved; see ``test_flags_sharded``). The collectives counted are the chain runtime's all_reduces per step.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ CONFIGS = {
     "ranger/mars": ("ranger", dict(lr=0.01, k=3), dict(mars=True), 0, True),
     "stableadamw": ("stableadamw", dict(lr=0.01), {}, 1, False),
     "stableadamw/caution": ("stableadamw", dict(lr=0.01), dict(caution=True), 2, False),
+    "prodigy": ("prodigy", dict(d0=1e-3, slice_p=3, weight_decay=0.1), {}, 1, False),
+    "lion/kappa": ("lion", dict(lr=0.01, kappa_p=1.5), {}, 1, False),
+    "lion/auto+caution": ("lion", dict(lr=0.01, auto_kappa_p=True), dict(caution=True), 2, False),
+    "signsgd": ("signsgd", dict(lr=0.01, nesterov=True, weight_decay=0.1), {}, 0, True),
+    "sinksgd": ("sinksgd", dict(lr=0.01, momentum=0.9, weight_decay=0.1), {}, 0, True),
+    "sinksgd/mars": ("sinksgd", dict(lr=0.01, momentum=0.9), dict(mars=True), 0, True),
 }
 
 
