@@ -5,7 +5,7 @@ from .algos import Algorithm
 from .constructors import (ADOPT, SGD, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
                            Muon, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SignLaProp, SOAP,
                            UnscaledAdamW)
-from .catalogue import Adan, Prodigy, Ranger, SignSGD, SinkSGD, StableAdamW
+from .catalogue import Adan, Prodigy, Ranger, SignSGD, Simplified_AdEMAMix, SinkSGD, StableAdamW
 from .optimizer import DistributedOptimizer
 from .saved_state import StateDictMismatch
 from .transforms.custom import Chain
@@ -15,4 +15,5 @@ __version__ = "0.1.0"
 __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "SGD", "NAdam", "RMSprop", "Lion",
            "LaProp", "ADOPT", "AdEMAMix", "Muon", "SOAP", "PSGDKron", "StateDictMismatch", "Chain", "MuonLaProp",
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
-           "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD"]
+           "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
+           "Simplified_AdEMAMix"]

@@ -101,3 +101,17 @@ class SinkSGD(DistributedOptimizer):
         super().__init__(params, "sinksgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
                          sinkhorn_iterations=sinkhorn_iterations, nesterov=nesterov, nesterov_coef=nesterov_coef,
                          process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class Simplified_AdEMAMix(DistributedOptimizer):  # noqa: N801 (adv_optm's name)
+    """adv_optm's Simplified_AdEMAMix (https://arxiv.org/abs/2502.02431; in adv_optm up to 2.2.3): an accumulated
+    momentum plus ``alpha_grad`` times the gradient, over Adam's denominator; learning rates about 100x below
+    AdamW's."""
+
+    def __init__(self, params, lr=1e-5, betas=(0.99, 0.999), eps=1e-8, weight_decay=0.0, *, alpha_grad=100.0,
+                 beta1_warmup=None, min_beta1=0.9, use_bias_correction=True, maximize=False, process_group=None,
+                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        super().__init__(params, "simplified_ademamix", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         alpha_grad=alpha_grad, beta1_warmup=beta1_warmup, min_beta1=min_beta1,
+                         use_bias_correction=use_bias_correction, maximize=maximize, process_group=process_group,
+                         bucket_bytes=bucket_bytes, compile=compile, **flags)

@@ -1,8 +1,10 @@
 """Peers' own code, loaded from a source tree given by path (never committed here): the independent references that
 a loop written from our own reading of a paper cannot replace.
 
-``DISTOPT_SOAP_PATH``: a checkout of https://github.com/nikhilvyas/SOAP (the folder holding ``soap.py``). Tests that
-need it skip, saying so, where it is not given.
+``DISTOPT_SOAP_PATH``: a checkout of https://github.com/nikhilvyas/SOAP (the folder holding ``soap.py``).
+``DISTOPT_ADV_OPTM_223_PATH``: the unpacked wheel of adv-optm 2.2.3 (the folder holding its ``adv_optm`` package;
+``pip download --no-deps adv-optm==2.2.3`` and unzip it), the last release with Simplified AdEMAMix; it loads as
+``adv_optm_223``, beside the installed 2.5.16. Tests that need one skip, saying so, where it is not given.
 """
 
 from __future__ import annotations
@@ -35,3 +37,24 @@ def load_soap():
         spec.loader.exec_module(module)
         sys.modules["authors_soap"] = module
     return sys.modules["authors_soap"]
+
+
+ADV_OPTM_223_ENV = "DISTOPT_ADV_OPTM_223_PATH"
+
+
+def load_adv_optm_223():
+    """adv_optm 2.2.3's package, loaded under the name ``adv_optm_223``, or a pytest skip that says how."""
+    value = os.environ.get(ADV_OPTM_223_ENV)
+    if not value:
+        pytest.skip(f"adv_optm 2.2.3 is not given: set {ADV_OPTM_223_ENV} to its unpacked wheel")
+    if "adv_optm_223" in sys.modules:
+        return sys.modules["adv_optm_223"]
+    package = Path(value) / "adv_optm"
+    spec = importlib.util.spec_from_file_location("adv_optm_223", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    if spec is None or not (package / "__init__.py").is_file():
+        raise FileNotFoundError(f"{ADV_OPTM_223_ENV}={value!r} holds no adv_optm/__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["adv_optm_223"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -20,6 +20,7 @@ from .radam import RAdam
 from .ranger import Ranger
 from .rmsprop import RMSprop
 from .sgd import SGD
+from .simplified_ademamix import Simplified_AdEMAMix
 from .sign_sgd import SignSGD
 from .sink_sgd import SinkSGD
 from .soap import SOAP
@@ -27,7 +28,8 @@ from .soap import SOAP
 #: Built-in algorithms by name; a name is the lowercase class name.
 REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
-                              AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Muon, SOAP, PSGDKron)
+                              AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
+                              Muon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.

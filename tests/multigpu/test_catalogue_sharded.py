@@ -29,6 +29,8 @@ CONFIGS = {
     "signsgd": ("signsgd", dict(lr=0.01, nesterov=True, weight_decay=0.1), {}, 0, True),
     "sinksgd": ("sinksgd", dict(lr=0.01, momentum=0.9, weight_decay=0.1), {}, 0, True),
     "sinksgd/mars": ("sinksgd", dict(lr=0.01, momentum=0.9), dict(mars=True), 0, True),
+    "simplified_ademamix": ("simplified_ademamix", dict(lr=1e-3, weight_decay=0.1, beta1_warmup=3), {}, 0, True),
+    "simplified_ademamix/caution": ("simplified_ademamix", dict(lr=1e-3), dict(caution=True), 1, True),
 }
 
 
