@@ -115,3 +115,18 @@ class Simplified_AdEMAMix(DistributedOptimizer):  # noqa: N801 (adv_optm's name)
                          alpha_grad=alpha_grad, beta1_warmup=beta1_warmup, min_beta1=min_beta1,
                          use_bias_correction=use_bias_correction, maximize=maximize, process_group=process_group,
                          bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+class SFAdamW(DistributedOptimizer):
+    """HeavyBall's SFAdamW, Schedule-Free AdamW (https://arxiv.org/abs/2405.15682): no schedule needed; the
+    parameters hold the training point ``y``, and ``opt.eval()`` / ``opt.train()`` swap in the average ``x`` and
+    back, on every shard. ``warmup_steps`` is HeavyBall's warm-up; the other flags are refused."""
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.0, warmup_steps=0, r=0.0,
+                 weight_lr_power=2.0, *, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None,
+                 **flags):
+        if warmup_steps:
+            flags["warmup_steps"] = warmup_steps
+        super().__init__(params, "sfadamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r,
+                         weight_lr_power=weight_lr_power, process_group=process_group, bucket_bytes=bucket_bytes,
+                         compile=compile, **flags)

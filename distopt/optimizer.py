@@ -381,6 +381,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------------------
     # State dict
 
+    def train(self, mode: bool = True) -> DistributedOptimizer:
+        """Schedule-free groups (SFAdamW): put the training point ``y`` (``mode=True``) or the average ``x``
+        (``mode=False``) in the parameters, on each rank's shard; other groups are untouched."""
+        for group in self.param_groups:
+            algorithm = self.algorithm_of(group)
+            if not getattr(algorithm, "schedule_free", False) or group["train_mode"] == mode:
+                continue
+            group["train_mode"] = mode
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state:
+                    algorithm.swap(layout.local(param.detach()), {k: layout.local(v) for k, v in state.items()},
+                                   group, mode)
+        return self
+
+    def eval(self) -> DistributedOptimizer:
+        """Schedule-free groups: the parameters hold the average ``x``, where to evaluate (see :meth:`train`)."""
+        return self.train(False)
+
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (state by parameter id, param groups), every tensor in the checkpoint layout: with
         torch.distributed initialized, a DTensor of the state's logical shape (owner state row-sharded over the

@@ -19,6 +19,7 @@ from .psgd import PSGDKron
 from .radam import RAdam
 from .ranger import Ranger
 from .rmsprop import RMSprop
+from .schedule_free import SFAdamW
 from .sgd import SGD
 from .simplified_ademamix import Simplified_AdEMAMix
 from .sign_sgd import SignSGD
@@ -29,7 +30,7 @@ from .soap import SOAP
 REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
-                              Muon, SOAP, PSGDKron)
+                              SFAdamW, Muon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.

@@ -181,3 +181,29 @@ def saved_layout(kind: str):
     in_memory = {n: {k: tuple(v.shape) for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
     return ({fqn: {k: (type(v).__name__, tuple(v.shape), str(v.placements) if isinstance(v, DTensor) else None)
                    for k, v in state.items()} for fqn, state in osd["state"].items()}, in_memory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule-free: the eval/train swap on shards, and a checkpoint taken in eval mode
+
+
+def schedule_free_run(mesh_kind: str, path: str, resume: bool):
+    """SFAdamW on MuonNet. Without ``resume``: 3 steps, ``eval()``, save (the model holds x), then ``train()``,
+    2 steps, ``eval()``. With ``resume``: other initial weights, load, ``train()``, the same 2 steps, ``eval()``.
+    Returns the final snapshot (x in the parameters) and the x saved at step 3 (without ``resume``)."""
+    model, shadow = build(mesh_kind, seed=123 if resume else 0)
+    opt = distopt.SFAdamW(model.named_parameters(), lr=0.01, weight_decay=0.1)
+    saved_x = None
+    if resume:
+        load(model, opt, path, True)
+        assert opt.param_groups[0]["train_mode"] is False
+    else:
+        train(model, shadow, opt, 3, seed=1)
+        opt.eval()
+        saved_x = snapshot(model, opt)
+        save(model, opt, path, True)
+        dist.barrier()
+    opt.train()
+    train(model, shadow, opt, 2, seed=2)
+    opt.eval()
+    return snapshot(model, opt), saved_x
