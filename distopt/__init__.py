@@ -2,7 +2,7 @@
 
 from .algos import REGISTRY as ALGORITHMS
 from .algos import Algorithm
-from .constructors import (ADOPT, SGD, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
+from .constructors import (ADOPT, SGD, AdamC, HyperBallAdamW, Scion, SUDSAdamW, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
                            Muon, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SignLaProp, SOAP,
                            UnscaledAdamW)
 from .catalogue import Adan, Prodigy, Ranger, SFAdamW, SignSGD, Simplified_AdEMAMix, SinkSGD, StableAdamW
@@ -16,4 +16,5 @@ __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "
            "LaProp", "ADOPT", "AdEMAMix", "Muon", "SOAP", "PSGDKron", "StateDictMismatch", "Chain", "MuonLaProp",
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
            "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
-           "Simplified_AdEMAMix", "SFAdamW"]
+           "Simplified_AdEMAMix", "SFAdamW", "AdamC", "HyperBallAdamW",
+           "SUDSAdamW", "Scion"]

@@ -288,3 +288,44 @@ class UnscaledAdamW(_HeavyBallChain):
     """HeavyBall's UnscaledAdamW: the momentum of ``g / d`` times the current ``d = max(sqrt(v̂), 1e-8)``."""
 
     chain = "unscaledadamw"
+
+
+class AdamC(_HeavyBallChain):
+    """HeavyBall's AdamC (https://arxiv.org/abs/2506.02285): AdamW whose decay at lr ``lr_t`` is scaled by
+    ``lr_t / max_lr`` (``max_lr``: the constructor's ``lr`` unless given)."""
+
+    chain = "adamc"
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, max_lr=None, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         max_lr=lr if max_lr is None else max_lr, **kwargs)
+
+
+class HyperBallAdamW(_HeavyBallChain):
+    """HeavyBall's HyperBallAdamW: an RMSprop-normalized step on the sphere of each matrix's initial norm (norms
+    over the whole tensor, on its owner); vectors take a plain decoupled step."""
+
+    chain = "hyperballadamw"
+
+
+class SUDSAdamW(_HeavyBallChain):
+    """HeavyBall's SUDSAdamW: Adam in a basis that tracks the gradient's top eigendirection (a Householder
+    reflection of each whole flattened tensor, on its owner)."""
+
+    chain = "sudsadamw"
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, precond_lr=1e-2,
+                 **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, precond_lr=precond_lr,
+                         **kwargs)
+
+
+class Scion(_HeavyBallChain):
+    """HeavyBall's Scion (https://arxiv.org/abs/2502.07529): the momentum's LMO per tensor (Newton-Schulz for
+    matrices and convolutions, RMS for vectors, on owners). Like HeavyBall's, its first step replaces each
+    parameter by its own initialization, seeded by the parameter's position in its group."""
+
+    chain = "scion"
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, scale=1.0, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, **kwargs)

@@ -96,7 +96,8 @@ def test_unknown_hyperparameter_is_a_type_error():
 def test_algorithm_names_are_lowercase_class_names():
     assert set(distopt.ALGORITHMS) == {"adamw", "adam", "sgd", "nadam", "rmsprop", "radam", "adamax", "adagrad",
                                        "adadelta", "adafactor", "adan", "ranger", "lion", "laprop", "adopt", "ademamix",
-                                       "signsgd", "sinksgd", "simplified_ademamix", "sfadamw",
+                                       "signsgd", "sinksgd", "simplified_ademamix", "sfadamw", "hyperballadamw",
+                                       "sudsadamw", "scion",
                                        "muon",
                                        "soap", "psgdkron"}
     for name, cls in distopt.ALGORITHMS.items():

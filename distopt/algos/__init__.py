@@ -11,6 +11,7 @@ from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
 from .base import ELEMENTWISE, MATRIX, Algorithm, MatrixAlgorithm
+from .hyperball import HyperBallAdamW
 from .laprop import LaProp
 from .lion import Lion
 from .muon import Muon
@@ -20,17 +21,20 @@ from .radam import RAdam
 from .ranger import Ranger
 from .rmsprop import RMSprop
 from .schedule_free import SFAdamW
+from .scion import Scion
 from .sgd import SGD
 from .simplified_ademamix import Simplified_AdEMAMix
 from .sign_sgd import SignSGD
 from .sink_sgd import SinkSGD
 from .soap import SOAP
+from .suds import SUDSAdamW
 
 #: Built-in algorithms by name; a name is the lowercase class name.
 REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
-                              SFAdamW, Muon, SOAP, PSGDKron)
+                              SFAdamW, HyperBallAdamW, SUDSAdamW, Scion,
+                              Muon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.
@@ -39,12 +43,12 @@ ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == 
 
 from ..transforms.custom import (laprop_ortho, muon_laprop, ortho_laprop, sign_laprop,  # noqa: E402
                                  unscaled_adamw)
-from ..transforms.catalogue import prodigy, stable_adamw  # noqa: E402
+from ..transforms.catalogue import adamc, prodigy, stable_adamw  # noqa: E402
 
 #: Built-in chains (HeavyBall's names, lowercase): each name builds a fresh :class:`~distopt.transforms.Chain`.
 CHAINS = {"muonlaprop": muon_laprop, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho,
           "signlaprop": sign_laprop, "unscaledadamw": unscaled_adamw,
-          "stableadamw": stable_adamw, "prodigy": prodigy}
+          "stableadamw": stable_adamw, "prodigy": prodigy, "adamc": adamc}
 
 
 def resolve(algorithm: str | Algorithm) -> Algorithm:

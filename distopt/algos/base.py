@@ -45,6 +45,8 @@ class Algorithm:
     unsaved_state: ClassVar[tuple[str, ...]] = ()
     #: Whether the chain form's decay is proximal, ``p <- (p - lr u) / (1 + lr wd)`` (Adan's), not multiplicative.
     proximal_decay: ClassVar[bool] = False
+    #: A factor of the chain form's decay, ``decay_scale(hp, lr)`` at the step's lr (AdamC's ``lr / max_lr``).
+    decay_scale: Any = None
 
     def check(self, hp: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming the first invalid hyperparameter."""
@@ -97,6 +99,11 @@ class Algorithm:
     def momentum_beta(self, hp: Mapping[str, Any]) -> float:
         """The first moment's decay (MARS's ``β1``)."""
         return float(hp["betas"][0])
+
+    def position_state(self, index: int) -> dict[str, Tensor]:
+        """State that depends on the parameter's position in its group (Scion seeds its initialization with it, as
+        HeavyBall does); none by default. Scalars only (listed in :attr:`scalar_state`)."""
+        return {}
 
     def core_transforms(self, hp: Mapping[str, Any]) -> tuple:
         """Transforms that finish the core's direction in the chain runtime, where the maths needs a number of the

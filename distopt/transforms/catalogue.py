@@ -3,7 +3,9 @@ or of every tensor, and so needs the chain runtime's reductions)."""
 
 from __future__ import annotations
 
-from .custom import Chain
+from .cores import ScaleByAdam
+from .corrected_decay import CorrectedDecay
+from .custom import HEAVYBALL_DEFAULTS, Chain
 from .prodigy import EstimateProdigyD, ScaleByProdigy
 from .stable import ClipByStableRMS, ScaleByOptimiAdam
 
@@ -20,3 +22,8 @@ def prodigy() -> Chain:
     ``d`` estimated from statistics summed over every parameter of the group on every rank (adv_optm's defaults)."""
     return Chain("prodigy", [ScaleByProdigy(), EstimateProdigyD()],
                  {"lr": 1.0, "weight_decay": 0.0, "maximize": False})
+
+
+def adamc() -> Chain:
+    """HeavyBall's AdamC: its AdamW (eps floors sqrt(v̂)) with the decay corrected by ``lr_t / max_lr``."""
+    return Chain("adamc", [ScaleByAdam(), CorrectedDecay()], HEAVYBALL_DEFAULTS)

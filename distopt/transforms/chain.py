@@ -161,7 +161,7 @@ def finish(algorithm: Any, steps: list[TensorStep], after: Sequence[Transform], 
     run(after, steps, reducer)
     for t in steps:
         if not t.skip:
-            apply_update(t, algorithm.decays(t.hp, t.shape), algorithm.proximal_decay)
+            apply_update(t, algorithm.decays(t.hp, t.shape), algorithm.proximal_decay, algorithm.decay_scale)
             algorithm.after_step(t.param, t.state, t.hp)
     end(steps)
 

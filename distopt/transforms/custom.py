@@ -72,6 +72,8 @@ class Chain(MatrixAlgorithm):
         # Keys no part reads are kept too: a HeavyBall user's ``eps`` on MuonLaProp is accepted, as HeavyBall does.
         self.hyperparameters = {**defaults, **(hyperparameters or {})}
         self.scalar_state = ("step", *(k for t in self.transforms for k in t.scalar_state))
+        scales = [t.decay_scale for t in self.transforms if getattr(t, "decay_scale", None) is not None]
+        self.decay_scale = scales[0] if scales else None
 
     def signature(self) -> tuple:
         return (self.name, tuple(repr(t) for t in self.transforms), tuple(sorted(self.hyperparameters.items(),

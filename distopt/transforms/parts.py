@@ -196,13 +196,13 @@ class Caution(Transform):
         return torch.where(mask, 0.0, t.u * totals[0].to(t.u.dtype))
 
 
-def apply_update(t: TensorStep, decoupled: bool, proximal: bool = False) -> None:
+def apply_update(t: TensorStep, decoupled: bool, proximal: bool = False, decay_scale: Any = None) -> None:
     """The end of every chain: ``p <- p (1 - d lr) - lr u``, with HeavyBall's warm-up
     ``lr t / max(t, warmup_steps + 1)`` (decay warmed up with it), cautious weight decay (decay only where the
     parameter and the update share a sign bit), optimi's ``decouple_lr`` (the decay is ``(lr / max_lr) wd``, not
     ``lr wd``), and ``promote`` (the arithmetic in float32 for lower-precision parameters). ``proximal`` (Adan's
     decay): ``p <- (p - lr u) / (1 + d)`` instead. ``t.lr_scale`` (StableAdamW's clip) scales the step and the
-    decay alike."""
+    decay alike. ``decay_scale(hp, lr)`` (AdamC's ``lr / max_lr``) multiplies the decay."""
     hp = t.hp
     lr = hp["lr"] * t.lr_scale
     warmup = flags.value(hp, "warmup_steps")
@@ -212,6 +212,8 @@ def apply_update(t: TensorStep, decoupled: bool, proximal: bool = False) -> None
     work = param.float() if flags.value(hp, "promote") and param.dtype in (torch.float16, torch.bfloat16) else param
     u = t.u if t.u.dtype == work.dtype else t.u.to(work.dtype)
     weight_decay = hp.get("weight_decay", 0.0) if decoupled else 0.0
+    if weight_decay and decay_scale is not None:
+        weight_decay = weight_decay * decay_scale(hp, lr)
     if weight_decay and proximal:
         decay = lr / flags.value(hp, "max_lr") * weight_decay if flags.value(hp, "decouple_lr") else lr * weight_decay
         work.add_(u, alpha=-lr)
