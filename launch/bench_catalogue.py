@@ -29,6 +29,69 @@ def _adafactor() -> list[Candidate]:
                                                            fused=False)]
 
 
+OPTIMI = {"adan": ("Adan", {"lr": 1e-3, "weight_decay": 2e-2}), "ranger": ("Ranger", {"lr": 1e-3}),
+          "stableadamw": ("StableAdamW", {"lr": 1e-3, "weight_decay": 1e-2})}
+ADV_OPTM = {"prodigy": ("Prodigy", "Prodigy_adv", {"lr": 1.0, "d0": 1e-6}),
+            "lion_k": ("Lion", "Lion_adv", {"lr": 1e-4, "kappa_p": 1.5}),
+            "signsgd": ("SignSGD", "SignSGD_adv", {"lr": 1e-4, "momentum": 0.9}),
+            "sinksgd": ("SinkSGD", "SinkSGD_adv", {"lr": 1e-3, "momentum": 0.9})}
+HEAVYBALL = {"adamc": ("AdamC", {"lr": 2.5e-3, "weight_decay": 0.1}),
+             "sudsadamw": ("SUDSAdamW", {"lr": 2.5e-3}),
+             "hyperballadamw": ("HyperBallAdamW", {"lr": 2.5e-3, "weight_decay": 0.1}),
+             "scion": ("Scion", {"lr": 2.5e-3}),
+             "sfadamw": ("SFAdamW", {"lr": 2.5e-3, "weight_decay": 0.1}),
+             "signlaprop": ("SignLaProp", {"lr": 2.5e-3}),
+             "unscaledadamw": ("UnscaledAdamW", {"lr": 2.5e-3}),
+             "muonlaprop": ("MuonLaProp", {"lr": 2.5e-3}), "ortholaprop": ("OrthoLaProp", {"lr": 2.5e-3}),
+             "laproportho": ("LaPropOrtho", {"lr": 2.5e-3})}
+
+
+def _optimi(name: str, hp: dict) -> list[Candidate]:
+    return [_ours(name, hp), _peer("optimi", name, {**hp, "foreach": False, "triton": False},
+                                   f"optimi.{name} (for-loop)"),
+            _peer("optimi", name, {**hp, "foreach": True, "triton": False}, f"optimi.{name} (foreach)")]
+
+
+def _adv_optm(ours: str, theirs: str, hp: dict) -> list[Candidate]:
+    out = [_ours(ours, hp), _peer("adv_optm", theirs, {**hp, "stochastic_rounding": False})]
+    if ours == "Prodigy":
+        out.append(_peer("prodigyopt", "Prodigy", {**hp, "slice_p": 11}))
+    return out
+
+
+def _heavyball(name: str, hp: dict) -> list[Candidate]:
+    return [_ours(name, hp), _peer("heavyball", name, hp)]
+
+
 SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
     "adafactor": lambda dion_path: _adafactor(),
+    **{key: (lambda dion_path, name=name, hp=hp: _optimi(name, hp)) for key, (name, hp) in OPTIMI.items()},
+    **{key: (lambda dion_path, args=args: _adv_optm(*args)) for key, args in ADV_OPTM.items()},
+    **{key: (lambda dion_path, name=name, hp=hp: _heavyball(name, hp)) for key, (name, hp) in HEAVYBALL.items()},
+    "simplified_ademamix": lambda dion_path: [_ours("Simplified_AdEMAMix", {"lr": 1e-5}),
+                                               Candidate("adv_optm 2.2.3 Simplified_AdEMAMix", _adv_optm_223)],
 }
+
+ADV_OPTM_223_HINT = ("pip download --no-deps adv-optm==2.2.3, unzip the wheel, and set DISTOPT_ADV_OPTM_223_PATH "
+                     "to the folder holding its adv_optm package (2.5.16, the test extra, no longer has the class)")
+
+
+def _adv_optm_223(ps, mesh):
+    """adv_optm 2.2.3's Simplified_AdEMAMix, loaded by path under another name beside the installed 2.5.16."""
+    import importlib.util
+    import os
+    import sys
+
+    from .bench_candidates import NotInstalled
+
+    root = os.environ.get("DISTOPT_ADV_OPTM_223_PATH")
+    init = os.path.join(root or "", "adv_optm", "__init__.py")
+    if not root or not os.path.isfile(init):
+        raise NotInstalled(ADV_OPTM_223_HINT)
+    if "adv_optm_223" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("adv_optm_223", init,
+                                                      submodule_search_locations=[os.path.dirname(init)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["adv_optm_223"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["adv_optm_223"].Simplified_AdEMAMix(ps, lr=1e-5, stochastic_rounding=False)

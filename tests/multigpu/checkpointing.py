@@ -15,7 +15,16 @@ from .harness import device
 from .sharded_models import feed_same_grads, full, mesh_for
 from .test_muon_owner import MuonNet
 
-ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags", "catalogue")
+ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags", "catalogue", "catalogue_peers")
+#: Kinds whose maths sums over shards (StableAdamW's RMS, Prodigy's statistics, Lion-k's norm): a resumed run on
+#: another world size adds the shards in another order, so it continues to a tolerance, not to the bit.
+REDUCING = ("catalogue_reducing",)
+
+#: The peers' algorithms of the catalogue, one group each, in the order that gives each the parameter it needs
+#: (round robin over MuonNet's eleven: owner-route algorithms get matrices, Scion the 4-D convolution).
+PEERS = ("adan", "sinksgd", "signsgd", "hyperballadamw", "adamc", "sudsadamw", "ranger", "simplified_ademamix",
+         "sfadamw", "scion", "adadelta")
+REDUCING_NAMES = ("stableadamw", "prodigy", "lion")
 
 
 def make_optimizer(kind: str, model):
@@ -35,6 +44,12 @@ def make_optimizer(kind: str, model):
         names = ("radam", "adamax", "adagrad", "adafactor", "adadelta", "unscaledadamw")  # adafactor: 4-D conv too
         return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2}
                                              for i, name in enumerate(names)])
+    if kind in ("catalogue_peers", "catalogue_reducing"):
+        names = PEERS if kind == "catalogue_peers" else REDUCING_NAMES
+        extra = {"prodigy": {"d0": 1e-3, "slice_p": 3, "lr": 1.0}, "lion": {"kappa_p": 1.5, "lr": 1e-3},
+                 "simplified_ademamix": {"lr": 1e-4}}
+        return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2,
+                                              **extra.get(name, {})} for i, name in enumerate(names)])
     if kind == "flags":  # flag state (MARS's previous gradient) on shards, with flags whose reductions are exact
         return distopt.Muon(named, lr=0.02, weight_decay=0.1, adamw_lr=3e-3, mars=True, mars_gamma=0.05,
                             caution=True, cautious_weight_decay=True, warmup_steps=2)
