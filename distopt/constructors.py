@@ -303,7 +303,7 @@ class AdamC(_HeavyBallChain):
 
 class HyperBallAdamW(_HeavyBallChain):
     """HeavyBall's HyperBallAdamW: an RMSprop-normalized step on the sphere of each matrix's initial norm (norms
-    over the whole tensor, on its owner); vectors take a plain decoupled step."""
+    over the whole tensor, summed over its shards); vectors take a plain decoupled step."""
 
     chain = "hyperballadamw"
 

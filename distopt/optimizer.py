@@ -354,8 +354,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         local = layout.local(param)
         on_owner = self._on_owner(param)
         init = algorithm.local_init if algorithm.kind == MATRIX and not on_owner else algorithm.init
-        fresh = {**init(local, group), **flag_state(algorithm, local, group),
-                 **algorithm.position_state(next(i for i, p in enumerate(group["params"]) if p is param))}
+        fresh = {**init(local, group), **flag_state(algorithm, local, group)}
+        if type(algorithm).position_state is not Algorithm.position_state:  # only Scion's needs the search
+            fresh.update(algorithm.position_state(next(i for i, p in enumerate(group["params"]) if p is param)))
         state = {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
                  for key, value in fresh.items()}
         if on_owner:

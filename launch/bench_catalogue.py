@@ -24,9 +24,37 @@ def _peer(module: str, cls_name: str, hp: dict, label: str | None = None) -> Can
     return Candidate(label or f"{module}.{cls_name}", build)
 
 
+class Replicated:
+    """A peer that cannot take DTensor parameters, run the way data parallelism runs it: every rank keeps the whole
+    parameters, gathers the whole gradients, repeats the whole step and keeps its shard of the result (the work that
+    distopt's sharding does not repeat). Its time includes the gathers."""
+
+    def __init__(self, params: list, make: Callable):
+        self.params = params
+        self.whole = [torch.nn.Parameter(p.full_tensor().detach().clone()) for p in params]
+        self.opt = make(self.whole)
+        self.state, self.param_groups = self.opt.state, self.opt.param_groups
+
+    def step(self) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        for p, whole in zip(self.params, self.whole):
+            whole.grad = p.grad.full_tensor()
+        self.opt.step()
+        with torch.no_grad():
+            for p, whole in zip(self.params, self.whole):
+                p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
+
+
+def _replicated(label: str, make: Callable) -> Candidate:
+    return Candidate(f"{label} (replicated)", lambda ps, mesh: Replicated(ps, make))
+
+
 def _adafactor() -> list[Candidate]:
     return [_ours("Adafactor", ADAFACTOR), *_torch_variants(torch.optim.Adafactor, "Adafactor", ADAFACTOR,
-                                                           fused=False)]
+                                                           fused=False),
+            _replicated("torch.optim.Adafactor (foreach)",
+                        lambda ps: torch.optim.Adafactor(ps, **ADAFACTOR, foreach=True))]
 
 
 OPTIMI = {"adan": ("Adan", {"lr": 1e-3, "weight_decay": 2e-2}), "ranger": ("Ranger", {"lr": 1e-3}),
@@ -53,14 +81,28 @@ def _optimi(name: str, hp: dict) -> list[Candidate]:
 
 
 def _adv_optm(ours: str, theirs: str, hp: dict) -> list[Candidate]:
-    out = [_ours(ours, hp), _peer("adv_optm", theirs, {**hp, "stochastic_rounding": False})]
+    def make(ps):
+        import adv_optm
+
+        return getattr(adv_optm, theirs)(ps, **hp, stochastic_rounding=False)
+    out = [_ours(ours, hp), _peer("adv_optm", theirs, {**hp, "stochastic_rounding": False}),
+           _replicated(f"adv_optm.{theirs}", make)]
     if ours == "Prodigy":
         out.append(_peer("prodigyopt", "Prodigy", {**hp, "slice_p": 11}))
     return out
 
 
 def _heavyball(name: str, hp: dict) -> list[Candidate]:
-    return [_ours(name, hp), _peer("heavyball", name, hp)]
+    def make(ps):
+        import heavyball
+
+        return getattr(heavyball, name)(ps, **hp)
+    replicated = [_replicated(f"heavyball.{name}", make)] if name in REPLICATED_HEAVYBALL else []
+    return [_ours(name, hp), _peer("heavyball", name, hp), *replicated]
+
+
+#: HeavyBall optimizers that fail on DTensor parameters (measured), benchmarked replicated as well.
+REPLICATED_HEAVYBALL = ("SUDSAdamW",)
 
 
 SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {

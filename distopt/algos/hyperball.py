@@ -1,12 +1,11 @@
 """HyperBallAdamW, as HeavyBall 3.2.1's: an RMSprop-normalized gradient (no first moment, ``betas[0]`` unused), and
-for tensors of two or more dimensions a step on the sphere of the parameter's initial norm: the direction (weight
-decay added to it) normalized over the whole tensor and scaled by the radius ``R``, then the parameter projected
-back onto the sphere of radius ``R``. Vectors take a plain decoupled step.
+for tensors of two or more dimensions a step on the sphere of the parameter's initial norm ``R``: the direction
+(weight decay added to it) normalized over the whole tensor and scaled by ``R``, then the parameter projected back
+onto the sphere. Vectors take a plain decoupled step.
 
-Why owners: the direction's norm and the stepped parameter's norm are over the whole tensor, one after the other,
-and the radius is the whole parameter's norm at its first step. The owner receives the normalized gradient and the
-parameter (two channels), keeps ``R`` (``owner.init_norm``) and sends back the new parameter; the second moment
-stays on the shards.
+Under sharding the norms are reductions (one all_reduce per param group and step): each shard sends
+``|v|², <p, v>, |p|²``, from which the stepped parameter's norm follows without a second round,
+``|p - a v|² = |p|² - 2 a <p, v> + a² |v|²``. ``R`` is ``|p|`` at the first step, kept per tensor.
 """
 
 from __future__ import annotations
@@ -18,18 +17,51 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import OWNER_PREFIX, MatrixAlgorithm, check_betas, check_nonnegative, new_step_counter, zeros_like
+from ..transforms.base import Transform, TensorStep
+from ..transforms.flags import SWITCHES
+from .base import Algorithm, check_betas, check_nonnegative, new_step_counter, zeros_like
 from .heavyball_ema import debiased_ema_
 
-INIT_NORM = f"{OWNER_PREFIX}init_norm"
+
+class HyperBallStep(Transform):
+    """The sphere step of tensors with two or more dimensions; vectors pass through to the chain's plain step."""
+
+    name = "hyperball_step"
+    reductions = 3
+
+    def partials(self, t: TensorStep) -> Tensor:
+        if len(t.shape) < 2:
+            return torch.zeros(3, dtype=t.u.dtype, device=t.u.device)
+        p = t.param if t.param.dtype == t.u.dtype else t.param.to(t.u.dtype)
+        return torch.stack([t.u.square().sum(), (p * t.u).sum(), p.square().sum()])
+
+    def update(self, t: TensorStep, totals: Tensor | None) -> Tensor | None:
+        if len(t.shape) < 2:
+            return None
+        v_sq, p_dot_v, p_sq = (float(x) for x in totals)
+        radius = t.state["init_norm"]
+        if t.step == 1:
+            radius.fill_(math.sqrt(p_sq))
+        r = float(radius)
+        a = t.hp["lr"] * r / max(math.sqrt(v_sq), 1e-12)  # the step along v
+        new_norm = math.sqrt(max(p_sq - 2 * a * p_dot_v + a * a * v_sq, 0.0))
+        k = r / max(new_norm, 1e-12)
+        t.param.mul_(k).add_(t.u.to(t.param.dtype), alpha=-a * k)
+        t.skip = True  # the parameter is written: the chain's own step is not taken
+        return None
 
 
-class HyperBallAdamW(MatrixAlgorithm):
-    """HyperBallAdamW. Shard state: ``step``, ``exp_avg_sq``. Owner state: ``owner.init_norm`` (one number per
-    tensor of two or more dimensions). Defaults of HeavyBall's."""
+HYPERBALL_STEP = HyperBallStep()
+WRITES_PARAM = "its sphere step writes the parameter itself, past where a flag would act"
+
+
+class HyperBallAdamW(Algorithm):
+    """HyperBallAdamW. State per parameter: ``step``, ``exp_avg_sq`` (v̂, debiased as HeavyBall keeps it),
+    ``init_norm`` (``R``, a float64 scalar). Defaults of HeavyBall's."""
 
     name = "hyperballadamw"
     hyperparameters = {"lr": 0.0025, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
+    scalar_state = ("step", "init_norm")
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -37,54 +69,30 @@ class HyperBallAdamW(MatrixAlgorithm):
         check_nonnegative(self.name, hp, "eps")
         check_nonnegative(self.name, hp, "weight_decay")
 
-    def on_owner(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> bool:
-        return len(shape) >= 2
-
-    def channels(self, hp: Mapping[str, Any]) -> int:
-        return 2
-
-    def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
-        return float(10 * math.prod(shape))
-
-    def owner_state(self, shape: tuple[int, ...], hp: Mapping[str, Any],
-                    param_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {INIT_NORM: ((1,), param_dtype)}
-
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
-        return {"step": new_step_counter(), "exp_avg_sq": zeros_like(param)}
+        return {"step": new_step_counter(), "exp_avg_sq": zeros_like(param),
+                "init_norm": torch.tensor(0.0, dtype=torch.float64)}
 
-    local_init = init
+    def chained(self, hp: Mapping[str, Any]) -> bool:
+        return True  # its norms are reductions of the chain runtime
 
-    def _normalized(self, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
+    def core_transforms(self, hp: Mapping[str, Any]) -> tuple:
+        return (HYPERBALL_STEP,)
+
+    def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
+        return {name: WRITES_PARAM for name in SWITCHES}
+
+    def decays(self, hp: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+        return len(shape) < 2  # matrices take their decay inside the direction
+
+    def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+                  t: Any) -> Tensor:
         state["step"] += 1
         v = debiased_ema_(state["exp_avg_sq"], grad * grad, hp["betas"][1], int(state["step"].item()))
-        return grad / v.clamp_min(0).sqrt().clamp(min=hp["eps"])
+        u = grad / v.clamp_min(0).sqrt().clamp(min=hp["eps"])
+        if len(t.shape) >= 2 and hp["weight_decay"] != 0:
+            u.add_(param, alpha=hp["weight_decay"])
+        return u
 
-    def prepare(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> Tensor:
-        u = self._normalized(grad, state, hp)
-        if hp["weight_decay"] != 0:
-            u = u + hp["weight_decay"] * param
-        return torch.stack([u.to(param.dtype), param.detach()])
-
-    def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
-                     shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
-        out = []
-        for whole, state in zip(wholes, states):
-            u, param = whole[0], whole[1].clone()
-            radius = state[INIT_NORM]
-            if int(state["step"].item()) == 1:
-                radius.copy_(param.norm().reshape(1))
-            u = u / u.norm().clamp(min=1e-12)
-            param.add_(u * radius, alpha=-hp["lr"])
-            param.mul_(radius / param.norm().clamp(min=1e-12))
-            out.append(param)
-        return out
-
-    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
-               shape: tuple[int, ...]) -> None:
-        param.copy_(update)
-
-    def local_update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
-        u = self._normalized(grad, state, hp)
-        param.mul_(1 - hp["weight_decay"] * hp["lr"])
-        param.add_(u, alpha=-hp["lr"])
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        raise RuntimeError("hyperballadamw runs through the optimizer's chain runtime")

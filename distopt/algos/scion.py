@@ -27,8 +27,12 @@ from .heavyball_ema import debiased_ema_
 
 
 def newton_schulz5(g: Tensor) -> Tensor:
-    """HeavyBall's five-step Newton-Schulz with its per-iteration coefficients, in ``g``'s dtype."""
+    """HeavyBall's five-step Newton-Schulz with its per-iteration coefficients: in float64 for float64 input, else
+    in bfloat16 as HeavyBall runs it (HeavyBall rounds the input to bfloat16 stochastically, distopt to nearest, so
+    that a run repeats), the result in ``g``'s dtype."""
     x = g / g.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    if x.dtype != torch.float64:
+        x = x.to(torch.bfloat16)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -39,7 +43,7 @@ def newton_schulz5(g: Tensor) -> Tensor:
         y = y @ s
         y.diagonal(dim1=-2, dim2=-1).add_(a)
         x = y @ x
-    return x.mT if tall else x
+    return (x.mT if tall else x).to(g.dtype)
 
 
 def lmo(m: Tensor) -> Tensor:

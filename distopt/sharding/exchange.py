@@ -92,6 +92,11 @@ class Exchange:
                   device: torch.device) -> dict[int, Tensor]:
         """Send each rank's local pieces ``(channels, *local)``, in the wire dtype, to their owners; return the whole
         ``(channels, *shape)`` matrices owned here."""
+        if self.plan.world_size == 1:
+            # Every piece is its whole matrix: one copy each (owners may work in place on what they receive), no
+            # packing into a send buffer and out of it.
+            return {m: pieces[m].reshape(self.plan.matrices[m].channels_out, *self.plan.matrices[m].meta.shape)
+                    .to(dtype=dtype, copy=True) for m in route.owned}
         received = self._all_to_all([pieces[t.matrix].reshape(-1) for t in route.send], route.send_splits,
                                     route.recv_splits, dtype, device)
         whole = {}
@@ -109,6 +114,8 @@ class Exchange:
     def to_holders(self, route: Route, results: dict[int, Tensor], dtype: torch.dtype,
                    device: torch.device) -> dict[int, Tensor]:
         """Send the owners' whole results back; return this rank's boxes of them, by matrix."""
+        if self.plan.world_size == 1:
+            return {m: results[m] for m in route.owned}
         received = self._all_to_all([results[t.matrix][_slices(t.box)].reshape(-1) for t in route.back_send],
                                     route.back_send_splits, route.back_recv_splits, dtype, device)
         mine, offset = {}, 0

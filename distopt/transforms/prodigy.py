@@ -31,16 +31,17 @@ GROUP_STATE = {"d": None, "d_max": None, "d_numerator": 0.0, "k": 0}
 
 
 @lru_cache(maxsize=1024)
-def _sample_mask(shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...], every: int,
-                 device: torch.device) -> Tensor:
-    """Where this shard holds elements ``0, every, 2 every, ...`` of the whole tensor's row-major flatten."""
+def _sample_index(shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...], every: int,
+                  device: torch.device) -> Tensor:
+    """Where, in this shard's flatten, it holds elements ``0, every, 2 every, ...`` of the whole tensor's row-major
+    flatten: the statistics then touch ``numel / every`` elements, as adv_optm's strided slice does."""
     index = torch.zeros(local_shape, dtype=torch.int64, device=device)
     stride = 1
     for dim in reversed(range(len(shape))):
         positions = torch.arange(offset[dim], offset[dim] + local_shape[dim], device=device) * stride
         index += positions.reshape([-1 if d == dim else 1 for d in range(len(shape))])
         stride *= shape[dim]
-    return index % every == 0
+    return (index.reshape(-1) % every == 0).nonzero().squeeze(1)
 
 
 def _stats_active(hp: Mapping[str, Any]) -> bool:
@@ -80,9 +81,9 @@ class ScaleByProdigy(Transform):
                 raise ValueError(f"{key} must be a bool, got {hp[key]!r}")
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
-        zeros = torch.zeros_like(param, memory_format=torch.preserve_format)
+        zeros = torch.zeros_like(param, memory_format=torch.contiguous_format)
         return {"exp_avg": zeros, "exp_avg_sq": zeros.clone(), "s": zeros.clone(),
-                "p0": param.detach().clone(memory_format=torch.preserve_format)}
+                "p0": param.detach().clone(memory_format=torch.contiguous_format)}
 
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
         hp = t.hp
@@ -104,22 +105,23 @@ class ScaleByProdigy(Transform):
         u = u / (v.sqrt() + d * eps)
         if _stats_active(hp):
             beta3 = hp["beta3"] if hp["beta3"] is not None else math.sqrt(beta2)
-            mask = self._mask(t)
-            sampled = g * mask
-            s = t.state["s"]
-            s.mul_(beta3).add_(sampled, alpha=(d / d0) * (d if hp["safeguard_warmup"] else dlr))
+            index = self._index(t)
+            s_flat = t.state["s"].view(-1)  # s and p0 hold zeros off the sample; only the sample is touched
+            sampled = g.reshape(-1).index_select(0, index)
+            s_sampled = s_flat.index_select(0, index).mul_(beta3).add_(
+                sampled, alpha=(d / d0) * (d if hp["safeguard_warmup"] else dlr))
+            s_flat.index_copy_(0, index, s_sampled)
             wide = torch.promote_types(g.dtype, torch.float32)
-            numerator = (d / d0) * dlr * torch.sum(sampled.to(wide) * (t.state["p0"] - t.param).to(wide))
-            t.extra["prodigy"] = torch.stack([numerator, s.to(wide).abs().sum()])
+            moved = t.state["p0"].view(-1).index_select(0, index) - t.param.reshape(-1).index_select(0, index)
+            numerator = (d / d0) * dlr * torch.dot(sampled.to(wide), moved.to(wide))
+            t.extra["prodigy"] = torch.stack([numerator, s_sampled.to(wide).abs().sum()])
         t.lr_scale = d
         return u
 
     @staticmethod
-    def _mask(t: TensorStep) -> Tensor:
-        every = t.hp["slice_p"]
-        local_shape = tuple(t.param.shape)
+    def _index(t: TensorStep) -> Tensor:
         offset = t.extra.get("offset", (0,) * len(t.shape))
-        return _sample_mask(tuple(t.shape), tuple(offset), local_shape, every, t.param.device)
+        return _sample_index(tuple(t.shape), tuple(offset), tuple(t.param.shape), t.hp["slice_p"], t.param.device)
 
 
 class EstimateProdigyD(Transform):

@@ -61,7 +61,7 @@ def test_equals_heavyball(case):
     moved = worst(ours, start)
     assert worst(ours, theirs) <= 1e-6 * moved, (worst(ours, theirs), moved)
     assert moved > 1e-2
-    on_owner = {"HyperBallAdamW": 4, "SUDSAdamW": 6, "Scion": 6}.get(name, 0)
+    on_owner = {"SUDSAdamW": 6, "Scion": 6}.get(name, 0)
     assert len(opt.plan.matrices if opt.plan else []) == on_owner
 
 

@@ -16,15 +16,16 @@ from .sharded_models import feed_same_grads, full, mesh_for
 from .test_muon_owner import MuonNet
 
 ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags", "catalogue", "catalogue_peers")
-#: Kinds whose maths sums over shards (StableAdamW's RMS, Prodigy's statistics, Lion-k's norm): a resumed run on
-#: another world size adds the shards in another order, so it continues to a tolerance, not to the bit.
+#: Kinds whose maths sums over shards (StableAdamW's RMS, Prodigy's statistics, Lion-k's and HyperBall's norms): a
+#: resumed run on another world size adds the shards in another order, so it continues to a tolerance, not to the
+#: bit.
 REDUCING = ("catalogue_reducing",)
 
 #: The peers' algorithms of the catalogue, one group each, in the order that gives each the parameter it needs
 #: (round robin over MuonNet's eleven: owner-route algorithms get matrices, Scion the 4-D convolution).
-PEERS = ("adan", "sinksgd", "signsgd", "hyperballadamw", "adamc", "sudsadamw", "ranger", "simplified_ademamix",
+PEERS = ("adan", "sinksgd", "signsgd", "adagrad", "adamc", "sudsadamw", "ranger", "simplified_ademamix",
          "sfadamw", "scion", "adadelta")
-REDUCING_NAMES = ("stableadamw", "prodigy", "lion")
+REDUCING_NAMES = ("stableadamw", "prodigy", "lion", "hyperballadamw")
 
 
 def make_optimizer(kind: str, model):
