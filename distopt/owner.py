@@ -92,7 +92,8 @@ class OwnerRoute:
                                                     groups[entry.group_index])
             spec = self.plan.matrices[route.matrices[0]]
             device = pieces[route.matrices[0]].device
-            wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device)
+            wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device,
+                                             lambda m: not self.entries[m].algorithm.owner_mutates_input)
             # Owner state is plain (never a DTensor): the owner's maths reads and writes the real state dicts.
             with compiling(self.compile):  # the owner maths only: the exchanges around it stay eager
                 results = self._owner_compute(route.owned, wholes, groups,

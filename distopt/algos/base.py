@@ -279,6 +279,10 @@ class MatrixAlgorithm(Algorithm):
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
 
+    #: Whether :meth:`owner_update` may change the whole matrices it receives in place (then, in one process, the
+    #: exchange hands it a copy of the local piece, which may be the algorithm's own state).
+    owner_mutates_input: ClassVar[bool] = True
+
     #: Whether a group of this algorithm may hold parameters on both routes (owner and shard), so that a norm over
     #: the whole group (HeavyBall's global clips) would be pooled in two parts.
     splits_groups: ClassVar[bool] = False

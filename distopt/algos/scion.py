@@ -78,6 +78,7 @@ class Scion(MatrixAlgorithm):
     Defaults of HeavyBall's (``betas[1]`` and ``eps`` are accepted and unused, as there)."""
 
     name = "scion"
+    owner_mutates_input = False  # it reads what it receives
     hyperparameters = {"lr": 0.0025, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0, "scale": 1.0}
     scalar_state = ("step", "init_seed")
 

@@ -25,7 +25,8 @@ def check_momentum_settings(algo: str, hp: Mapping[str, Any]) -> None:
 def momentum_direction(grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any], normed: bool = False
                        ) -> Tensor:
     """adv_optm's momentum for its sign-like optimizers: the raw direction before the sign (or Sinkhorn). With
-    ``normed`` (``grad`` already a sign), Nesterov's look-ahead weighs the gradient by ``|m|`` before the update."""
+    ``normed`` (``grad`` already a sign), Nesterov's look-ahead weighs the gradient by ``|m|`` before the update.
+    Without Nesterov it is the buffer itself: callers must not change it in place."""
     momentum = hp["momentum"]
     if momentum == 0:
         return grad
@@ -34,7 +35,7 @@ def momentum_direction(grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, 
     buf.lerp_(grad, 1 - momentum)
     if hp["nesterov"]:
         return ahead.lerp(buf, hp["nesterov_coef"] if hp["nesterov_coef"] is not None else momentum)
-    return buf.clone()
+    return buf
 
 
 def adv_optm_step(param: Tensor, update: Tensor, hp: Mapping[str, Any]) -> None:
@@ -75,7 +76,9 @@ class SignSGD(Algorithm):
         if hp["normed_momentum"]:
             grad = grad.sign()
         raw = momentum_direction(grad, state, hp, hp["normed_momentum"])
-        return raw if hp["normed_momentum"] else raw.sign()
+        if not hp["normed_momentum"]:
+            return raw.sign()
+        return raw.clone() if raw is state.get("momentum_buffer") else raw
 
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
         adv_optm_step(param, self._direction(-grad if hp["maximize"] else grad, state, hp), hp)

@@ -22,10 +22,11 @@ from .base import MatrixAlgorithm, new_step_counter, zeros_like
 from .sign_sgd import adv_optm_step, check_momentum_settings, momentum_direction
 
 
-def sinkhorn(x: Tensor, iterations: int) -> Tensor:
+def sinkhorn(x: Tensor, iterations: int, inplace: bool = False) -> Tensor:
     """adv_optm's SR-Sinkhorn on the ``(shape[0], rest)`` view: per half-step, the slices along one dimension
-    rescaled to norm ``sqrt(length)``, each norm floored at ``1 / sqrt(length)``."""
-    x = x.reshape(x.shape[0], -1).clone()
+    rescaled to norm ``sqrt(length)``, each norm floored at ``1 / sqrt(length)``. ``inplace``: ``x`` (contiguous)
+    may be overwritten."""
+    x = x.reshape(x.shape[0], -1) if inplace else x.reshape(x.shape[0], -1).clone()
     first = 0 if x.shape[0] > x.shape[1] else 1
     for _ in range(iterations):
         for dim in (first, 1 - first):
@@ -76,7 +77,8 @@ class SinkSGD(MatrixAlgorithm):
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
-        return [sinkhorn(w.reshape(shape), hp["sinkhorn_iterations"]).reshape(shape) for w in wholes]
+        # What the owner receives is its own copy (the exchange's): Sinkhorn works in it.
+        return [sinkhorn(w.reshape(shape), hp["sinkhorn_iterations"], inplace=True).reshape(shape) for w in wholes]
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:

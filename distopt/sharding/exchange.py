@@ -13,6 +13,8 @@ The collectives are kept out of ``torch.compile`` regions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import hashlib
 from functools import lru_cache
 
@@ -89,14 +91,14 @@ class Exchange:
         return received
 
     def to_owners(self, route: Route, pieces: dict[int, Tensor], dtype: torch.dtype,
-                  device: torch.device) -> dict[int, Tensor]:
+                  device: torch.device, keeps: Callable[[int], bool] = lambda m: False) -> dict[int, Tensor]:
         """Send each rank's local pieces ``(channels, *local)``, in the wire dtype, to their owners; return the whole
-        ``(channels, *shape)`` matrices owned here."""
+        ``(channels, *shape)`` matrices owned here. ``keeps(m)``: the owner of ``m`` only reads what it receives."""
         if self.plan.world_size == 1:
-            # Every piece is its whole matrix: one copy each (owners may work in place on what they receive), no
-            # packing into a send buffer and out of it.
+            # Every piece is its whole matrix: no packing into a send buffer and out of it, and a copy only where
+            # the owner may work in place on what it receives (the piece may be the algorithm's own state).
             return {m: pieces[m].reshape(self.plan.matrices[m].channels_out, *self.plan.matrices[m].meta.shape)
-                    .to(dtype=dtype, copy=True) for m in route.owned}
+                    .to(dtype=dtype, copy=not keeps(m)) for m in route.owned}
         received = self._all_to_all([pieces[t.matrix].reshape(-1) for t in route.send], route.send_splits,
                                     route.recv_splits, dtype, device)
         whole = {}

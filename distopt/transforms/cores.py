@@ -41,7 +41,7 @@ class ScaleByAdam(Transform):
         m.lerp_(t.u, 1 - beta1)
         decay, correction = second_moment_decay(t, beta2)
         v.mul_(decay).addcmul_(t.u, t.u, value=1 - decay)
-        return (m / (1 - beta1**t.step)) / (v / correction).sqrt().clamp(min=t.hp["eps"])
+        return m.div(1 - beta1**t.step).div_(v.div(correction).sqrt_().clamp_(min=t.hp["eps"]))
 
 
 class _MomentsOfNormalized(Transform):

@@ -32,14 +32,18 @@ class LionK(Transform):
         kappa = kappa_of(t.hp, t.shape)
         if kappa == 1.0:
             return torch.zeros(1, dtype=t.u.dtype, device=t.u.device)
-        return _powered(t.u, kappa).square().sum().reshape(1)
+        t.extra["lion_k"] = powered = _powered(t.u, kappa)  # kept for update (replicas skip partials)
+        return torch.linalg.vector_norm(powered).square().reshape(1)
 
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
         kappa = kappa_of(t.hp, t.shape)
         if kappa == 1.0:
-            return t.u.sign()
-        norm = totals[0].sqrt().clamp(min=1e-12).to(t.u.dtype)
-        return _powered(t.u, kappa) / norm * math.sqrt(t.numel)
+            return t.u.sign_()
+        powered = t.extra.pop("lion_k", None)
+        if powered is None:
+            powered = _powered(t.u, kappa)
+        scale = math.sqrt(t.numel) / max(float(totals[0].sqrt()), 1e-12)
+        return powered.mul_(scale) if powered is not t.u else powered * scale
 
 
 LION_K = LionK()

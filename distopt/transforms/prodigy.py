@@ -96,13 +96,13 @@ class ScaleByProdigy(Transform):
         eps = hp["eps"] if hp["eps"] is not None else 1 / math.sqrt(t.numel)
         if beta1 > 0:
             m.mul_(beta1).add_(g, alpha=d * (1 - beta1))
-            u = m.clone()
+            u = m
             if hp["nesterov"]:
-                u.lerp_(g, 1 - (hp["nesterov_coef"] if hp["nesterov_coef"] is not None else beta1))
+                u = m.lerp(g, 1 - (hp["nesterov_coef"] if hp["nesterov_coef"] is not None else beta1))
         else:
             u = g * d
         v.mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))
-        u = u / (v.sqrt() + d * eps)
+        u = u / v.sqrt().add_(d * eps)
         if _stats_active(hp):
             beta3 = hp["beta3"] if hp["beta3"] is not None else math.sqrt(beta2)
             index = self._index(t)
