@@ -38,7 +38,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
 }
 
 #: Names of the algorithms that update local shards without communicating.
-ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == ELEMENTWISE)
+ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == ELEMENTWISE and not cls.reduces)
 
 
 from ..transforms.custom import (laprop_ortho, muon_laprop, ortho_laprop, sign_laprop,  # noqa: E402

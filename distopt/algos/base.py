@@ -43,6 +43,9 @@ class Algorithm:
     #: stays loadable by torch.optim and a torch.optim one by distopt. :meth:`restore_unsaved` rebuilds them on load;
     #: a state dict that holds them anyway (an older distopt checkpoint) is accepted.
     unsaved_state: ClassVar[tuple[str, ...]] = ()
+    #: Whether its step sums over the shards of a tensor (HyperBall's norms): such an algorithm runs on the shards
+    #: but is not elementwise, and communicates (one all_reduce per group and step).
+    reduces: ClassVar[bool] = False
     #: Whether the chain form's decay is proximal, ``p <- (p - lr u) / (1 + lr wd)`` (Adan's), not multiplicative.
     proximal_decay: ClassVar[bool] = False
     #: A factor of the chain form's decay, ``decay_scale(hp, lr)`` at the step's lr (AdamC's ``lr / max_lr``).

@@ -62,6 +62,7 @@ class HyperBallAdamW(Algorithm):
     name = "hyperballadamw"
     hyperparameters = {"lr": 0.0025, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
     scalar_state = ("step", "init_norm")
+    reduces = True
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
