@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..transforms.flags import NO_SECOND_MOMENT
 from .base import (Algorithm, check_betas, check_bool, check_nonnegative, check_optional_positive_int,
                    check_unit_interval, new_step_counter, zeros_like)
 

@@ -14,7 +14,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT

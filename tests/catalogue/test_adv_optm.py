@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import run_on_random_grads, worst
 
 adv_optm = pytest.importorskip("adv_optm", reason="the test extra adv-optm==2.5.16 is required")
 
@@ -22,20 +23,7 @@ STEPS = 8
 
 
 def run(make, dtype):
-    torch.manual_seed(0)
-    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
-        opt.step()
-    return start, [p.detach().clone() for p in params], opt
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return run_on_random_grads(make, SHAPES, STEPS, dtype)
 
 
 CASES = {

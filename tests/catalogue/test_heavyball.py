@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import run_on_random_grads, worst
 
 heavyball = pytest.importorskip("heavyball", reason="the test extra heavyball==3.2.1 is required")
 heavyball.utils.compile_mode = None
@@ -23,23 +24,7 @@ STEPS = 6
 
 
 def run(make, schedule=False):
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    grads = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=grads, dtype=torch.float64)
-        opt.step()
-        if schedule:
-            for group in opt.param_groups:
-                group["lr"] = group["lr"] * 0.8
-    return start, [p.detach().clone() for p in params], opt
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return run_on_random_grads(make, SHAPES, STEPS, lr_factor=0.8 if schedule else None)
 
 
 CASES = {

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import run_on_random_grads, worst
 
 optimi = pytest.importorskip("optimi", reason="the test extra torch-optimi is required")
 
@@ -22,22 +23,9 @@ STEPS = 13  # past Ranger's first rectified step (6) and two lookahead syncs
 
 
 def run(make, dtype, steps=STEPS, spike=False):
-    torch.manual_seed(0)
-    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    gen = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * (100.0 if spike and step == 4 else 1.0)
-        opt.step()
-        for group in opt.param_groups:  # a schedule, so that lr / max_lr moves
-            group["lr"] = group["lr"] * 0.9
-    return start, [p.detach().clone() for p in params]
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    """A falling lr (so that lr / max_lr moves), and with ``spike`` a gradient 100 times larger at step 5."""
+    return run_on_random_grads(make, SHAPES, steps, dtype, grad_scale=lambda step: 100.0 if spike and step == 4
+                               else 1.0, lr_factor=0.9)[:2]
 
 
 CASES = {

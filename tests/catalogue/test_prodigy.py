@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import worst
 
 SHAPES = ((7, 5), (3, 4, 6), (13,), (5, 9), ())
 STEPS = 20
@@ -32,10 +33,6 @@ def run(make, steps=STEPS, groups=False):
             p.grad = (p.detach() - t) + 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
         opt.step()
     return start, [p.detach() for p in params], opt
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 ORIGINAL = {"wd": dict(weight_decay=0.1, slice_p=1), "slice_p": dict(slice_p=11),

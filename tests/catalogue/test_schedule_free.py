@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import worst
 
 SHAPES = ((6, 5), (7,), (4, 4), (3, 1, 2))
 
@@ -34,10 +35,6 @@ def run(make, steps=6, call_train=False):
     x = [p.detach().clone() for p in params]
     opt.train()
     return start, y, x, [p.detach().clone() for p in params]
-
-
-def worst(a, b):
-    return max((u - v).abs().max().item() for u, v in zip(a, b))
 
 
 @pytest.mark.parametrize("hp", [dict(weight_decay=0.1), dict(warmup_steps=3, r=0.5, weight_lr_power=1.0)])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import worst
 
 SHAPES = ((6, 5), (7,), (4, 4), (3, 1, 2))
 NOOP = dict(update_clipping="l2_clip", update_clip_at=1e30)
@@ -55,10 +56,6 @@ def run(algo, hp, flags, steps=6):
         return start, [p.detach().clone() for p in params]
     finally:
         torch.set_num_threads(threads)
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("algo,hp", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])

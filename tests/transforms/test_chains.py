@@ -18,6 +18,7 @@ from distopt.transforms import Transform, TensorStep
 from distopt.transforms.cores import NesterovMomentum, Orthogonalize, ScaleByAdam, ScaleByLaProp
 from distopt.transforms.custom import Chain
 from distopt.transforms.parts import Caution
+from tests.same_grads import run_on_random_grads, worst
 
 heavyball = pytest.importorskip("heavyball", reason="the test extra heavyball==3.2.1 is required")
 heavyball.utils.compile_mode = None
@@ -27,20 +28,7 @@ STEPS = 6
 
 
 def run(make, steps=STEPS, dtype=torch.float64, seed=1):
-    torch.manual_seed(0)
-    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
-        opt.step()
-    return start, [p.detach().clone() for p in params], opt
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return run_on_random_grads(make, SHAPES, steps, dtype, seed)
 
 
 CHAINS = {"muonlaprop": "MuonLaProp", "ortholaprop": "OrthoLaProp", "laproportho": "LaPropOrtho",

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import run_on_random_grads, worst
 
 heavyball = pytest.importorskip("heavyball", reason="the test extra heavyball==3.2.1 is required")
 heavyball.utils.compile_mode = None  # eager: the compiled kernels round differently, and compile for minutes
@@ -64,20 +65,7 @@ def heavyball_flags(flags: dict) -> dict:
 
 
 def run(make, steps=STEPS, dtype=torch.float64):
-    torch.manual_seed(0)
-    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
-        opt.step()
-    return start, [p.detach().clone() for p in params]
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return run_on_random_grads(make, SHAPES, steps, dtype)[:2]
 
 
 #: distopt algorithm -> (HeavyBall class, distopt hyperparameters, HeavyBall's, cases HeavyBall or distopt lacks).

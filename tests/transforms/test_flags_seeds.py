@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import worst
 from tests import reference
 
 adv_optm = pytest.importorskip("adv_optm", reason="the test extra adv-optm==2.5.16 is required")
@@ -40,10 +41,6 @@ def run(make, steps=STEPS, dtype=torch.float32, schedule=None):
         if scheduler:
             scheduler.step()
     return start, [p.detach().clone() for p in params]
-
-
-def worst(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def check(ours, theirs, plain):
