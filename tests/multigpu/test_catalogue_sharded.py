@@ -10,7 +10,12 @@ reductions (``STEPS * LARGEST * eps`` of the distance moved; see ``test_flags_sh
 from __future__ import annotations
 
 import pytest
+import torch
 
+from distopt import DistributedOptimizer
+
+from .harness import device
+from .sharded_models import feed_same_grads, full
 from .test_flags_sharded import check_sharded_equals_single
 
 #: name -> (algorithm, hyperparameters, flags, all_reduce calls per step, bitwise)
@@ -43,3 +48,65 @@ CONFIGS = {
                                                   ("plain", 2)])
 def test_catalogue_on_shards_equals_the_single_process_run(ranks, mesh_kind, world_size):
     check_sharded_equals_single(ranks, mesh_kind, world_size, CONFIGS)
+
+
+def _placements_equal_one_process():
+    """The catalogue's reducing and owner algorithms on DTensor parameters of every placement (Shard(1), Replicate,
+    2-D meshes): each against the same optimizer on the whole tensors in this process. Prodigy samples ``slice_p``
+    by global position, so a column-sharded tensor must sample what the whole tensor samples."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from .test_elementwise_sharded import _placements_cases
+
+    world, dev = dist.get_world_size(), device()
+    shapes = [(7, 5), (5, 3), (1, 64), (9,), (3, 4, 2)]
+    algorithms = [("prodigy", dict(d0=1e-4, slice_p=3)), ("stableadamw", dict(lr=1e-2)),
+                  ("lion", dict(lr=1e-2, kappa_p=1.5)), ("hyperballadamw", dict(lr=1e-2, weight_decay=0.1)),
+                  ("adafactor", dict(lr=1e-2)), ("sinksgd", dict(lr=1e-2, momentum=0.9)),
+                  ("scion", dict(lr=1e-2)), ("adan", dict(lr=1e-2))]
+    mismatches = []
+    for mesh_shape, placements in _placements_cases(world):
+        mesh = init_device_mesh(dev.type, mesh_shape)
+        for name, kwargs in algorithms:
+            torch.manual_seed(0)
+            reference = [torch.nn.Parameter(torch.randn(s, device=dev)) for s in shapes]
+            ours = [torch.nn.Parameter(distribute_tensor(r.detach().clone(), mesh, [
+                Shard(0) if (isinstance(pl, Shard) and pl.dim >= r.ndim) else pl for pl in placements],
+                src_data_rank=None)) for r in reference]
+            start = [r.detach().clone() for r in reference]
+            targets = [torch.randn(s, device=dev) for s in shapes]
+            opt = DistributedOptimizer(ours, name, **kwargs)
+            ref_opt = DistributedOptimizer(reference, name, **kwargs)  # whole tensors on every rank
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(STEPS_TO_GROW):
+                # A noisy quadratic: gradients that point back to where the parameters came from, so that
+                # Prodigy's d grows (on random gradients it stays at d0 and its sampling would go unchecked).
+                for p, r, t in zip(ours, reference, targets):
+                    g = r.detach() - t + 0.1 * torch.randn(r.shape, generator=gen).to(dev)
+                    r.grad = g.clone()
+                    p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                opt.step()
+                ref_opt.step()
+            if name == "prodigy":
+                grown = opt.param_groups[0]["d"]
+                if not grown > 10 * kwargs["d0"]:
+                    mismatches.append(f"{mesh_shape} {placements}: prodigy's d did not grow ({grown})")
+                if abs(grown - ref_opt.param_groups[0]["d"]) > 1e-5 * grown:
+                    mismatches.append(f"{mesh_shape} {placements}: prodigy's d {grown} != {ref_opt.param_groups[0]['d']}")
+            moved = max((r.detach() - s).abs().max().item() for r, s in zip(reference, start))
+            for i, (p, r) in enumerate(zip(ours, reference)):
+                diff = (full(p) - r.detach()).abs().max().item()
+                if diff > STEPS_TO_GROW * 64 * torch.finfo(torch.float32).eps * max(moved, 1.0):
+                    mismatches.append(f"{mesh_shape} {placements} {name}: param {i} {tuple(r.shape)} diff {diff:.3g}")
+    return mismatches
+
+
+STEPS_TO_GROW = 8
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_dtensor_placements_equal_one_process(ranks, world_size):
+    results = ranks(world_size, _placements_equal_one_process)
+    assert results == [[]] * world_size, results[0][:5]
