@@ -195,12 +195,14 @@ class Muon(DistributedOptimizer):
     the default, :func:`distopt.routing.is_embedding_or_head`, takes every parameter with fewer than two dimensions
     and, by name, embeddings and output heads. Pass ``model.named_parameters()`` so that names are known. Groups that
     set ``"algorithm"`` themselves are left alone. ``owner_dtype`` is the dtype of the owners' Newton-Schulz maths
-    (bfloat16 as in torch.optim.Muon; float32 where bfloat16 matmuls are slow).
+    (bfloat16 as in torch.optim.Muon; float32 where bfloat16 matmuls are slow). ``orthogonalization``:
+    ``"newton_schulz"`` (torch.optim.Muon's) or ``"polar_express"`` (https://arxiv.org/abs/2505.16932, dion's
+    default; ``ns_coefficients`` and ``ns_steps`` then do not apply).
     """
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
-                 owner_dtype=torch.bfloat16, adamw_lr=1e-3,
+                 owner_dtype=torch.bfloat16, orthogonalization="newton_schulz", adamw_lr=1e-3,
                  adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_weight_decay=1e-2,
                  adamw_predicate=is_embedding_or_head, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
                  compile=None, **flags):
@@ -208,8 +210,8 @@ class Muon(DistributedOptimizer):
         super().__init__(split_groups(params, adamw_predicate, elementwise), "muon", lr=lr,
                          weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                         owner_dtype=owner_dtype, process_group=process_group, bucket_bytes=bucket_bytes,
-                         compile=compile, **flags)
+                         owner_dtype=owner_dtype, orthogonalization=orthogonalization, process_group=process_group,
+                         bucket_bytes=bucket_bytes, compile=compile, **flags)
 
 
 class SOAP(DistributedOptimizer):

@@ -193,9 +193,19 @@ def _dion_muon(dion_path: str | None):
     return build
 
 
+def _dion_muon_default(dion_path: str | None):
+    def build(ps, mesh):
+        return import_dion(dion_path).Muon(ps, distributed_mesh=mesh, lr=MUON["lr"], mu=MUON["momentum"],
+                                           nesterov=MUON["nesterov"], weight_decay=MUON["weight_decay"])
+    return build
+
+
 def _muon(dion_path: str | None) -> list[Candidate]:
     return [Candidate("distopt.Muon (eager)", _distopt("muon", False, MUON), ours=True),
             Candidate("distopt.Muon (compiled)", _distopt("muon", True, MUON), ours=True),
+            Candidate("distopt.Muon polar_express (compiled)",
+                      _distopt("muon", True, {**MUON, "orthogonalization": "polar_express"}), ours=True),
+            Candidate("dion.Muon (polar express, its default)", _dion_muon_default(dion_path)),
             Candidate("torch.optim.Muon", lambda ps, mesh: torch.optim.Muon(ps, **MUON)),
             Candidate("heavyball.Muon", _heavyball("Muon", lr=MUON["lr"], betas=(MUON["momentum"], 0.99),
                                                    weight_decay=MUON["weight_decay"])),

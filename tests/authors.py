@@ -2,6 +2,8 @@
 a loop written from our own reading of a paper cannot replace.
 
 ``DISTOPT_SOAP_PATH``: a checkout of https://github.com/nikhilvyas/SOAP (the folder holding ``soap.py``).
+``DISTOPT_DION_PATH``: a checkout of https://github.com/microsoft/dion (the folder holding the ``dion`` package; the
+bench takes the same, as ``--dion-path``).
 ``DISTOPT_ADV_OPTM_223_PATH``: the unpacked wheel of adv-optm 2.2.3 (the folder holding its ``adv_optm`` package;
 ``pip download --no-deps adv-optm==2.2.3`` and unzip it), the last release with Simplified AdEMAMix; it loads as
 ``adv_optm_223``, beside the installed 2.5.16. Tests that need one skip, saying so, where it is not given.
@@ -58,3 +60,18 @@ def load_adv_optm_223():
     sys.modules["adv_optm_223"] = module
     spec.loader.exec_module(module)
     return module
+
+
+DION_ENV = "DISTOPT_DION_PATH"
+
+
+def load_dion_module(name: str):
+    """``dion.<name>`` from the checkout given by ``DISTOPT_DION_PATH``, or a pytest skip that says how."""
+    value = os.environ.get(DION_ENV)
+    if not value:
+        pytest.skip(f"microsoft/dion is not given: set {DION_ENV} to a checkout of it")
+    if not (Path(value) / "dion" / "__init__.py").is_file():
+        raise FileNotFoundError(f"{DION_ENV}={value!r} holds no dion/__init__.py")
+    if value not in sys.path:
+        sys.path.insert(0, value)
+    return importlib.import_module(f"dion.{name}")

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import compile
 from ..compile import kernel
 from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
+from .polar_express import polar_express, polar_express_each
 from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -78,6 +79,11 @@ def newton_schulz(matrices: Tensor, coefficients: tuple[float, float, float], st
     return x.mT if tall else x
 
 
+#: How owners orthogonalize: torch.optim.Muon's quintic Newton-Schulz (``ns_coefficients``, ``ns_steps``), or
+#: Polar Express's five per-iteration polynomials (:mod:`distopt.algos.polar_express`).
+ORTHOGONALIZATIONS = ("newton_schulz", "polar_express")
+
+
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
     rows, cols = shape
     if adjust_lr_fn is None or adjust_lr_fn == "original":
@@ -94,7 +100,7 @@ class Muon(MatrixAlgorithm):
     name = "muon"
     hyperparameters = {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
                        "ns_coefficients": NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": 5, "adjust_lr_fn": None,
-                       "owner_dtype": "bfloat16"}
+                       "owner_dtype": "bfloat16", "orthogonalization": "newton_schulz"}
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -110,6 +116,9 @@ class Muon(MatrixAlgorithm):
         steps = hp["ns_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
             raise ValueError(f"{self.name}: invalid ns_steps={steps!r} (must be an int in [0, 100))")
+        if hp["orthogonalization"] not in ORTHOGONALIZATIONS:
+            raise ValueError(f"{self.name}: invalid orthogonalization={hp['orthogonalization']!r} (one of "
+                             f"{', '.join(ORTHOGONALIZATIONS)})")
         if hp["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"{self.name}: invalid adjust_lr_fn={hp['adjust_lr_fn']!r} (must be None, "
                              "'original' or 'match_rms_adamw')")
@@ -158,6 +167,10 @@ class Muon(MatrixAlgorithm):
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
+        if hp["orthogonalization"] == "polar_express":
+            orthogonalize_pe = polar_express if compile.enabled() else polar_express_each
+            result = orthogonalize_pe(stacked, hp["eps"], owner_dtype(hp))
+            return [r.reshape(shape) for r in result.unbind(0)]
         orthogonalize = newton_schulz if compile.enabled() else newton_schulz_each
         result = orthogonalize(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))
         return [r.reshape(shape) for r in result.unbind(0)]
