@@ -13,7 +13,8 @@ TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy" "kron-torch
            "transformers==5.24.0")
 # The peers whose own code the flag tests compare against (HeavyBall's flags, adv_optm's Kourkoutas-beta, OrthoGrad
 # and atan2, optimi's decouple_lr). Installed without their dependencies, so that pip never touches torch.
-PEER_TEST_DEPS=("heavyball==3.2.1" "torch-optimi==0.3.3" "adv-optm==2.5.16" "prodigyopt==1.1.2" "schedulefree==1.4.1")
+PEER_TEST_DEPS=("heavyball==3.2.1" "torch-optimi==0.3.3" "adv-optm==2.5.16" "prodigyopt==1.1.2" "schedulefree==1.4.1"
+                "gram-newton-schulz==0.1.6")
 PEER_TEST_LIBS=("opt-einsum>=3.3")
 # The main job's progress bar and loss plots (not needed by the library itself).
 JOB_DEPS=("tqdm>=4.60" "matplotlib>=3.7")

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import compile
 from ..compile import kernel
 from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
+from .gram_newton_schulz import gram_newton_schulz, gram_newton_schulz_each
 from .polar_express import polar_express, polar_express_each
 from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
 
@@ -79,9 +80,12 @@ def newton_schulz(matrices: Tensor, coefficients: tuple[float, float, float], st
     return x.mT if tall else x
 
 
-#: How owners orthogonalize: torch.optim.Muon's quintic Newton-Schulz (``ns_coefficients``, ``ns_steps``), or
-#: Polar Express's five per-iteration polynomials (:mod:`distopt.algos.polar_express`).
-ORTHOGONALIZATIONS = ("newton_schulz", "polar_express")
+#: How owners orthogonalize: torch.optim.Muon's quintic Newton-Schulz (``ns_coefficients``, ``ns_steps``), Polar
+#: Express's five per-iteration polynomials (:mod:`distopt.algos.polar_express`), or the Gram iteration of the
+#: gram-newton-schulz package (:mod:`distopt.algos.gram_newton_schulz`).
+ORTHOGONALIZATIONS = ("newton_schulz", "polar_express", "gram_newton_schulz")
+OTHER_METHODS = {"polar_express": (polar_express, polar_express_each),
+                 "gram_newton_schulz": (gram_newton_schulz, gram_newton_schulz_each)}
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
@@ -139,10 +143,16 @@ class Muon(MatrixAlgorithm):
         return owner_dtype(hp)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
-        """Flops of :func:`newton_schulz` on the ``(m, n)`` view, ``m <= n`` after the transpose: per iteration
-        ``X Xᵀ`` (2m²n), ``b A + c A A`` (2m³) and ``(..) X`` (2m²n)."""
+        """Flops of the orthogonalization on the ``(m, n)`` view, ``m <= n`` after the transpose. Newton-Schulz and
+        Polar Express, per iteration: ``X Xᵀ`` (2m²n), ``b A + c A A`` (2m³) and ``(..) X`` (2m²n). Gram
+        Newton-Schulz on a rectangular matrix: two Grams and two ``Q X`` products (8m²n in all, one restart) and
+        four ``m x m`` products per iteration (8m³)."""
         m, n = sorted(self.matrix_shape(shape))
-        return float(hp["ns_steps"] * (4 * m * m * n + 2 * m**3))
+        method = hp.get("orthogonalization", "newton_schulz")
+        if method == "gram_newton_schulz" and m < n:
+            return float(8 * m * m * n + 5 * 8 * m**3)
+        steps = hp["ns_steps"] if method == "newton_schulz" else 5
+        return float(steps * (4 * m * m * n + 2 * m**3))
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         if torch.is_complex(param):
@@ -167,9 +177,9 @@ class Muon(MatrixAlgorithm):
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
-        if hp["orthogonalization"] == "polar_express":
-            orthogonalize_pe = polar_express if compile.enabled() else polar_express_each
-            result = orthogonalize_pe(stacked, hp["eps"], owner_dtype(hp))
+        if hp["orthogonalization"] != "newton_schulz":
+            compiled, eager = OTHER_METHODS[hp["orthogonalization"]]
+            result = (compiled if compile.enabled() else eager)(stacked, hp["eps"], owner_dtype(hp))
             return [r.reshape(shape) for r in result.unbind(0)]
         orthogonalize = newton_schulz if compile.enabled() else newton_schulz_each
         result = orthogonalize(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))
