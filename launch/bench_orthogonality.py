@@ -48,9 +48,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = inputs(args.dim, torch.Generator().manual_seed(0))
-    print(f"| method (bfloat16, compiled) | ms per block ({', '.join(f'{s[0]}x{s[1]}' for s in data)}) | "
-          "singular values min-max |")
-    print("|---|---|---|")
+    labels = [f"{s[0]}x{s[1]}" for s in data]
+    print(f"| method (bfloat16, compiled) | ms per block ({', '.join(labels)}) | "
+          + " | ".join(f"singular values {label}" for label in labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
     for name, fn in methods(args.dion_path).items():
         for x in data.values():  # compile and warm up
             fn(x)
@@ -58,8 +59,11 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             results = [fn(x) for x in data.values()]
         elapsed = (time.perf_counter() - start) / args.repeats
-        values = torch.cat([torch.linalg.svdvals(r.double()).reshape(-1) for r in results])
-        print(f"| {name} | {elapsed * 1e3:.2f} | {values.min().item():.3f}-{values.max().item():.3f} |")
+        ranges = []
+        for r in results:
+            values = torch.linalg.svdvals(r.double())
+            ranges.append(f"{values.min().item():.3f}-{values.max().item():.3f}")
+        print(f"| {name} | {elapsed * 1e3:.2f} | " + " | ".join(ranges) + " |")
 
 
 if __name__ == "__main__":
