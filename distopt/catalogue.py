@@ -130,3 +130,18 @@ class SFAdamW(DistributedOptimizer):
         super().__init__(params, "sfadamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r,
                          weight_lr_power=weight_lr_power, process_group=process_group, bucket_bytes=bucket_bytes,
                          compile=compile, **flags)
+
+
+class NorMuon(DistributedOptimizer):
+    """dion's NorMuon (https://arxiv.org/abs/2510.05491), its keywords and defaults: Muon (Polar Express by default)
+    with a neuron-wise second moment after the orthogonalization, on owners (exact on any layout). Only matrices:
+    give vectors, embeddings and heads to an elementwise group (dion's ``betas`` are for those, and not taken)."""
+
+    def __init__(self, params, lr=0.01, mu=0.95, muon_beta2=0.95, weight_decay=0.01, epsilon=1e-8,
+                 nesterov=False, adjust_lr="spectral_norm", flatten=False, *, orthogonalization="polar_express",
+                 owner_dtype="bfloat16", process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None,
+                 **flags):
+        super().__init__(params, "normuon", lr=lr, mu=mu, muon_beta2=muon_beta2, weight_decay=weight_decay,
+                         epsilon=epsilon, nesterov=nesterov, adjust_lr=adjust_lr, flatten=flatten,
+                         orthogonalization=orthogonalization, owner_dtype=owner_dtype, process_group=process_group,
+                         bucket_bytes=bucket_bytes, compile=compile, **flags)

@@ -105,7 +105,20 @@ def _heavyball(name: str, hp: dict) -> list[Candidate]:
 REPLICATED_HEAVYBALL = ("SUDSAdamW",)
 
 
+def _normuon(dion_path: str | None) -> list[Candidate]:
+    import distopt
+
+    from .bench_candidates import import_dion
+
+    hp = {"lr": 0.02, "mu": 0.95, "weight_decay": 0.01}
+    return [Candidate("distopt.NorMuon (compiled)", lambda ps, mesh: distopt.NorMuon(ps, **hp, compile=True),
+                      ours=True),
+            Candidate("dion.NorMuon", lambda ps, mesh: import_dion(dion_path).NorMuon(ps, distributed_mesh=mesh,
+                                                                                       **hp))]
+
+
 SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
+    "normuon": _normuon,
     "adafactor": lambda dion_path: _adafactor(),
     **{key: (lambda dion_path, name=name, hp=hp: _optimi(name, hp)) for key, (name, hp) in OPTIMI.items()},
     **{key: (lambda dion_path, args=args: _adv_optm(*args)) for key, args in ADV_OPTM.items()},

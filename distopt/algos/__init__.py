@@ -16,6 +16,7 @@ from .laprop import LaProp
 from .lion import Lion
 from .muon import Muon
 from .nadam import NAdam
+from .normuon import NorMuon
 from .psgd import PSGDKron
 from .radam import RAdam
 from .ranger import Ranger
@@ -34,7 +35,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
                               SFAdamW, HyperBallAdamW, SUDSAdamW, Scion,
-                              Muon, SOAP, PSGDKron)
+                              Muon, NorMuon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.

@@ -41,6 +41,8 @@ CONFIGS = {
     "sudsadamw": ("sudsadamw", dict(lr=0.01, weight_decay=0.1), {}, 0, True),
     "scion": ("scion", dict(lr=0.01, weight_decay=0.1), {}, 0, True),
     "sfadamw": ("sfadamw", dict(lr=0.01, weight_decay=0.1), dict(warmup_steps=2), 0, True),
+    "normuon": ("normuon", dict(lr=0.02, nesterov=True, weight_decay=0.1), {}, 0, True),
+    "normuon/caution": ("normuon", dict(lr=0.02), dict(caution=True), 2, True),
 }
 
 

@@ -105,11 +105,11 @@ CONFIGS = _configs()
 def _groups(model, algo, hp, flags):
     if callable(algo):
         algo = algo()
-    if algo != "muon":
+    if algo not in ("muon", "normuon"):
         return DistributedOptimizer(model.named_parameters(), algo, **{**hp, **flags})
     named = list(model.named_parameters())
     return DistributedOptimizer([
-        {"params": [(n, p) for n, p in named if p.ndim == 2], "algorithm": "muon", **hp, "owner_dtype": "float32"},
+        {"params": [(n, p) for n, p in named if p.ndim == 2], "algorithm": algo, **hp, "owner_dtype": "float32"},
         {"params": [(n, p) for n, p in named if p.ndim < 2], "algorithm": "adamw", "lr": 0.01}], **flags)
 
 
