@@ -266,6 +266,13 @@ class MuonLaProp(_HeavyBallChain):
     chain = "muonlaprop"
 
 
+class MuonAdamW(_HeavyBallChain):
+    """HeavyBall's MuonAdamW: for matrices a Nesterov EMA orthogonalized on owner ranks (``owner_dtype``, bfloat16
+    by default), for the other parameters HeavyBall's AdamW on their shards, in one param group."""
+
+    chain = "muonadamw"
+
+
 class OrthoLaProp(_HeavyBallChain):
     """HeavyBall's OrthoLaProp: OrthoGrad (https://arxiv.org/abs/2501.04697) on the gradient, then LaProp; the
     OrthoGrad sums are over the whole tensor, however it is sharded."""

@@ -70,7 +70,7 @@ HEAVYBALL = {"adamc": ("AdamC", {"lr": 2.5e-3, "weight_decay": 0.1}),
              "sfadamw": ("SFAdamW", {"lr": 2.5e-3, "weight_decay": 0.1}),
              "signlaprop": ("SignLaProp", {"lr": 2.5e-3}),
              "unscaledadamw": ("UnscaledAdamW", {"lr": 2.5e-3}),
-             "muonlaprop": ("MuonLaProp", {"lr": 2.5e-3}), "ortholaprop": ("OrthoLaProp", {"lr": 2.5e-3}),
+             "muonlaprop": ("MuonLaProp", {"lr": 2.5e-3}), "muonadamw": ("MuonAdamW", {"lr": 2.5e-3}), "ortholaprop": ("OrthoLaProp", {"lr": 2.5e-3}),
              "laproportho": ("LaPropOrtho", {"lr": 2.5e-3})}
 
 

@@ -42,12 +42,12 @@ REGISTRY: dict[str, type[Algorithm]] = {
 ELEMENTWISE_NAMES = tuple(name for name, cls in REGISTRY.items() if cls.kind == ELEMENTWISE and not cls.reduces)
 
 
-from ..transforms.custom import (laprop_ortho, muon_laprop, ortho_laprop, sign_laprop,  # noqa: E402
+from ..transforms.custom import (laprop_ortho, muon_adamw, muon_laprop, ortho_laprop, sign_laprop,  # noqa: E402
                                  unscaled_adamw)
 from ..transforms.catalogue import adamc, prodigy, stable_adamw  # noqa: E402
 
 #: Built-in chains (HeavyBall's names, lowercase): each name builds a fresh :class:`~distopt.transforms.Chain`.
-CHAINS = {"muonlaprop": muon_laprop, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho,
+CHAINS = {"muonlaprop": muon_laprop, "muonadamw": muon_adamw, "ortholaprop": ortho_laprop, "laproportho": laprop_ortho,
           "signlaprop": sign_laprop, "unscaledadamw": unscaled_adamw,
           "stableadamw": stable_adamw, "prodigy": prodigy, "adamc": adamc}
 

@@ -182,3 +182,27 @@ class Orthogonalize(Transform):
                 x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
             out.append((x.T if tall else x).reshape(shape) * scale)
         return out
+
+
+class MatrixEMAOrAdam(Transform):
+    """HeavyBall's MuonAdamW before its orthogonalization: for tensors of two or more dimensions the Nesterov EMA
+    ``m <- lerp(m, g, 1 - β1)``, ``u = g + m`` (state ``momentum``), for the others Adam's direction
+    (:class:`ScaleByAdam`'s, state ``exp_avg``, ``exp_avg_sq``)."""
+
+    name = "matrix_ema_or_adam"
+    hyperparameters = {"betas": (0.9, 0.99), "eps": 1e-8}
+    state_keys = ("momentum", "exp_avg", "exp_avg_sq")
+    second_moment = True  # PaLM and Kourkoutas-β schedule the vectors' Adam, as in HeavyBall
+    adam = ScaleByAdam()
+
+    def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
+        if param.dim() >= 2:
+            return {"momentum": _zeros(param)}
+        return self.adam.init(param, hp)
+
+    def update(self, t: TensorStep, totals: Tensor | None) -> Tensor:
+        if len(t.shape) < 2:
+            return self.adam.update(t, totals)
+        momentum = t.state["momentum"]
+        momentum.lerp_(t.u, 1 - t.hp["betas"][0])
+        return t.u + momentum

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..algos.base import ELEMENTWISE, MATRIX, MatrixAlgorithm, check_nonnegative, new_step_counter
 from . import flags
 from .base import OWNER, Transform
-from .cores import Orthogonalize, ScaleByLaProp, ScaleByUnscaledAdam, SignGraft
+from .cores import MatrixEMAOrAdam, Orthogonalize, ScaleByLaProp, ScaleByUnscaledAdam, SignGraft
 from .parts import OrthoGraft, OrthoProject
 
 
@@ -182,3 +182,8 @@ def unscaled_adamw() -> Chain:
     """HeavyBall's UnscaledAdamW: LaProp's momentum of the normalized gradient, rescaled by the current
     denominator."""
     return Chain("unscaledadamw", [ScaleByUnscaledAdam()], HEAVYBALL_DEFAULTS)
+
+
+def muon_adamw() -> Chain:
+    """HeavyBall's MuonAdamW: Nesterov EMA then orthogonalization on owners for matrices, Adam for the rest."""
+    return Chain("muonadamw", [MatrixEMAOrAdam(), Orthogonalize()], HEAVYBALL_DEFAULTS)

@@ -23,9 +23,9 @@ REDUCING = ("catalogue_reducing",)
 
 #: The peers' algorithms of the catalogue, one group each, in the order that gives each the parameter it needs
 #: (round robin over MuonNet's eleven: owner-route algorithms get matrices, Scion the 4-D convolution).
-PEERS = ("adan", "sinksgd", "signsgd", "adagrad", "adamc", "sudsadamw", "ranger", "simplified_ademamix",
-         "sfadamw", "scion", "adadelta")
-REDUCING_NAMES = ("stableadamw", "prodigy", "lion", "hyperballadamw")
+PEERS = ("muonadamw", "sinksgd", "signsgd", "adagrad", "adamc", "sudsadamw", "ranger", "simplified_ademamix",
+         "sfadamw", "scion")  # ten names: MuonAdamW gets the embedding (a matrix) and conv.bias (a vector)
+REDUCING_NAMES = ("stableadamw", "prodigy", "lion", "hyperballadamw", "adan")
 
 
 def make_optimizer(kind: str, model):
@@ -48,7 +48,7 @@ def make_optimizer(kind: str, model):
     if kind in ("catalogue_peers", "catalogue_reducing"):
         names = PEERS if kind == "catalogue_peers" else REDUCING_NAMES
         extra = {"prodigy": {"d0": 1e-3, "slice_p": 3, "lr": 1.0}, "lion": {"kappa_p": 1.5, "lr": 1e-3},
-                 "simplified_ademamix": {"lr": 1e-4}}
+                 "simplified_ademamix": {"lr": 1e-4}, "muonadamw": {"owner_dtype": "float32"}}
         return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2,
                                               **extra.get(name, {})} for i, name in enumerate(names)])
     if kind == "flags":  # flag state (MARS's previous gradient) on shards, with flags whose reductions are exact

@@ -78,6 +78,7 @@ def _configs():
     configs["muon/everything"] = ("muon", dict(lr=0.02), muon, 8, False)
     # Chains: matrices on owners and vectors on their shards (one collective for each, per reduction point).
     configs["muonlaprop/caution"] = ("muonlaprop", dict(owner_dtype="float32"), dict(caution=True), 2, True)
+    configs["muonadamw/caution"] = ("muonadamw", dict(owner_dtype="float32"), dict(caution=True), 2, True)
     configs["ortholaprop"] = ("ortholaprop", {}, {}, 2, False)
     configs["laproportho/caution"] = ("laproportho", {}, dict(caution=True), 3, False)
     configs["signlaprop/caution"] = ("signlaprop", {}, dict(caution=True), 2, False)

@@ -31,7 +31,7 @@ def run(make, steps=STEPS, dtype=torch.float64, seed=1):
     return run_on_random_grads(make, SHAPES, steps, dtype, seed)
 
 
-CHAINS = {"muonlaprop": "MuonLaProp", "ortholaprop": "OrthoLaProp", "laproportho": "LaPropOrtho",
+CHAINS = {"muonlaprop": "MuonLaProp", "muonadamw": "MuonAdamW", "ortholaprop": "OrthoLaProp", "laproportho": "LaPropOrtho",
           "signlaprop": "SignLaProp", "unscaledadamw": "UnscaledAdamW"}
 FLAGS = {"none": {}, "caution": dict(caution=True), "mars_update_clip": dict(mars=True, update_clipping="l2_clip_"),
          "palm_warmup": dict(palm=True, warmup_steps=3)}
@@ -43,19 +43,19 @@ def test_heavyball_chains_equal_heavyball(name, flags):
     hp = dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
     ours_flags = {k: (v.rstrip("_") if isinstance(v, str) else v) for k, v in FLAGS[flags].items()}
     their_flags = {k: (getattr(heavyball.utils, v) if isinstance(v, str) else v) for k, v in FLAGS[flags].items()}
-    extra = dict(owner_dtype="float64") if name == "muonlaprop" else {}
+    extra = dict(owner_dtype="float64") if name.startswith("muon") else {}
     start, ours, opt = run(lambda ps: distopt.DistributedOptimizer(ps, name, **hp, **extra, **ours_flags))
     _, theirs, _ = run(lambda ps: getattr(heavyball, CHAINS[name])(ps, **hp, **their_flags))
     tolerance = 32 * 2**-24 * STEPS * worst(ours, start)
     assert worst(ours, theirs) <= tolerance, (worst(ours, theirs), tolerance)
-    if name == "muonlaprop":  # matrices go to the owner route, vectors skip the orthogonalization
+    if name.startswith("muon"):  # matrices go to the owner route, vectors skip the orthogonalization
         assert [spec.meta.shape for spec in opt.plan.matrices] == [(6, 5), (4, 4), (3, 1, 2)]
 
 
 def test_the_three_orders_differ():
     """The same parts in three orders are three optimizers: a chain that ignored its order would fail here."""
     results = {name: run(lambda ps: distopt.DistributedOptimizer(
-        ps, name, **(dict(owner_dtype="float64") if name == "muonlaprop" else {})))[1] for name in CHAINS}
+        ps, name, **(dict(owner_dtype="float64") if name.startswith("muon") else {})))[1] for name in CHAINS}
     plain = run(lambda ps: distopt.DistributedOptimizer(ps, "laprop", lr=0.0025, betas=(0.9, 0.99), eps=0.0))[1]
     names = list(results)
     for i, a in enumerate(names):
