@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
+from ..compile import kernel
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter,
                    zeros_like)
 from .muon import Muon
@@ -30,13 +31,26 @@ VARIANCE = f"{OWNER_PREFIX}variance_neuron"
 ADJUST_LR = ("spectral_norm", "rms_norm", None)
 
 
-def normalize_neurons(u: Tensor, variance: Tensor, beta2: float) -> Tensor:
-    """dion's NorMuon normalization of one whole matrix ``u`` (in ``variance``'s dtype); ``variance`` updated."""
+def _normalized(u: Tensor, variance: Tensor, beta2: float) -> tuple[Tensor, Tensor]:
     u = u.to(variance.dtype)
     norm = u.norm(p=2, dim=(-2, -1), keepdim=True)
-    variance.copy_(torch.lerp(variance, (u * u).mean(dim=-1, keepdim=True), 1 - beta2))
+    variance = torch.lerp(variance, (u * u).mean(dim=-1, keepdim=True), 1 - beta2)
     normalized = u / (variance.sqrt() + 1e-8)
-    return normalized * (norm / normalized.norm(p=2, dim=(-2, -1), keepdim=True).clamp(min=1e-8))
+    return normalized * (norm / normalized.norm(p=2, dim=(-2, -1), keepdim=True).clamp(min=1e-8)), variance
+
+
+@kernel
+def normalize_stack(u: Tensor, variance: Tensor, beta2: float) -> tuple[Tensor, Tensor]:
+    """The normalization of a stack of same-shape matrices ``(N, rows, cols)`` with their ``(N, rows, 1)``
+    variances, in one pass (compiled with the owner maths); returns the results and the new variances."""
+    return _normalized(u, variance, beta2)
+
+
+def normalize_neurons(u: Tensor, variance: Tensor, beta2: float) -> Tensor:
+    """dion's NorMuon normalization of one whole matrix ``u`` (in ``variance``'s dtype); ``variance`` updated."""
+    out, new_variance = _normalized(u, variance, beta2)
+    variance.copy_(new_variance)
+    return out
 
 
 class NorMuon(MatrixAlgorithm):
@@ -98,8 +112,10 @@ class NorMuon(MatrixAlgorithm):
         muon_hp = {**Muon.hyperparameters, "orthogonalization": hp["orthogonalization"], "eps": hp["epsilon"],
                    "owner_dtype": hp["owner_dtype"]}
         orthogonal = Muon().owner_update([w.reshape(matrix) for w in wholes], states, muon_hp, matrix, fqns)
-        return [normalize_neurons(u, state[VARIANCE].view(matrix[0], 1), hp["muon_beta2"]).reshape(shape)
-                for u, state in zip(orthogonal, states)]
+        variances = [state[VARIANCE].view(matrix[0], 1) for state in states]
+        out, new_variances = normalize_stack(torch.stack(orthogonal), torch.stack(variances), hp["muon_beta2"])
+        torch._foreach_copy_(variances, list(new_variances.unbind(0)))
+        return [u.reshape(shape) for u in out.unbind(0)]
 
     def _adjusted_lr(self, lr: float, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
         fan_out, fan_in = self._matrix(shape, hp)
