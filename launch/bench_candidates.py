@@ -205,6 +205,8 @@ def _muon(dion_path: str | None) -> list[Candidate]:
             Candidate("distopt.Muon (compiled)", _distopt("muon", True, MUON), ours=True),
             Candidate("distopt.Muon polar_express (compiled)",
                       _distopt("muon", True, {**MUON, "orthogonalization": "polar_express"}), ours=True),
+            Candidate("distopt.Muon gram_newton_schulz (compiled)",
+                      _distopt("muon", True, {**MUON, "orthogonalization": "gram_newton_schulz"}), ours=True),
             Candidate("dion.Muon (polar express, its default)", _dion_muon_default(dion_path)),
             Candidate("torch.optim.Muon", lambda ps, mesh: torch.optim.Muon(ps, **MUON)),
             Candidate("heavyball.Muon", _heavyball("Muon", lr=MUON["lr"], betas=(MUON["momentum"], 0.99),
