@@ -10,7 +10,6 @@ Under sharding the norms are reductions (one all_reduce per param group and step
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,15 +37,17 @@ class HyperBallStep(Transform):
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor | None:
         if len(t.shape) < 2:
             return None
-        v_sq, p_dot_v, p_sq = (float(x) for x in totals)
+        # On the device, as 0-d tensors: reading the sums on the host would wait for the device every tensor.
+        totals = totals.to(torch.float64)
+        v_sq, p_dot_v, p_sq = totals.unbind(0)
         radius = t.state["init_norm"]
         if t.step == 1:
-            radius.fill_(math.sqrt(p_sq))
-        r = float(radius)
-        a = t.hp["lr"] * r / max(math.sqrt(v_sq), 1e-12)  # the step along v
-        new_norm = math.sqrt(max(p_sq - 2 * a * p_dot_v + a * a * v_sq, 0.0))
-        k = r / max(new_norm, 1e-12)
-        t.param.mul_(k).add_(t.u.to(t.param.dtype), alpha=-a * k)
+            radius.copy_(p_sq.sqrt())
+        r = radius.to(totals.device)
+        a = t.hp["lr"] * r / v_sq.sqrt().clamp(min=1e-12)  # the step along v
+        new_norm = (p_sq - 2 * a * p_dot_v + a * a * v_sq).clamp(min=0.0).sqrt()
+        k = r / new_norm.clamp(min=1e-12)
+        t.param.mul_(k.to(t.param.dtype)).sub_(t.u.to(t.param.dtype) * (a * k).to(t.param.dtype))
         t.skip = True  # the parameter is written: the chain's own step is not taken
         return None
 
@@ -72,7 +73,7 @@ class HyperBallAdamW(Algorithm):
 
     def init(self, param: Tensor, hp: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"step": new_step_counter(), "exp_avg_sq": zeros_like(param),
-                "init_norm": torch.tensor(0.0, dtype=torch.float64)}
+                "init_norm": torch.tensor(0.0, dtype=torch.float64, device=param.device)}
 
     def chained(self, hp: Mapping[str, Any]) -> bool:
         return True  # its norms are reductions of the chain runtime

@@ -42,7 +42,8 @@ class LionK(Transform):
         powered = t.extra.pop("lion_k", None)
         if powered is None:
             powered = _powered(t.u, kappa)
-        scale = math.sqrt(t.numel) / max(float(totals[0].sqrt()), 1e-12)
+        # A 0-d tensor, not a Python number: reading the total on the host would wait for the device every tensor.
+        scale = (math.sqrt(t.numel) / totals[0].sqrt().clamp(min=1e-12)).to(powered.dtype)
         return powered.mul_(scale) if powered is not t.u else powered * scale
 
 
