@@ -11,9 +11,11 @@ torn down, because its ranks may be stuck in a collective, and the next call sta
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import queue
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -49,7 +51,14 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks: Any, results: Any, parent: int) -> None:
+def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks: Any, results: Any, parent: int,
+            log_file: str) -> None:
+    # A rank killed by a signal (an abort in a C++ thread) leaves no Python traceback: its stderr goes to a file that
+    # the failure message quotes, with the Python stacks of every thread dumped on a fatal signal.
+    log = open(log_file, "w", buffering=1)  # noqa: SIM115 - open for the life of the process
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)  # the harness asks for stacks on a hang
     # Two cores are shared by up to four ranks: more intra-op threads would only contend.
     torch.set_num_threads(1)
     if backend == "nccl":
@@ -90,7 +99,7 @@ class RankPool:
         init_file = os.path.join(self._dir, "rendezvous")
         self._procs = [ctx.Process(target=_worker, daemon=True, name=f"rank{rank}",
                                    args=(rank, world_size, backend, init_file, self._tasks[rank], self._results,
-                                         os.getpid()))
+                                         os.getpid(), self._log(rank)))
                        for rank in range(world_size)]
         for proc in self._procs:
             proc.start()
@@ -123,8 +132,19 @@ class RankPool:
         failures = {rank: payload for rank, (ok, payload) in outcomes.items() if not ok}
         if not failures and len(outcomes) == self.world_size:
             return [outcomes[rank][1] for rank in range(self.world_size)]
+        message = self._explain(fn, failures, outcomes, timeout)
         self.close(force=True)
-        raise RankFailure(self._explain(fn, failures, outcomes, timeout))
+        raise RankFailure(message)
+
+    def _log(self, rank: int) -> str:
+        return os.path.join(self._dir, f"rank{rank}.stderr")
+
+    def _stderr_tail(self, rank: int, limit: int = 4000) -> str:
+        try:
+            with open(self._log(rank), errors="replace") as log:
+                return log.read()[-limit:]
+        except OSError:
+            return ""
 
     def _explain(self, fn, failures, outcomes, timeout) -> str:
         name = getattr(fn, "__qualname__", repr(fn))
@@ -136,9 +156,20 @@ class RankPool:
             dead = {i: p.exitcode for i, p in enumerate(self._procs) if p.exitcode not in (None, 0) and i in missing}
             if dead:
                 lines.append(f"--- ranks that died: {dead} (rank: exit code)")
+                for rank in dead:
+                    lines.append(f"--- stderr of rank {rank} (last lines):\n{self._stderr_tail(rank)}")
             reason = "stopped waiting after another rank failed" if failures else f"timed out after {timeout:.0f} s"
             lines.append(f"--- ranks that did not finish ({reason}): {missing}")
+            if not failures and not dead:
+                lines.extend(self._stacks_of_hung_ranks(missing))
         return "\n".join(lines)
+
+    def _stacks_of_hung_ranks(self, missing: list[int]) -> list[str]:
+        for rank in missing:
+            if self._procs[rank].is_alive():
+                os.kill(self._procs[rank].pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        return [f"--- where rank {rank} was (Python stacks):\n{self._stderr_tail(rank)}" for rank in missing]
 
     def close(self, force: bool = False) -> None:
         if not self.alive:

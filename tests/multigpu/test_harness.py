@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -21,6 +22,12 @@ def _raise_on_rank_one():
     if dist.get_rank() == 1:
         raise ValueError("deliberate failure on rank 1")
     return "ok"
+
+
+def _abort_on_rank_one():
+    if dist.get_rank() == 1:
+        os.abort()  # as a C++ std::terminate in a background thread would
+    dist.barrier()
 
 
 def _rank_zero_waits_in_a_collective_nobody_joins():
@@ -51,13 +58,27 @@ def test_failing_rank_fails_with_its_traceback():
         pool.close(force=True)
 
 
+def test_rank_killed_by_a_signal_fails_with_its_stderr():
+    pool = RankPool(2)
+    try:
+        with pytest.raises(RankFailure) as info:
+            pool.run(_abort_on_rank_one, timeout=60)
+        message = str(info.value)
+        assert "ranks that died: {1: -6}" in message
+        assert "stderr of rank 1" in message and "Fatal Python error: Aborted" in message
+        assert "_abort_on_rank_one" in message  # faulthandler's stack of the aborting thread
+    finally:
+        pool.close(force=True)
+
+
 @pytest.mark.parametrize("fn", [_rank_zero_waits_in_a_collective_nobody_joins, _sleep_forever])
 def test_hang_becomes_a_timeout_failure(fn):
     pool = RankPool(2)
     try:
         start = time.monotonic()
-        with pytest.raises(RankFailure, match="timed out after 4 s"):
+        with pytest.raises(RankFailure, match="timed out after 4 s") as info:
             pool.run(fn, timeout=4)
         assert time.monotonic() - start < 30
+        assert fn.__name__ in str(info.value)  # where the hung ranks were
     finally:
         pool.close(force=True)
