@@ -5,7 +5,7 @@ from .algos import Algorithm
 from .constructors import (ADOPT, SGD, AdamC, HyperBallAdamW, Scion, SUDSAdamW, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
                            Muon, MuonAdamW, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SignLaProp, SOAP,
                            UnscaledAdamW)
-from .catalogue import Adan, NorMuon, Prodigy, Ranger, SFAdamW, SignSGD, Simplified_AdEMAMix, SinkSGD, StableAdamW
+from .catalogue import AdaMuon, Adan, NorMuon, Prodigy, Ranger, SFAdamW, SignSGD, Simplified_AdEMAMix, SinkSGD, StableAdamW
 from .optimizer import DistributedOptimizer
 from .saved_state import StateDictMismatch
 from .transforms.custom import Chain
@@ -17,4 +17,4 @@ __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
            "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
            "Simplified_AdEMAMix", "SFAdamW", "AdamC", "HyperBallAdamW",
-           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW"]
+           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon"]

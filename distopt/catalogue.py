@@ -5,8 +5,14 @@ where its maths allows."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
+from .algos.muon import NS_COEFFICIENTS
 from .optimizer import DistributedOptimizer
 from .owner import DEFAULT_BUCKET_BYTES
+from .routing import Predicate, is_unsuitable_for_muon, split_groups
 
 
 def _optimi_switches(name: str, kahan_sum, gradient_release) -> None:
@@ -145,3 +151,71 @@ class NorMuon(DistributedOptimizer):
                          epsilon=epsilon, nesterov=nesterov, adjust_lr=adjust_lr, flatten=flatten,
                          orthogonalization=orthogonalization, owner_dtype=owner_dtype, process_group=process_group,
                          bucket_bytes=bucket_bytes, compile=compile, **flags)
+
+
+#: adv_optm keywords of AdaMuon_adv that select what distopt does not run yet, with the value that turns each off.
+_ADAMUON_OFF = {"low_rank_ortho": False, "accelerated_ns": False, "spectral_normalization": False,
+                "centered_wd": 0.0, "state_precision": "auto", "factored_2nd": False, "nnmf_factor": False,
+                "vector_reshape": False, "orthogonal_gradient": "disabled", "compiled_optimizer": False}
+
+
+def _adamuon_groups(params: Any, predicate: Predicate, aux: dict[str, Any]) -> list[dict[str, Any]]:
+    """adv_optm's routing: a group's ``use_muon`` (or ``optim_type``) sends all of it to AdaMuon or to the
+    auxiliary AdamW; otherwise ``predicate`` decides per parameter. The AdamW part keeps the group's ``lr``, as
+    adv_optm's auxiliary Adam reads ``group['lr']``."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for group in groups:
+        choice = group.get("use_muon")
+        if choice is None and group.get("optim_type") is not None:
+            choice = group["optim_type"] == "muon"
+        group = {k: v for k, v in group.items() if k not in ("use_muon", "optim_type")}
+        if choice is None:
+            lr = {"lr": group["lr"]} if "lr" in group else {}
+            out.extend(split_groups([group], predicate, {**aux, **lr}))
+        elif choice:
+            out.append(group)
+        else:
+            out.append({**{k: group[k] for k in ("params", "lr") if k in group}, "algorithm": "adamw", **aux})
+    return out
+
+
+class AdaMuon(DistributedOptimizer):
+    """adv_optm's AdaMuon_adv (https://arxiv.org/abs/2507.11005), its keywords and defaults: the sign of the
+    Nesterov momentum orthogonalized on owner ranks, an elementwise second moment of the result, and an RMS of
+    ``0.2 lr``. Parameters that ``adam_predicate`` picks (adv_optm's own rule by default; a group's ``use_muon`` or
+    ``optim_type`` overrides it) run AdamW with ``adam_betas``, ``adam_eps``, ``adam_weight_decay`` and the
+    group's ``lr``, in torch.optim.AdamW's arithmetic. Low-rank, CANS, spectral normalization, centered decay,
+    OrthoGrad and compact states are refused while distopt does not run them; ``stochastic_rounding`` only
+    applies to bfloat16 parameters, which are refused with it for the same reason."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0, cautious_wd=False,
+                 nesterov=True, nesterov_coef=None, rms_rescaling=True, ns_steps=5, ns_eps=1e-7,
+                 ns_coeffs=NS_COEFFICIENTS, stochastic_rounding=True, use_atan2=False, normuon_variant=False,
+                 kappa_p=1.0, auto_projection=True, approx_mars=False, mars_gamma=0.025, adam_betas=(0.9, 0.99),
+                 adam_eps=1e-8, adam_weight_decay=0.0, *, adam_predicate=is_unsuitable_for_muon,
+                 orthogonalization="newton_schulz", owner_dtype="bfloat16", process_group=None,
+                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **kwargs):
+        for key, off in _ADAMUON_OFF.items():
+            if key in kwargs and kwargs.pop(key) != off:
+                raise ValueError(f"adamuon: {key} is not supported by distopt yet; leave it at {off!r}")
+        if adam_eps is None:
+            raise ValueError("adamuon: adam_eps=None (adv_optm's scale-invariant eps) is not supported for the "
+                             "AdamW part; give a number")
+        groups = _adamuon_groups(params, adam_predicate, {"betas": adam_betas, "eps": adam_eps,
+                                                          "weight_decay": adam_weight_decay})
+        if stochastic_rounding:
+            for group in groups:
+                for entry in group["params"]:
+                    tensor = entry[1] if isinstance(entry, tuple) else entry
+                    if tensor.dtype == torch.bfloat16:
+                        raise ValueError("adamuon: stochastic_rounding=True on a bfloat16 parameter is not "
+                                         "supported yet; pass stochastic_rounding=False or float32 parameters")
+        super().__init__(groups, "adamuon", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         cautious_wd=cautious_wd, nesterov=nesterov, nesterov_coef=nesterov_coef,
+                         rms_rescaling=rms_rescaling, ns_steps=ns_steps, ns_eps=ns_eps, ns_coeffs=ns_coeffs,
+                         use_atan2=use_atan2, normuon_variant=normuon_variant, kappa_p=kappa_p,
+                         auto_projection=auto_projection, approx_mars=approx_mars, mars_gamma=mars_gamma,
+                         orthogonalization=orthogonalization, owner_dtype=owner_dtype, process_group=process_group,
+                         bucket_bytes=bucket_bytes, compile=compile, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,19 @@ def is_embedding_or_head(name: str | None, param: Tensor) -> bool:
     if any("embed" in m or m in EMBEDDING_NAMES for m in modules):
         return True
     return bool(modules) and modules[-1] in HEAD_NAMES and len(modules) <= 2
+
+
+def is_unsuitable_for_muon(name: str | None, param: Tensor, min_dim: int = 4, max_aspect_ratio: float = 128.0) -> bool:
+    """The default predicate of :class:`distopt.AdaMuon`: adv_optm's rule for what goes to its auxiliary Adam.
+
+    True for a parameter with fewer than two dimensions larger than one, a unit first or second dimension
+    (position embeddings, depthwise convolutions), or an ``(out, rest)`` view whose short side is under
+    ``min_dim`` or whose aspect ratio exceeds ``max_aspect_ratio``. Names are not read."""
+    shape = tuple(param.shape)
+    if len(shape) < 2 or sum(size > 1 for size in shape) < 2 or shape[0] == 1 or shape[1] == 1:
+        return True
+    short, long = sorted((shape[0], math.prod(shape[1:])))
+    return short < min_dim or long / short > max_aspect_ratio
 
 
 Predicate = Callable[[str | None, Tensor], bool]

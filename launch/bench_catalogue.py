@@ -117,8 +117,22 @@ def _normuon(dion_path: str | None) -> list[Candidate]:
                                                                                        **hp))]
 
 
+def _adamuon() -> list[Candidate]:
+    """AdaMuon at adv_optm's defaults (sign, bfloat16 Newton-Schulz, second moment, RMS rescale)."""
+    hp = {"lr": 1e-3, "weight_decay": 0.1}
+
+    def make(ps):
+        import adv_optm
+
+        return adv_optm.AdaMuon_adv(ps, **hp, use_muon=True, stochastic_rounding=False)
+    return [_ours("AdaMuon", hp), _ours("AdaMuon", {**hp, "compile": False}, "distopt.AdaMuon (eager)"),
+            _peer("adv_optm", "AdaMuon_adv", {**hp, "use_muon": True, "stochastic_rounding": False}),
+            _replicated("adv_optm.AdaMuon_adv", make)]
+
+
 SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
     "normuon": _normuon,
+    "adamuon": lambda dion_path: _adamuon(),
     "adafactor": lambda dion_path: _adafactor(),
     **{key: (lambda dion_path, name=name, hp=hp: _optimi(name, hp)) for key, (name, hp) in OPTIMI.items()},
     **{key: (lambda dion_path, args=args: _adv_optm(*args)) for key, args in ADV_OPTM.items()},

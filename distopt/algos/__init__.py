@@ -7,6 +7,7 @@ from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
+from .adamuon import AdaMuon
 from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
@@ -35,7 +36,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
                               SFAdamW, HyperBallAdamW, SUDSAdamW, Scion,
-                              Muon, NorMuon, SOAP, PSGDKron)
+                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron)
 }
 
 #: Names of the algorithms that update local shards without communicating.

@@ -15,7 +15,8 @@ from .harness import device
 from .sharded_models import feed_same_grads, full, mesh_for
 from .test_muon_owner import MuonNet
 
-ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags", "catalogue", "catalogue_peers")
+ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags", "catalogue", "catalogue_peers",
+              "muon_variants")
 #: Kinds whose maths sums over shards (StableAdamW's RMS, Prodigy's statistics, Lion-k's and HyperBall's norms): a
 #: resumed run on another world size adds the shards in another order, so it continues to a tolerance, not to the
 #: bit.
@@ -51,6 +52,18 @@ def make_optimizer(kind: str, model):
                  "simplified_ademamix": {"lr": 1e-4}, "muonadamw": {"owner_dtype": "float32"}}
         return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2,
                                               **extra.get(name, {})} for i, name in enumerate(names)])
+    if kind == "muon_variants":  # owner state of NorMuon (per row) and AdaMuon (whole, or per row)
+        by_name = dict(named)
+        pick = lambda *names: [(n, by_name[n]) for n in names]  # noqa: E731
+        return distopt.DistributedOptimizer([
+            {"params": pick("wide.weight", "small.weight"), "algorithm": "normuon", "lr": 0.02,
+             "nesterov": True, "owner_dtype": "float32"},
+            {"params": pick("tall.weight", "smaller.weight"), "algorithm": "adamuon", "lr": 0.02,
+             "weight_decay": 0.1, "approx_mars": True, "owner_dtype": "float32"},
+            {"params": pick("conv.weight", "embed.weight"), "algorithm": "adamuon", "lr": 0.02,
+             "normuon_variant": True, "owner_dtype": "float32"},
+            {"params": [(n, p) for n, p in named if p.ndim < 2 or n == "thin.weight"], "algorithm": "adamw",
+             "lr": 3e-3}])
     if kind == "flags":  # flag state (MARS's previous gradient) on shards, with flags whose reductions are exact
         return distopt.Muon(named, lr=0.02, weight_decay=0.1, adamw_lr=3e-3, mars=True, mars_gamma=0.05,
                             caution=True, cautious_weight_decay=True, warmup_steps=2)

@@ -1,7 +1,7 @@
 """The first-order catalogue under FSDP2 (W = 1 to 4, uneven and empty shards), HSDP and DDP-style plain tensors
 equals the same optimizer in one process.
 
-Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW and Scion run on owners, where the whole tensor is: the same bits
+Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon and AdaMuon run on owners, where the whole tensor is: the same bits
 too. The algorithms with a reduction (StableAdamW's RMS, Lion-k's and HyperBall's norms over each whole tensor, Prodigy's
 statistics over the whole group) add the shards' sums in another order: the tolerance is that of the flags'
 reductions (``STEPS * LARGEST * eps`` of the distance moved; see ``test_flags_sharded``). The collectives counted are the chain runtime's all_reduces per step.
@@ -43,6 +43,9 @@ CONFIGS = {
     "sfadamw": ("sfadamw", dict(lr=0.01, weight_decay=0.1), dict(warmup_steps=2), 0, True),
     "normuon": ("normuon", dict(lr=0.02, nesterov=True, weight_decay=0.1), {}, 0, True),
     "normuon/caution": ("normuon", dict(lr=0.02), dict(caution=True), 2, True),
+    "adamuon": ("adamuon", dict(lr=0.02, weight_decay=0.1, use_atan2=True), {}, 0, True),
+    "adamuon/normuon+mars": ("adamuon", dict(lr=0.02, weight_decay=0.1, normuon_variant=True, approx_mars=True,
+                                             cautious_wd=True, auto_projection=False, kappa_p=1.5), {}, 0, True),
 }
 
 

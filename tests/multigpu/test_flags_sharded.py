@@ -106,7 +106,7 @@ CONFIGS = _configs()
 def _groups(model, algo, hp, flags):
     if callable(algo):
         algo = algo()
-    if algo not in ("muon", "normuon"):
+    if algo not in ("muon", "normuon", "adamuon"):
         return DistributedOptimizer(model.named_parameters(), algo, **{**hp, **flags})
     named = list(model.named_parameters())
     return DistributedOptimizer([
