@@ -106,8 +106,10 @@ class OwnerRoute:
                 if entry.group_index in chains:
                     updates[m] = update
                     continue
+                offset = ({"row_offset": layout.global_offset(entry.param)[0]}
+                          if entry.algorithm.takes_row_offset else {})
                 entry.algorithm.finish(layout.local(entry.param), update, states[m], groups[entry.group_index],
-                                       self.plan.matrices[m].meta.shape)
+                                       self.plan.matrices[m].meta.shape, **offset)
         for group_index, (members, steps, reducer) in chains.items():
             algorithm = self.entries[members[0]].algorithm
             # A rank whose shard of a matrix is empty receives nothing back: its update is empty too.
@@ -134,7 +136,8 @@ class OwnerRoute:
             prepared, steps = prepare_matrices(
                 entries[0].algorithm, [layout.local(e.param) for e in entries],
                 [layout.local_grad(e.param, e.param.grad) for e in entries], [states[m] for m in members],
-                groups[group_index], [tuple(e.param.shape) for e in entries], reducer)
+                groups[group_index], [tuple(e.param.shape) for e in entries], reducer,
+                [layout.global_offset(e.param) for e in entries])
             pieces.update(zip(members, prepared))
             chains[group_index] = (members, steps, reducer)
         return pieces, states, chains

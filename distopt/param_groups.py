@@ -35,6 +35,7 @@ def check_params(groups: list[dict[str, Any]], group: dict[str, Any], index: int
             raise ValueError(f"the same tensor is given twice: {name} is also {seen[p]}")
         if algorithm.kind == MATRIX:
             algorithm.check_param(tuple(p.shape), name)
+            algorithm.check_param_in_group(tuple(p.shape), name, group)
         seen[p] = name
 
 

@@ -28,6 +28,7 @@ from .. import compile
 from ..transforms.flags import FLAGS, SETTING_OF
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_betas, check_bool, check_nonnegative,
                    new_step_counter, zeros_like)
+from . import splits
 from .muon import Muon
 
 SECOND_MOMENT = f"{OWNER_PREFIX}second_momentum_buffer"
@@ -57,7 +58,8 @@ class AdaMuon(MatrixAlgorithm):
                        "nesterov": True, "nesterov_coef": None, "rms_rescaling": True, "ns_steps": 5,
                        "ns_eps": 1e-7, "ns_coeffs": Muon.hyperparameters["ns_coefficients"], "use_atan2": False,
                        "normuon_variant": False, "kappa_p": 1.0, "auto_projection": True, "approx_mars": False,
-                       "mars_gamma": 0.025, "orthogonalization": "newton_schulz", "owner_dtype": "bfloat16"}
+                       "mars_gamma": 0.025, "orthogonalization": "newton_schulz", "owner_dtype": "bfloat16",
+                       **splits.SPLIT_HYPERPARAMETERS}
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -74,6 +76,7 @@ class AdaMuon(MatrixAlgorithm):
             raise ValueError(f"{self.name}: invalid kappa_p={kappa!r} (must be in [1, 2])")
         Muon().check({**Muon.hyperparameters, "ns_coefficients": hp["ns_coeffs"], "ns_steps": hp["ns_steps"],
                       "orthogonalization": hp["orthogonalization"], "owner_dtype": hp["owner_dtype"]})
+        splits.check(self.name, hp)
         if isinstance(hp, dict):  # Muon's check stores a dtype's name; the group must hold it too
             hp["owner_dtype"] = str(hp["owner_dtype"]).removeprefix("torch.")
 
@@ -81,6 +84,9 @@ class AdaMuon(MatrixAlgorithm):
         if len(shape) < 2:
             raise ValueError(f"adamuon needs parameters with at least 2 dimensions, but {name} has {len(shape)}; "
                              "give it to an elementwise algorithm (distopt.AdaMuon does this by itself)")
+
+    def check_param_in_group(self, shape: tuple[int, ...], name: str, hp: Mapping[str, Any]) -> None:
+        splits.check_shape(self.name, shape, name, hp)
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         reason = ("AdaMuon rescales its update to a fixed RMS on the owner after the step size; use its own "
@@ -93,7 +99,8 @@ class AdaMuon(MatrixAlgorithm):
         return torch.promote_types(param_dtype, torch.float32)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
-        muon_hp = {**Muon.hyperparameters, "ns_steps": hp["ns_steps"], "orthogonalization": hp["orthogonalization"]}
+        muon_hp = {**Muon.hyperparameters, "ns_steps": hp["ns_steps"], "orthogonalization": hp["orthogonalization"],
+                   "split_sizes": hp["split_sizes"], "num_heads": hp["num_heads"]}
         return Muon().cost(shape, muon_hp) + 10.0 * math.prod(shape)
 
     def owner_state(self, shape: tuple[int, ...], hp: Mapping[str, Any],
@@ -131,7 +138,8 @@ class AdaMuon(MatrixAlgorithm):
         projected = [project(w, kappa) for w in wholes]
         ns_eps = 1 / math.sqrt(numel) if hp["ns_eps"] is None else hp["ns_eps"]
         muon_hp = {**Muon.hyperparameters, "ns_coefficients": tuple(hp["ns_coeffs"]), "ns_steps": hp["ns_steps"],
-                   "eps": ns_eps, "orthogonalization": hp["orthogonalization"], "owner_dtype": hp["owner_dtype"]}
+                   "eps": ns_eps, "orthogonalization": hp["orthogonalization"], "owner_dtype": hp["owner_dtype"],
+                   "split_sizes": hp["split_sizes"], "num_heads": hp["num_heads"]}
         orthogonal = Muon().owner_update(projected, states, muon_hp, shape, fqns)
         # Matrix by matrix, in adv_optm's memory layout: its result for a tall matrix is the transposed view of
         # what Newton-Schulz produced, and on such a view torch's elementwise kernels (atan2's among them) and

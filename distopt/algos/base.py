@@ -279,6 +279,13 @@ class MatrixAlgorithm(Algorithm):
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
         """Raise ``ValueError`` if a parameter of this shape cannot run this algorithm."""
 
+    def check_param_in_group(self, shape: tuple[int, ...], name: str, hp: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if a parameter of this shape cannot run with this group's hyperparameters."""
+
+    #: Whether :meth:`finish` and :meth:`finish_direction` take ``row_offset``, where the rank's rows start in the
+    #: whole weight (for maths that differs by row block, such as per-part step sizes).
+    takes_row_offset: ClassVar[bool] = False
+
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
 

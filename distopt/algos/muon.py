@@ -25,6 +25,7 @@ from ..compile import kernel
 from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
 from .gram_newton_schulz import gram_newton_schulz, gram_newton_schulz_each
 from .polar_express import polar_express, polar_express_each
+from . import splits
 from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -104,7 +105,9 @@ class Muon(MatrixAlgorithm):
     name = "muon"
     hyperparameters = {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
                        "ns_coefficients": NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": 5, "adjust_lr_fn": None,
-                       "owner_dtype": "bfloat16", "orthogonalization": "newton_schulz"}
+                       "owner_dtype": "bfloat16", "orthogonalization": "newton_schulz",
+                       **splits.SPLIT_HYPERPARAMETERS}
+    takes_row_offset = True
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -126,6 +129,7 @@ class Muon(MatrixAlgorithm):
         if hp["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"{self.name}: invalid adjust_lr_fn={hp['adjust_lr_fn']!r} (must be None, "
                              "'original' or 'match_rms_adamw')")
+        splits.check(self.name, hp)
         value = hp["owner_dtype"]
         if isinstance(value, torch.dtype) and str(value).removeprefix("torch.") in OWNER_DTYPES:
             if isinstance(hp, dict):
@@ -139,6 +143,9 @@ class Muon(MatrixAlgorithm):
             raise ValueError(f"muon needs parameters with at least 2 dimensions, but {name} has {len(shape)}; give "
                              "it to an elementwise algorithm such as adamw (distopt.Muon does this by itself)")
 
+    def check_param_in_group(self, shape: tuple[int, ...], name: str, hp: Mapping[str, Any]) -> None:
+        splits.check_shape(self.name, shape, name, hp)
+
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return owner_dtype(hp)
 
@@ -147,6 +154,10 @@ class Muon(MatrixAlgorithm):
         Polar Express, per iteration: ``X Xᵀ`` (2m²n), ``b A + c A A`` (2m³) and ``(..) X`` (2m²n). Gram
         Newton-Schulz on a rectangular matrix: two Grams and two ``Q X`` products (8m²n in all, one restart) and
         four ``m x m`` products per iteration (8m³)."""
+        layout = splits.parts(shape, hp)
+        if layout is not None:
+            whole = {**hp, "split_sizes": None, "num_heads": None}
+            return sum(p.heads * self.cost(splits.part_shape(p, shape), whole) for p in layout)
         m, n = sorted(self.matrix_shape(shape))
         method = hp.get("orthogonalization", "newton_schulz")
         if method == "gram_newton_schulz" and m < n:
@@ -179,10 +190,18 @@ class Muon(MatrixAlgorithm):
         stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
         if hp["orthogonalization"] != "newton_schulz":
             compiled, eager = OTHER_METHODS[hp["orthogonalization"]]
-            result = (compiled if compile.enabled() else eager)(stacked, hp["eps"], owner_dtype(hp))
-            return [r.reshape(shape) for r in result.unbind(0)]
-        orthogonalize = newton_schulz if compile.enabled() else newton_schulz_each
-        result = orthogonalize(stacked, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))
+            method = compiled if compile.enabled() else eager
+
+            def orthogonalize(x: Tensor) -> Tensor:
+                return method(x, hp["eps"], owner_dtype(hp))
+        else:
+            method = newton_schulz if compile.enabled() else newton_schulz_each
+
+            def orthogonalize(x: Tensor) -> Tensor:
+                return method(x, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))
+        layout = splits.parts(shape, hp)
+        result = orthogonalize(stacked) if layout is None else splits.orthogonalize_by_part(stacked, layout,
+                                                                                            orthogonalize)
         return [r.reshape(shape) for r in result.unbind(0)]
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
@@ -193,12 +212,27 @@ class Muon(MatrixAlgorithm):
         return float(hp["momentum"])
 
     def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
-                         shape: tuple[int, ...]) -> Tensor:
+                         shape: tuple[int, ...], row_offset: int = 0) -> Tensor:
         """The chain form of :meth:`finish`: the step is ``p (1 - lr wd) - lr u`` with this ``u``."""
-        return update * adjusted_lr(1.0, hp["adjust_lr_fn"], self.matrix_shape(shape))
+        layout = splits.parts(shape, hp)
+        if layout is None:
+            return update * adjusted_lr(1.0, hp["adjust_lr_fn"], self.matrix_shape(shape))
+        out = torch.empty_like(update)
+        for rows, factor in splits.row_scales(layout, shape, row_offset, update.shape[0],
+                                              lambda s: adjusted_lr(1.0, hp["adjust_lr_fn"], s)):
+            out[rows] = update[rows] * factor
+        return out
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
-               shape: tuple[int, ...]) -> None:
+               shape: tuple[int, ...], row_offset: int = 0) -> None:
+        """``row_offset``: where this rank's rows start in the whole weight (each part's own step size applies to
+        its rows, as torch.optim.Muon would give each part were it its own parameter)."""
         lr = hp["lr"]
         param.mul_(1 - lr * hp["weight_decay"])
-        param.add_(update, alpha=-adjusted_lr(lr, hp["adjust_lr_fn"], self.matrix_shape(shape)))
+        layout = splits.parts(shape, hp)
+        if layout is None:
+            param.add_(update, alpha=-adjusted_lr(lr, hp["adjust_lr_fn"], self.matrix_shape(shape)))
+            return
+        for rows, step in splits.row_scales(layout, shape, row_offset, param.shape[0],
+                                            lambda s: adjusted_lr(lr, hp["adjust_lr_fn"], s)):
+            param[rows].add_(update[rows], alpha=-step)

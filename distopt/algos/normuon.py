@@ -25,6 +25,7 @@ from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
 from ..compile import kernel
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter,
                    zeros_like)
+from . import splits
 from .muon import Muon
 
 VARIANCE = f"{OWNER_PREFIX}variance_neuron"
@@ -60,7 +61,8 @@ class NorMuon(MatrixAlgorithm):
     name = "normuon"
     hyperparameters = {"lr": 0.01, "mu": 0.95, "muon_beta2": 0.95, "weight_decay": 0.01, "epsilon": 1e-8,
                        "nesterov": False, "adjust_lr": "spectral_norm", "flatten": False,
-                       "orthogonalization": "polar_express", "owner_dtype": "bfloat16"}
+                       "orthogonalization": "polar_express", "owner_dtype": "bfloat16",
+                       **splits.SPLIT_HYPERPARAMETERS}
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -72,10 +74,18 @@ class NorMuon(MatrixAlgorithm):
                              "'rms_norm' or None)")
         Muon().check({**Muon.hyperparameters, "orthogonalization": hp["orthogonalization"],
                       "owner_dtype": hp["owner_dtype"]})
+        splits.check(self.name, hp)
 
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
         if len(shape) < 2:
             raise ValueError(f"normuon needs parameters with at least 2 dimensions, but {name} has {len(shape)}")
+
+    def check_param_in_group(self, shape: tuple[int, ...], name: str, hp: Mapping[str, Any]) -> None:
+        # At construction, on every rank: found on the owner at step time, it would fail one rank of a collective.
+        if len(shape) > 2 and not hp["flatten"]:
+            raise ValueError(f"normuon: {name} has shape {shape}; a weight of more than 2 dimensions needs "
+                             "flatten=True (viewed as (out, rest))")
+        splits.check_shape(self.name, shape, name, hp)
 
     def _matrix(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[int, int]:
         if len(shape) > 2 and not hp["flatten"]:
@@ -89,7 +99,8 @@ class NorMuon(MatrixAlgorithm):
         return torch.promote_types(param_dtype, torch.float32)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
-        return Muon().cost(shape, {**Muon.hyperparameters, "orthogonalization": hp["orthogonalization"]})
+        return Muon().cost(shape, {**Muon.hyperparameters, "orthogonalization": hp["orthogonalization"],
+                                   "split_sizes": hp["split_sizes"], "num_heads": hp["num_heads"]})
 
     def owner_state(self, shape: tuple[int, ...], hp: Mapping[str, Any],
                     param_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -110,7 +121,7 @@ class NorMuon(MatrixAlgorithm):
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         matrix = self._matrix(shape, hp)
         muon_hp = {**Muon.hyperparameters, "orthogonalization": hp["orthogonalization"], "eps": hp["epsilon"],
-                   "owner_dtype": hp["owner_dtype"]}
+                   "owner_dtype": hp["owner_dtype"], "split_sizes": hp["split_sizes"], "num_heads": hp["num_heads"]}
         orthogonal = Muon().owner_update([w.reshape(matrix) for w in wholes], states, muon_hp, matrix, fqns)
         variances = [state[VARIANCE].view(matrix[0], 1) for state in states]
         out, new_variances = normalize_stack(torch.stack(orthogonal), torch.stack(variances), hp["muon_beta2"])

@@ -168,10 +168,11 @@ def finish(algorithm: Any, steps: list[TensorStep], after: Sequence[Transform], 
 
 def prepare_matrices(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
                      states: Sequence[dict[str, Tensor]], hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
-                     reducer: Reducer) -> tuple[list[Tensor], list[TensorStep]]:
+                     reducer: Reducer, offsets: Sequence[tuple[int, ...]] | None = None
+                     ) -> tuple[list[Tensor], list[TensorStep]]:
     """The shard section before the owners: the flags before the core, then the algorithm's ``prepare``."""
     before, _ = parts(algorithm, hp)
-    steps = begin(params, grads, states, hp, shapes)
+    steps = begin(params, grads, states, hp, shapes, offsets)
     run(before, steps, reducer)
     pieces = [algorithm.prepare(t.param, t.u, t.state, hp) for t in steps]
     return pieces, steps
@@ -186,7 +187,10 @@ def finish_matrices(algorithm: Any, steps: list[TensorStep], updates: Sequence[T
         # The owners' result travels in the wire dtype (bfloat16 for Muon); the shard arithmetic after it runs in
         # the parameter's dtype (or float32 under promote), as torch.optim.Muon adds it to the parameter.
         dtype = torch.promote_types(update.dtype, t.grad.dtype if t.grad.is_floating_point() else t.param.dtype)
-        u = algorithm.finish_direction(update.to(torch.promote_types(dtype, t.param.dtype)), t.state, hp, t.shape)
+        offset = ({"row_offset": t.extra.get("offset", (0,))[0]} if getattr(algorithm, "takes_row_offset", False)
+                  else {})
+        u = algorithm.finish_direction(update.to(torch.promote_types(dtype, t.param.dtype)), t.state, hp, t.shape,
+                                       **offset)
         if u is None:  # a step that makes no update (SOAP's first)
             t.skip = True
         else:

@@ -68,3 +68,8 @@ def test_bad_hyperparameters_are_named(bad, match):
 def test_vectors_are_refused_by_name():
     with pytest.raises(ValueError, match="bias"):
         distopt.NorMuon([("bias", torch.nn.Parameter(torch.zeros(4)))])
+
+
+def test_a_3d_weight_without_flatten_is_refused_at_construction():
+    with pytest.raises(ValueError, match="'conv.weight' has shape .* needs flatten=True"):
+        distopt.NorMuon([("conv.weight", torch.nn.Parameter(torch.zeros(4, 3, 2)))])
