@@ -7,6 +7,7 @@ from .constructors import (ADOPT, SGD, AdamC, HyperBallAdamW, Scion, SUDSAdamW, 
                            UnscaledAdamW)
 from .catalogue import AdaMuon, Adan, NorMuon, Prodigy, Ranger, SFAdamW, SignSGD, Simplified_AdEMAMix, SinkSGD, StableAdamW
 from .optimizer import DistributedOptimizer
+from .qk_clip import QKClip
 from .saved_state import StateDictMismatch
 from .transforms.custom import Chain
 
@@ -17,4 +18,4 @@ __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
            "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
            "Simplified_AdEMAMix", "SFAdamW", "AdamC", "HyperBallAdamW",
-           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon"]
+           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip"]

@@ -7,6 +7,7 @@
   back. Split sizes and buffer offsets are precomputed Python ints: no metadata traffic, no host-device sync.
 * Flags that need a number of a whole tensor: :func:`sum_over_ranks`, one ``all_reduce`` of a small vector per
   param group and chain point (never per tensor).
+* QK-clip: :func:`max_over_ranks`, one ``all_reduce(MAX)`` per step of every attention layer's per-head maxima.
 
 The collectives are kept out of ``torch.compile`` regions.
 """
@@ -133,6 +134,15 @@ def sum_over_ranks(partials: Tensor, group=None) -> Tensor:
     chain point needs for every tensor of a param group, in one collective). In place, and returned."""
     dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
     return partials
+
+
+@torch.compiler.disable
+def max_over_ranks(values: Tensor, group=None) -> Tensor:
+    """The elementwise maximum over the process group of a small tensor (in place, and returned); a no-op in one
+    process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    return values
 
 
 @torch.compiler.disable
