@@ -19,7 +19,7 @@ from . import algos, param_groups, replaced_params
 from .algos import compiled as compiled_pass
 from .algos import MATRIX, Algorithm
 from .compile import default_enabled
-from .owner import DEFAULT_BUCKET_BYTES, MatrixEntry, OwnerRoute, group_layout
+from .owner import DEFAULT_BUCKET_BYTES, DEFAULT_OWNER_BATCH_BYTES, MatrixEntry, OwnerRoute, group_layout
 from .saved_state import SavedState
 from .sharding import layout
 from .sharding import exchange
@@ -42,6 +42,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         process_group: the ranks that share the matrix algorithms' work (default: the whole job). Plain tensors in
             a multi-rank job are taken to be replicated over it (DDP-style).
         bucket_bytes: payload bound of one bucket of the owner exchange (whole matrices in the wire dtype).
+        owner_batch_bytes: input bound of one batched owner call (same-shape matrices stacked, in the wire dtype;
+            a larger matrix goes alone). It caps the owners' workspace, and so the step's peak memory; larger
+            batches make fewer, bigger calls (the gain is on GPUs, for small matrices).
         compile: run the owners' maths, and each elementwise group's step (one fused pass over its local tensors,
             :mod:`distopt.algos.compiled`), under ``torch.compile``; None (default) reads the environment variable
             ``DISTOPT_COMPILE`` (on unless it is ``0``). Off, the elementwise steps are torch.optim's arithmetic to
@@ -59,14 +62,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm = "adamw", *, process_group=None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool | None = None,
-                 max_grad_norm: float | None = None, **hyperparameters: Any):
+                 max_grad_norm: float | None = None, owner_batch_bytes: int = DEFAULT_OWNER_BATCH_BYTES,
+                 **hyperparameters: Any):
         if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
                                           or not max_grad_norm > 0):
             raise ValueError(f"invalid max_grad_norm={max_grad_norm!r} (must be None or a number > 0)")
         self.max_grad_norm = max_grad_norm
         #: The norm of all gradients before the clip, at the last step (``max_grad_norm`` only; a 0-d tensor).
         self.last_grad_norm: Tensor | None = None
+        for key, value in (("bucket_bytes", bucket_bytes), ("owner_batch_bytes", owner_batch_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"invalid {key}={value!r} (must be a positive int)")
         self._process_group, self._bucket_bytes = process_group, bucket_bytes
+        self._owner_batch_bytes = owner_batch_bytes
         self._compile = default_enabled() if compile is None else bool(compile)
         self._owner: OwnerRoute | None = None
         self._saved = SavedState(self)
@@ -140,7 +148,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 index += 1
             has_matrix_group |= algorithm.kind == MATRIX
         self._owner = (OwnerRoute(entries, self.param_groups, self._process_group, self._bucket_bytes,
-                                  self._compile) if has_matrix_group else None)
+                                  self._compile, self._owner_batch_bytes) if has_matrix_group else None)
 
     # ------------------------------------------------------------------------------------------------------------
     # Param groups

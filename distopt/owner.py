@@ -8,6 +8,7 @@ and the per-rank routes are computed once; the steady state sends payload only.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ from .transforms.chain import finish_matrices, prepare_matrices
 
 #: Default payload bound of one bucket (whole matrices, in the wire dtype).
 DEFAULT_BUCKET_BYTES = 64 * 2**20
+#: Default bound of one batched owner call (its stacked input, in the wire dtype): same-shape matrices are batched
+#: up to this many bytes, and a matrix larger than it goes alone. The call's workspace (the orthogonalization's
+#: iterates and Gram matrices) scales with it, so it caps the step's peak memory: at 512 KiB the bench model's Muon
+#: step peaks at torch.optim.Muon's own peak in one process (measured; 1 MiB: 1.7x, the whole bucket: 9x), and its
+#: batches still hold four 256 x 256 matrices.
+DEFAULT_OWNER_BATCH_BYTES = 2**19
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +62,9 @@ class OwnerRoute:
     """Plan, exchange and per-step orchestration of every matrix parameter of one optimizer."""
 
     def __init__(self, entries: list[MatrixEntry], groups: list[dict[str, Any]], process_group=None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool = False):
-        self.entries, self.compile = entries, compile
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool = False,
+                 owner_batch_bytes: int = DEFAULT_OWNER_BATCH_BYTES):
+        self.entries, self.compile, self.owner_batch_bytes = entries, compile, owner_batch_bytes
         self.group, ranks, self.rank = group_layout(process_group)
         shared: dict = {}
         metas = [layout.describe(e.param, e.fqn, ranks, self.rank, shared) for e in entries]
@@ -81,15 +89,17 @@ class OwnerRoute:
         active = frozenset(i for i, e in enumerate(self.entries) if e.param.grad is not None)
         pieces, states, chains = self._prepare_flagged(active, groups, state_of, reducer_for)
         updates: dict[int, Tensor] = {}
+        if self.plan.world_size == 1:
+            # Every owner is here and nothing travels: prepare, orthogonalize and finish one owner batch at a time,
+            # so the step holds one batch's pieces and workspace (the matrices' own bytes, not the bucket's).
+            for route in self.exchange.routes(active):
+                for members in self._batches(route.owned):
+                    self._stream(members, groups, state_of, pieces, states, chains, updates)
+            self._finish_chains(chains, updates)
+            return
         for route in self.exchange.routes(active):
             for m in route.matrices:
-                if m in pieces:
-                    continue
-                entry = self.entries[m]
-                states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
-                grad = layout.local_grad(entry.param, entry.param.grad)
-                pieces[m] = entry.algorithm.prepare(layout.local(entry.param), grad, states[m],
-                                                    groups[entry.group_index])
+                self._prepare(m, groups, state_of, pieces, states)
             spec = self.plan.matrices[route.matrices[0]]
             device = pieces[route.matrices[0]].device
             wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device,
@@ -102,14 +112,45 @@ class OwnerRoute:
             for m in route.matrices:
                 pieces.pop(m, None)
             for m, update in mine.items():
-                entry = self.entries[m]
-                if entry.group_index in chains:
-                    updates[m] = update
-                    continue
-                offset = ({"row_offset": layout.global_offset(entry.param)[0]}
-                          if entry.algorithm.takes_row_offset else {})
-                entry.algorithm.finish(layout.local(entry.param), update, states[m], groups[entry.group_index],
-                                       self.plan.matrices[m].meta.shape, **offset)
+                self._finish(m, update, groups, states, chains, updates)
+        self._finish_chains(chains, updates)
+
+    def _prepare(self, m: int, groups, state_of, pieces: dict[int, Tensor], states: dict[int, dict[str, Tensor]]
+                 ) -> None:
+        if m in pieces:  # a flagged group's matrices are prepared together, before the owners
+            return
+        entry = self.entries[m]
+        states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
+        grad = layout.local_grad(entry.param, entry.param.grad)
+        pieces[m] = entry.algorithm.prepare(layout.local(entry.param), grad, states[m], groups[entry.group_index])
+
+    def _finish(self, m: int, update: Tensor, groups, states, chains, updates: dict[int, Tensor]) -> None:
+        entry = self.entries[m]
+        if entry.group_index in chains:
+            updates[m] = update
+            return
+        offset = {"row_offset": layout.global_offset(entry.param)[0]} if entry.algorithm.takes_row_offset else {}
+        entry.algorithm.finish(layout.local(entry.param), update, states.pop(m), groups[entry.group_index],
+                               self.plan.matrices[m].meta.shape, **offset)
+
+    def _stream(self, members: list[int], groups, state_of, pieces, states, chains, updates) -> None:
+        """One owner batch in one process: prepare, the owner maths, finish."""
+        for m in members:
+            self._prepare(m, groups, state_of, pieces, states)
+        spec = self.plan.matrices[members[0]]
+        route = _Local(tuple(members))
+        wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, pieces[members[0]].device,
+                                         lambda m: not self.entries[m].algorithm.owner_mutates_input)
+        for m in members:
+            pieces.pop(m)
+        with compiling(self.compile):
+            results = self._owner_compute(route.owned, wholes, groups,
+                                          {m: state_of(self.entries[m]) for m in members})
+        del wholes
+        for m in members:
+            self._finish(m, results.pop(m), groups, states, chains, updates)
+
+    def _finish_chains(self, chains, updates: dict[int, Tensor]) -> None:
         for group_index, (members, steps, reducer) in chains.items():
             algorithm = self.entries[members[0]].algorithm
             # A rank whose shard of a matrix is empty receives nothing back: its update is empty too.
@@ -145,13 +186,31 @@ class OwnerRoute:
     def _owner_compute(self, owned: tuple[int, ...], wholes: dict[int, Tensor], groups: list[dict[str, Any]],
                        states: dict[int, dict[str, Tensor]]) -> dict[int, Tensor]:
         """Run each owned matrix's owner maths, batched over same-shape matrices of the same group."""
-        batches: dict[tuple, list[int]] = defaultdict(list)
-        for m in owned:
-            batches[(self.entries[m].group_index, self.plan.matrices[m].meta.shape)].append(m)
         results = {}
-        for (group_index, shape), members in batches.items():
+        for members in self._batches(owned):
+            group_index, shape = self.entries[members[0]].group_index, self.plan.matrices[members[0]].meta.shape
             algorithm = self.entries[members[0]].algorithm
             out = algorithm.owner_update([wholes[m] for m in members], [states[m] for m in members],
                                          groups[group_index], shape, [self.entries[m].fqn for m in members])
             results.update(zip(members, out))
         return results
+
+    def _batches(self, owned: tuple[int, ...]) -> list[list[int]]:
+        """The owner calls: same group and shape, at most ``owner_batch_bytes`` of input each (one matrix at least)."""
+        by_kind: dict[tuple, list[int]] = defaultdict(list)
+        for m in owned:
+            by_kind[(self.entries[m].group_index, self.plan.matrices[m].meta.shape)].append(m)
+        out = []
+        for members in by_kind.values():
+            spec = self.plan.matrices[members[0]]
+            size = spec.channels_out * math.prod(spec.meta.shape) * spec.wire_dtype.itemsize
+            per_call = max(1, self.owner_batch_bytes // max(size, 1))
+            out.extend(members[i:i + per_call] for i in range(0, len(members), per_call))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Local:
+    """The part of a route that one process needs: every matrix is owned here."""
+
+    owned: tuple[int, ...]

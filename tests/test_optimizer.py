@@ -99,7 +99,7 @@ def test_algorithm_names_are_lowercase_class_names():
                                        "signsgd", "sinksgd", "simplified_ademamix", "sfadamw", "hyperballadamw",
                                        "sudsadamw", "scion",
                                        "muon",
-                                       "normuon", "soap", "psgdkron"}
+                                       "normuon", "adamuon", "soap", "psgdkron"}
     for name, cls in distopt.ALGORITHMS.items():
         assert cls.__name__.lower() == name
 
