@@ -194,3 +194,16 @@ def test_state_dict_round_trip_and_scheduler_after_load():
     run(ref, theirs, 3, 1)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+
+
+def test_owner_batches_respect_the_cap():
+    """Same-shape matrices are batched up to owner_batch_bytes of input (bfloat16 here), a larger one alone."""
+    import distopt
+
+    params = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(5)] + [torch.nn.Parameter(torch.randn(32, 16))]
+    for cap, sizes in ((1, [1] * 6), (2 * 16 * 16 * 2, [2, 2, 1, 1]), (2**20, [5, 1])):
+        opt = distopt.DistributedOptimizer(params, "muon", owner_batch_bytes=cap)
+        batches = opt._owner._batches(tuple(range(6)))
+        assert sorted(len(b) for b in batches) == sorted(sizes), (cap, batches)
+    with pytest.raises(ValueError, match="owner_batch_bytes"):
+        distopt.DistributedOptimizer(params, "muon", owner_batch_bytes=0)

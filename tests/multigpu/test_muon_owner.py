@@ -132,9 +132,11 @@ def _check(results, world_size):
         assert sum(1 for r in results if r["owned"]) > 1, "the work was not split"
 
 
-def _fsdp(mesh_kind, bucket_bytes=None):
+def _fsdp(mesh_kind, bucket_bytes=None, owner_batch_bytes=None):
     model, reference = _sharded(mesh_for(mesh_kind))
     extra = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    if owner_batch_bytes is not None:
+        extra["owner_batch_bytes"] = owner_batch_bytes
     opt = distopt.Muon(model.named_parameters(), **MUON, **ADAMW, **extra)
     return _compare(model, reference, opt)
 
@@ -153,6 +155,13 @@ def test_small_buckets_give_the_same_result(ranks):
     results = ranks(3, _fsdp, "fsdp", 4096)
     _check(results, 3)
     assert results[0]["buckets"] == 3  # 37x113 and 113x37 alone, the four small matrices together
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_one_matrix_per_owner_call_gives_the_same_result(ranks, world_size):
+    """``owner_batch_bytes=1``: every owner call takes one matrix (in one process, each is also prepared and
+    finished before the next one is prepared)."""
+    _check(ranks(world_size, _fsdp, "fsdp", None, 1), world_size)
 
 
 def _replicated_plain_tensors():
