@@ -9,7 +9,7 @@ and the per-rank routes are computed once; the steady state sends payload only.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,7 @@ from torch import Tensor
 from .algos import MatrixAlgorithm
 from .compile import compiling
 from .sharding import exchange, layout
-from .sharding.plan import MatrixSpec, Plan, make_plan
+from .sharding.plan import MatrixSpec, Plan, Route, make_plan
 from .transforms import Reducer
 from .transforms.chain import finish_matrices, prepare_matrices
 
@@ -33,6 +33,8 @@ DEFAULT_BUCKET_BYTES = 64 * 2**20
 #: step peaks at torch.optim.Muon's own peak in one process (measured; 1 MiB: 1.7x, the whole bucket: 9x), and its
 #: batches still hold four 256 x 256 matrices.
 DEFAULT_OWNER_BATCH_BYTES = 2**19
+#: Buckets whose outbound exchange may be in flight at once (the one being computed and the next).
+IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,22 +99,49 @@ class OwnerRoute:
                     self._stream(members, groups, state_of, pieces, states, chains, updates)
             self._finish_chains(chains, updates)
             return
-        for route in self.exchange.routes(active):
+        # Several processes: bucket k+1's pieces go out while the owners compute bucket k, and bucket k's results
+        # come back while bucket k+1 is computed. At most IN_FLIGHT buckets are out at once, so memory stays
+        # bounded; the schedule depends only on the number of routes, so every rank issues the same collectives in
+        # the same order.
+        routes = self.exchange.routes(active)
+        outbound: deque = deque()
+        back = None
+
+        def launch(route: Route):
             for m in route.matrices:
                 self._prepare(m, groups, state_of, pieces, states)
             spec = self.plan.matrices[route.matrices[0]]
-            device = pieces[route.matrices[0]].device
-            wholes = self.exchange.to_owners(route, pieces, spec.wire_dtype, device,
-                                             lambda m: not self.entries[m].algorithm.owner_mutates_input)
+            flight = self.exchange.start_to_owners(route, pieces, spec.wire_dtype, pieces[route.matrices[0]].device)
+            for m in route.matrices:
+                pieces.pop(m, None)  # packed into the send buffer
+            return flight
+
+        def land(flight) -> None:
+            for m, update in self.exchange.finish_to_holders(flight).items():
+                self._finish(m, update, groups, states, chains, updates)
+
+        for route in routes[:IN_FLIGHT]:
+            outbound.append(launch(route))
+        upcoming = IN_FLIGHT
+        while outbound:
+            flight = outbound.popleft()
+            wholes = self.exchange.finish_to_owners(flight)
+            route, spec = flight.route, self.plan.matrices[flight.route.matrices[0]]
             # Owner state is plain (never a DTensor): the owner's maths reads and writes the real state dicts.
             with compiling(self.compile):  # the owner maths only: the exchanges around it stay eager
                 results = self._owner_compute(route.owned, wholes, groups,
                                               {m: state_of(self.entries[m]) for m in route.owned})
-            mine = self.exchange.to_holders(route, results, spec.wire_dtype, device)
-            for m in route.matrices:
-                pieces.pop(m, None)
-            for m, update in mine.items():
-                self._finish(m, update, groups, states, chains, updates)
+            del wholes
+            returning = self.exchange.start_to_holders(route, results, spec.wire_dtype, flight.received.device)
+            del results
+            if back is not None:
+                land(back)
+            back = returning
+            if upcoming < len(routes):
+                outbound.append(launch(routes[upcoming]))
+                upcoming += 1
+        if back is not None:
+            land(back)
         self._finish_chains(chains, updates)
 
     def _prepare(self, m: int, groups, state_of, pieces: dict[int, Tensor], states: dict[int, dict[str, Tensor]]

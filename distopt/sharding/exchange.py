@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import hashlib
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,8 +76,23 @@ def _slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(*box))
 
 
+@dataclass
+class InFlight:
+    """One bucket's exchange, started and not yet waited on: what the receiving side needs to unpack it."""
+
+    route: Route
+    dtype: torch.dtype
+    work: Any
+    received: Tensor
+    payload: Tensor  # kept alive until the collective has read it
+
+
 class Exchange:
-    """Moves boxes to owners and results back, one bucket at a time, with precomputed splits."""
+    """Moves boxes to owners and results back, one bucket at a time, with precomputed splits.
+
+    Each direction is a pair: ``start_*`` packs this rank's pieces and issues the ``all_to_all_single`` without
+    waiting, ``finish_*`` waits and unpacks; so that a caller may compute while a bucket is on the wire. Every rank
+    issues the same collectives in the same order (the caller's schedule is a function of the plan alone)."""
 
     def __init__(self, plan: Plan, rank: int, group=None):
         self.plan, self.rank, self.group = plan, rank, group
@@ -83,13 +100,18 @@ class Exchange:
         self.routes = lru_cache(maxsize=8)(lambda active: plan.routes(rank, active))
 
     @torch.compiler.disable
-    def _all_to_all(self, send: list[Tensor], send_splits, recv_splits, dtype, device) -> Tensor:
+    def _start(self, route: Route, send: list[Tensor], send_splits, recv_splits, dtype, device) -> InFlight:
         payload = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
-        if self.plan.world_size == 1:
-            return payload
         received = torch.empty(sum(recv_splits), dtype=dtype, device=device)
-        dist.all_to_all_single(received, payload, list(recv_splits), list(send_splits), group=self.group)
-        return received
+        work = dist.all_to_all_single(received, payload, list(recv_splits), list(send_splits), group=self.group,
+                                      async_op=True)
+        return InFlight(route, dtype, work, received, payload)
+
+    @torch.compiler.disable
+    def _wait(self, flight: InFlight) -> Tensor:
+        flight.work.wait()
+        flight.payload = flight.received  # the send buffer may go
+        return flight.received
 
     def to_owners(self, route: Route, pieces: dict[int, Tensor], dtype: torch.dtype,
                   device: torch.device, keeps: Callable[[int], bool] = lambda m: False) -> dict[int, Tensor]:
@@ -100,12 +122,20 @@ class Exchange:
             # the owner may work in place on what it receives (the piece may be the algorithm's own state).
             return {m: pieces[m].reshape(self.plan.matrices[m].channels_out, *self.plan.matrices[m].meta.shape)
                     .to(dtype=dtype, copy=not keeps(m)) for m in route.owned}
-        received = self._all_to_all([pieces[t.matrix].reshape(-1) for t in route.send], route.send_splits,
-                                    route.recv_splits, dtype, device)
+        return self.finish_to_owners(self.start_to_owners(route, pieces, dtype, device))
+
+    def start_to_owners(self, route: Route, pieces: dict[int, Tensor], dtype: torch.dtype,
+                        device: torch.device) -> InFlight:
+        """Pack and send this rank's pieces of ``route`` (several processes only); :meth:`finish_to_owners` waits."""
+        return self._start(route, [pieces[t.matrix].reshape(-1).to(dtype) for t in route.send], route.send_splits,
+                           route.recv_splits, dtype, device)
+
+    def finish_to_owners(self, flight: InFlight) -> dict[int, Tensor]:
+        received, route, dtype = self._wait(flight), flight.route, flight.dtype
         whole = {}
         for m in route.owned:
             spec = self.plan.matrices[m]
-            whole[m] = torch.empty((spec.channels_out, *spec.meta.shape), dtype=dtype, device=device)
+            whole[m] = torch.empty((spec.channels_out, *spec.meta.shape), dtype=dtype, device=received.device)
         offset = 0
         for t in route.recv:
             channels = self.plan.matrices[t.matrix].channels_out
@@ -119,10 +149,17 @@ class Exchange:
         """Send the owners' whole results back; return this rank's boxes of them, by matrix."""
         if self.plan.world_size == 1:
             return {m: results[m] for m in route.owned}
-        received = self._all_to_all([results[t.matrix][_slices(t.box)].reshape(-1) for t in route.back_send],
-                                    route.back_send_splits, route.back_recv_splits, dtype, device)
+        return self.finish_to_holders(self.start_to_holders(route, results, dtype, device))
+
+    def start_to_holders(self, route: Route, results: dict[int, Tensor], dtype: torch.dtype,
+                         device: torch.device) -> InFlight:
+        return self._start(route, [results[t.matrix][_slices(t.box)].reshape(-1).to(dtype) for t in route.back_send],
+                           route.back_send_splits, route.back_recv_splits, dtype, device)
+
+    def finish_to_holders(self, flight: InFlight) -> dict[int, Tensor]:
+        received = self._wait(flight)
         mine, offset = {}, 0
-        for t in route.back_recv:
+        for t in flight.route.back_recv:
             mine[t.matrix] = received[offset:offset + t.numel].view(t.box[1])
             offset += t.numel
         return mine
