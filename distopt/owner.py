@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .algos import MatrixAlgorithm
+from .algos import MatrixAlgorithm, splits
 from .compile import compiling
 from .sharding import exchange, layout
 from .sharding.plan import MatrixSpec, Plan, Route, make_plan
@@ -43,6 +43,26 @@ class MatrixEntry:
     fqn: str
     group_index: int  # by index: load_state_dict replaces the group dicts, schedulers edit the new ones
     algorithm: MatrixAlgorithm
+    part: splits.Part | None = None  # a row block of ``param`` planned as a matrix of its own
+
+
+def _spread(entries: list[MatrixEntry], metas: list[layout.ParamMeta], groups: list[dict[str, Any]]
+            ) -> tuple[list[MatrixEntry], list[layout.ParamMeta]]:
+    """Each weight split into parts (``split_sizes``) by an algorithm that can spread them becomes one entry per
+    part, so that the planner may give the parts of one fused weight to different owners."""
+    out_entries, out_metas, cache = [], [], {}
+    for entry, meta in zip(entries, metas):
+        hp = groups[entry.group_index]
+        layout_of_parts = splits.parts(meta.shape, hp) if entry.algorithm.spreads_parts else None
+        if layout_of_parts is None or len(layout_of_parts) < 2 or entry.algorithm.chained(hp):
+            out_entries.append(entry)
+            out_metas.append(meta)
+            continue
+        for part in layout_of_parts:
+            out_metas.append(layout.row_block(meta, part.start, part.stop, cache))
+            out_entries.append(MatrixEntry(entry.param, out_metas[-1].fqn, entry.group_index, entry.algorithm,
+                                           part))
+    return out_entries, out_metas
 
 
 def group_layout(process_group) -> tuple[Any, tuple[int, ...], int]:
@@ -66,16 +86,33 @@ class OwnerRoute:
     def __init__(self, entries: list[MatrixEntry], groups: list[dict[str, Any]], process_group=None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, compile: bool = False,
                  owner_batch_bytes: int = DEFAULT_OWNER_BATCH_BYTES):
-        self.entries, self.compile, self.owner_batch_bytes = entries, compile, owner_batch_bytes
+        self.compile, self.owner_batch_bytes = compile, owner_batch_bytes
         self.group, ranks, self.rank = group_layout(process_group)
         shared: dict = {}
         metas = [layout.describe(e.param, e.fqn, ranks, self.rank, shared) for e in entries]
         if len(ranks) > 1:
             exchange.agree_on_metadata(metas, self.group)
-        specs = [matrix_spec(meta, e.algorithm, groups[e.group_index], e.param.dtype) for meta, e in zip(metas, entries)]
+            entries, metas = _spread(entries, metas, groups)  # in one process every owner is here anyway
+        self.entries = entries
+        specs = [matrix_spec(meta, e.algorithm, self._part_hp(e, groups), e.param.dtype)
+                 for meta, e in zip(metas, entries)]
         self.plan: Plan = make_plan(specs, len(ranks), bucket_bytes)
         self.exchange = exchange.Exchange(self.plan, self.rank, self.group)
-        self.index = {e.param: m for m, e in enumerate(entries)}
+        self.index: dict[Tensor, int] = {}
+        for m, e in enumerate(entries):
+            self.index.setdefault(e.param, m)
+        self.parts_of: dict[Tensor, list[int]] = defaultdict(list)
+        for m, e in enumerate(entries):
+            if e.part is not None:
+                self.parts_of[e.param].append(m)
+
+    @staticmethod
+    def _part_hp(entry: MatrixEntry, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """A part's hyperparameters: its own heads, and no further split."""
+        hp = groups[entry.group_index]
+        if entry.part is None:
+            return hp
+        return {**hp, "split_sizes": None, "num_heads": entry.part.heads if entry.part.heads > 1 else None}
 
     def owns(self, param: Tensor) -> bool:
         """Whether this rank holds ``param``'s owner state."""
@@ -116,9 +153,14 @@ class OwnerRoute:
                 pieces.pop(m, None)  # packed into the send buffer
             return flight
 
+        pending: dict[Tensor, Tensor] = {}
+
         def land(flight) -> None:
             for m, update in self.exchange.finish_to_holders(flight).items():
-                self._finish(m, update, groups, states, chains, updates)
+                if self.entries[m].part is not None:
+                    self._land_part(m, update, pending)
+                else:
+                    self._finish(m, update, groups, states, chains, updates)
 
         for route in routes[:IN_FLIGHT]:
             outbound.append(launch(route))
@@ -142,6 +184,7 @@ class OwnerRoute:
                 upcoming += 1
         if back is not None:
             land(back)
+        self._finish_parts(pending, groups, states)
         self._finish_chains(chains, updates)
 
     def _prepare(self, m: int, groups, state_of, pieces: dict[int, Tensor], states: dict[int, dict[str, Tensor]]
@@ -149,9 +192,47 @@ class OwnerRoute:
         if m in pieces:  # a flagged group's matrices are prepared together, before the owners
             return
         entry = self.entries[m]
+        if entry.part is not None:
+            self._prepare_parts(entry.param, groups, state_of, pieces, states)
+            return
         states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
         grad = layout.local_grad(entry.param, entry.param.grad)
         pieces[m] = entry.algorithm.prepare(layout.local(entry.param), grad, states[m], groups[entry.group_index])
+
+    def _prepare_parts(self, param: Tensor, groups, state_of, pieces, states) -> None:
+        """``prepare`` once for the whole local shard, and each part's piece as a view of its rows."""
+        members = self.parts_of[param]
+        entry = self.entries[members[0]]
+        state = {k: layout.local(v) for k, v in state_of(entry).items()}
+        local = layout.local(param)
+        whole = entry.algorithm.prepare(local, layout.local_grad(param, param.grad), state, groups[entry.group_index])
+        first_row = layout.global_offset(param)[0]
+        for m in members:
+            part = self.entries[m].part
+            lo = min(max(part.start - first_row, 0), local.shape[0])
+            hi = max(min(part.stop - first_row, local.shape[0]), lo)
+            pieces[m], states[m] = whole[lo:hi], state
+
+    def _land_part(self, m: int, update: Tensor, pending: dict[Tensor, Tensor]) -> None:
+        """Put a part's returned rows into its weight's local update (finished once every part is back)."""
+        entry = self.entries[m]
+        local = layout.local(entry.param)
+        if entry.param not in pending:
+            pending[entry.param] = local.new_empty(local.shape, dtype=update.dtype)
+        first_row = layout.global_offset(entry.param)[0]
+        lo = max(entry.part.start - first_row, 0)
+        pending[entry.param][lo:lo + update.shape[0]] = update
+
+    def _finish_parts(self, pending: dict[Tensor, Tensor], groups, states) -> None:
+        for param, update in pending.items():
+            members = self.parts_of[param]
+            entry = self.entries[members[0]]
+            offset = {"row_offset": layout.global_offset(param)[0]} if entry.algorithm.takes_row_offset else {}
+            state = states[members[0]]
+            for m in members:
+                states.pop(m, None)
+            entry.algorithm.finish(layout.local(param), update, state, groups[entry.group_index],
+                                   tuple(param.shape), **offset)
 
     def _finish(self, m: int, update: Tensor, groups, states, chains, updates: dict[int, Tensor]) -> None:
         entry = self.entries[m]
@@ -217,10 +298,10 @@ class OwnerRoute:
         """Run each owned matrix's owner maths, batched over same-shape matrices of the same group."""
         results = {}
         for members in self._batches(owned):
-            group_index, shape = self.entries[members[0]].group_index, self.plan.matrices[members[0]].meta.shape
-            algorithm = self.entries[members[0]].algorithm
-            out = algorithm.owner_update([wholes[m] for m in members], [states[m] for m in members],
-                                         groups[group_index], shape, [self.entries[m].fqn for m in members])
+            entry, shape = self.entries[members[0]], self.plan.matrices[members[0]].meta.shape
+            out = entry.algorithm.owner_update([wholes[m] for m in members], [states[m] for m in members],
+                                               self._part_hp(entry, groups), shape,
+                                               [self.entries[m].fqn for m in members])
             results.update(zip(members, out))
         return results
 
@@ -228,7 +309,9 @@ class OwnerRoute:
         """The owner calls: same group and shape, at most ``owner_batch_bytes`` of input each (one matrix at least)."""
         by_kind: dict[tuple, list[int]] = defaultdict(list)
         for m in owned:
-            by_kind[(self.entries[m].group_index, self.plan.matrices[m].meta.shape)].append(m)
+            part = self.entries[m].part
+            by_kind[(self.entries[m].group_index, self.plan.matrices[m].meta.shape,
+                     part.heads if part is not None else None)].append(m)
         out = []
         for members in by_kind.values():
             spec = self.plan.matrices[members[0]]

@@ -286,6 +286,10 @@ class MatrixAlgorithm(Algorithm):
     #: whole weight (for maths that differs by row block, such as per-part step sizes).
     takes_row_offset: ClassVar[bool] = False
 
+    #: Whether the planner may give the parts of a split weight (``split_sizes``) to different owners: the maths
+    #: must treat each part alone, shard sections included, with no owner state (which would then be split too).
+    spreads_parts: ClassVar[bool] = False
+
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
 

@@ -108,6 +108,7 @@ class Muon(MatrixAlgorithm):
                        "owner_dtype": "bfloat16", "orthogonalization": "newton_schulz",
                        **splits.SPLIT_HYPERPARAMETERS}
     takes_row_offset = True
+    spreads_parts = True
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)

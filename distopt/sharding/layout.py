@@ -179,3 +179,22 @@ def _boxes(shape, ranks: tuple[int, ...], mesh_shape: tuple[int, ...], placement
             coordinate.append(c)
         boxes[group_rank] = box_at(shape, mesh_shape, placements, tuple(reversed(coordinate)))
     return tuple(boxes)
+
+
+def row_block(meta: ParamMeta, start: int, stop: int, cache: dict) -> ParamMeta:
+    """The metadata of rows ``[start, stop)`` of a parameter as a matrix of its own: every rank's box cut to those
+    rows and counted from ``start`` (an empty box where the rank holds none of them). Row blocks of parameters laid
+    out alike share their box tuples through ``cache``, as :func:`describe`'s do."""
+    key = (id(meta.boxes), start, stop)
+    if key not in cache:
+        boxes = []
+        for offsets, sizes in meta.boxes:
+            lo, hi = max(offsets[0], start), min(offsets[0] + sizes[0], stop) if sizes else start
+            if sizes and lo < hi:
+                boxes.append(((lo - start, *offsets[1:]), (hi - lo, *sizes[1:])))
+            else:
+                boxes.append(((0,) * len(meta.shape), (0, *meta.shape[1:])))
+        cache[key] = (tuple(boxes), meta.boxes)  # the parent's tuple is kept alive, so its id stays unique
+    boxes = cache[key][0]
+    return ParamMeta(f"{meta.fqn}[{start}:{stop}]", (stop - start, *meta.shape[1:]), meta.dtype, meta.mesh_ranks,
+                     meta.mesh_shape, meta.placements, boxes)

@@ -52,12 +52,14 @@ def make_optimizer(kind: str, model):
                  "simplified_ademamix": {"lr": 1e-4}, "muonadamw": {"owner_dtype": "float32"}}
         return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2,
                                               **extra.get(name, {})} for i, name in enumerate(names)])
-    if kind == "muon_variants":  # owner state of NorMuon (per row) and AdaMuon (whole, or per row)
+    if kind == "muon_variants":  # owner state of NorMuon (per row) and AdaMuon (whole, or per row); Muon's parts
         by_name = dict(named)
         pick = lambda *names: [(n, by_name[n]) for n in names]  # noqa: E731
         return distopt.DistributedOptimizer([
-            {"params": pick("wide.weight", "small.weight"), "algorithm": "normuon", "lr": 0.02,
-             "nesterov": True, "owner_dtype": "float32"},
+            {"params": pick("small.weight"), "algorithm": "normuon", "lr": 0.02, "nesterov": True,
+             "owner_dtype": "float32"},
+            {"params": pick("wide.weight"), "algorithm": "muon", "lr": 0.02, "split_sizes": (17, 20),
+             "owner_dtype": "float32"},  # parts on different owners whenever W > 1
             {"params": pick("tall.weight", "smaller.weight"), "algorithm": "adamuon", "lr": 0.02,
              "weight_decay": 0.1, "approx_mars": True, "owner_dtype": "float32"},
             {"params": pick("conv.weight", "embed.weight"), "algorithm": "adamuon", "lr": 0.02,

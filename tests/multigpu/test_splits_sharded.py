@@ -106,3 +106,19 @@ def _variants_sharded_equal_one_process():
 def test_variants_by_part_on_shards_equal_one_process(ranks):
     for mismatches in ranks(3, _variants_sharded_equal_one_process):
         assert mismatches == []
+
+
+def _plan_of_a_fused_weight():
+    dev = device()
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    qkv = torch.nn.Parameter(distribute_tensor(torch.zeros(13, 6, device=dev), mesh, [Shard(0)], src_data_rank=None))
+    opt = distopt.DistributedOptimizer([{"params": [("attn.qkv", qkv)], "split_sizes": (5, 4, 4)}], "muon")
+    return [m.meta.fqn for m in opt.plan.matrices], list(opt.plan.owners)
+
+
+def test_the_parts_of_one_fused_weight_go_to_different_owners(ranks):
+    results = ranks(3, _plan_of_a_fused_weight)
+    names, owners = results[0]
+    assert names == ["attn.qkv[0:5]", "attn.qkv[5:9]", "attn.qkv[9:13]"]
+    assert sorted(owners) == [0, 1, 2]
+    assert all(r == results[0] for r in results)
