@@ -30,8 +30,9 @@ DEFAULT_BUCKET_BYTES = 64 * 2**20
 #: Default bound of one batched owner call (its stacked input, in the wire dtype): same-shape matrices are batched
 #: up to this many bytes, and a matrix larger than it goes alone. The call's workspace (the orthogonalization's
 #: iterates and Gram matrices) scales with it, so it caps the step's peak memory: at 512 KiB the bench model's Muon
-#: step peaks at torch.optim.Muon's own peak in one process (measured; 1 MiB: 1.7x, the whole bucket: 9x), and its
-#: batches still hold four 256 x 256 matrices.
+#: step peaks at 1.0x (eager) and 1.1x (compiled) torch.optim.Muon's own peak in one process (1 MiB: 1.2x and 2.1x;
+#: the whole bucket: 9x), its batches still hold four 256 x 256 matrices, and the compiled step is as fast as with
+#: the whole bucket batched (measured interleaved on the 2-core VM: 67.8 against 75.0 ms median).
 DEFAULT_OWNER_BATCH_BYTES = 2**19
 #: Buckets whose outbound exchange may be in flight at once (the one being computed and the next).
 IN_FLIGHT = 2

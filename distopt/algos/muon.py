@@ -44,10 +44,17 @@ def newton_schulz_each(matrices: Tensor, coefficients: tuple[float, float, float
     """The eager path: torch.optim.Muon's own 2-D operations, one matrix at a time. Batched ``baddbmm`` in bfloat16
     does not always round as ``addmm`` does (a 6 x 4 gradient differed by one bfloat16 unit on an AVX-512 CPU), so
     only this path is bitwise torch.optim.Muon's; the compiled path batches."""
+    return torch.stack(newton_schulz_list(matrices.unbind(0), coefficients, steps, eps, dtype))
+
+
+def newton_schulz_list(matrices, coefficients: tuple[float, float, float], steps: int, eps: float,
+                       dtype: torch.dtype = torch.bfloat16) -> list[Tensor]:
+    """:func:`newton_schulz_each` on a sequence of matrices, returning a list: no stacked copy of the inputs or
+    the results (the owners' eager path, whose workspace is then one matrix's). The inputs are not changed."""
     a, b, c = coefficients
     out = []
-    for matrix in matrices.unbind(0):
-        x = matrix.to(dtype)
+    for matrix in matrices:
+        x = matrix.to(dtype, copy=True)
         tall = x.size(0) > x.size(1)
         if tall:
             x = x.T
@@ -57,7 +64,7 @@ def newton_schulz_each(matrices: Tensor, coefficients: tuple[float, float, float
             poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
             x = torch.addmm(x, poly, x, beta=a)
         out.append(x.T if tall else x)
-    return torch.stack(out)
+    return out
 
 
 @kernel
@@ -188,6 +195,11 @@ class Muon(MatrixAlgorithm):
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
+        layout = splits.parts(shape, hp)
+        if hp["orthogonalization"] == "newton_schulz" and layout is None and not compile.enabled():
+            matrices = [w.reshape(self.matrix_shape(shape)) for w in wholes]
+            return [r.reshape(shape) for r in newton_schulz_list(
+                matrices, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))]
         stacked = torch.stack([w.reshape(self.matrix_shape(shape)) for w in wholes])
         if hp["orthogonalization"] != "newton_schulz":
             compiled, eager = OTHER_METHODS[hp["orthogonalization"]]
@@ -200,7 +212,6 @@ class Muon(MatrixAlgorithm):
 
             def orthogonalize(x: Tensor) -> Tensor:
                 return method(x, tuple(hp["ns_coefficients"]), hp["ns_steps"], hp["eps"], owner_dtype(hp))
-        layout = splits.parts(shape, hp)
         result = orthogonalize(stacked) if layout is None else splits.orthogonalize_by_part(stacked, layout,
                                                                                             orthogonalize)
         return [r.reshape(shape) for r in result.unbind(0)]

@@ -86,15 +86,17 @@ def _reference_optimizers(reference):
 def _count_newton_schulz():
     """Patch the owners' Newton-Schulz to count the matrices this rank orthogonalizes."""
     counted = []
-    originals = {name: getattr(muon_module, name) for name in ("newton_schulz", "newton_schulz_each")}
+    originals = {name: getattr(muon_module, name) for name in ("newton_schulz", "newton_schulz_each",
+                                                               "newton_schulz_list")}
 
     def counting(original):
         def count(matrices, *args):
-            counted.append(matrices.shape[0])
+            counted.append(len(matrices))
             return original(matrices, *args)
         return count
 
     for name, original in originals.items():  # compiled (batched) and eager (per matrix) paths
+        # (the eager list path calls no other of these, so nothing is counted twice)
         setattr(muon_module, name, counting(original))
     return counted, lambda: [setattr(muon_module, n, f) for n, f in originals.items()]
 
