@@ -77,8 +77,10 @@ def group_layout(process_group) -> tuple[Any, tuple[int, ...], int]:
 def matrix_spec(meta: layout.ParamMeta, algorithm: MatrixAlgorithm, hp: dict[str, Any],
                 param_dtype: torch.dtype) -> MatrixSpec:
     """What the planner needs of one matrix: its layout, and its algorithm's cost, wire dtype and owner state."""
-    return MatrixSpec(meta, algorithm.cost(meta.shape, hp), algorithm.wire_dtype(hp, param_dtype),
-                      algorithm.owner_state_bytes(meta.shape, hp, param_dtype), algorithm.channels(hp))
+    wire = algorithm.wire_dtype(hp, param_dtype)
+    back = algorithm.return_dtype(hp, param_dtype)
+    return MatrixSpec(meta, algorithm.cost(meta.shape, hp), wire, algorithm.owner_state_bytes(meta.shape, hp,
+                      param_dtype), algorithm.channels(hp), None if back == wire else back)
 
 
 class OwnerRoute:
@@ -175,7 +177,7 @@ class OwnerRoute:
                 results = self._owner_compute(route.owned, wholes, groups,
                                               {m: state_of(self.entries[m]) for m in route.owned})
             del wholes
-            returning = self.exchange.start_to_holders(route, results, spec.wire_dtype, flight.received.device)
+            returning = self.exchange.start_to_holders(route, results, spec.back_dtype, flight.received.device)
             del results
             if back is not None:
                 land(back)

@@ -29,7 +29,7 @@ from ..transforms.flags import FLAGS, SETTING_OF
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_betas, check_bool, check_nonnegative,
                    new_step_counter, zeros_like)
 from . import splits
-from .muon import Muon
+from .muon import Muon, owner_dtype
 
 SECOND_MOMENT = f"{OWNER_PREFIX}second_momentum_buffer"
 NORMUON_V = f"{OWNER_PREFIX}normuon_v"
@@ -93,9 +93,19 @@ class AdaMuon(MatrixAlgorithm):
                   "keywords (cautious_wd, approx_mars, use_atan2) instead")
         return {name: reason for name in FLAGS if name not in SETTING_OF}
 
+    def _kappa(self, ndim: int, hp: Mapping[str, Any]) -> float:
+        return (2.0 if ndim >= 4 else 1.0) if hp["auto_projection"] else float(hp["kappa_p"])
+
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
-        # The rescaled update comes back at full precision (adv_optm applies it in the parameter's dtype), and the
-        # general projection reads u at full precision before any cast.
+        # Out in owner_dtype where no bit depends on more: the sign (taken on the shards, exact in any float
+        # dtype) or u itself, which the orthogonalization casts to owner_dtype first. The general projection reads
+        # u at full precision, so it goes out in float32.
+        if hp["auto_projection"] or float(hp["kappa_p"]) in (1.0, 2.0):
+            return owner_dtype(hp)
+        return self.return_dtype(hp, param_dtype)
+
+    def return_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+        # The rescaled update comes back at full precision (adv_optm applies it in the parameter's dtype).
         return torch.promote_types(param_dtype, torch.float32)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
@@ -126,15 +136,16 @@ class AdaMuon(MatrixAlgorithm):
             grad = corrected
         m = state["momentum_buffer"]
         m.lerp_(grad, 1 - beta1)
-        if not hp["nesterov"]:
-            return m.to(self.wire_dtype(hp, param.dtype), copy=True)
         coef = beta1 if hp["nesterov_coef"] is None else hp["nesterov_coef"]
-        return grad.lerp(m, coef).to(self.wire_dtype(hp, param.dtype))
+        u = grad.lerp(m, coef) if hp["nesterov"] else m
+        if self._kappa(param.dim(), hp) == 1.0:
+            u = u.sign()  # elementwise, so on the shards: the sign travels exactly in owner_dtype
+        return u.to(self.wire_dtype(hp, param.dtype), copy=u is m)
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         numel, rows = math.prod(shape), shape[0]
-        kappa = (2.0 if len(shape) >= 4 else 1.0) if hp["auto_projection"] else float(hp["kappa_p"])
+        kappa = self._kappa(len(shape), hp)
         projected = [project(w, kappa) for w in wholes]
         ns_eps = 1 / math.sqrt(numel) if hp["ns_eps"] is None else hp["ns_eps"]
         muon_hp = {**Muon.hyperparameters, "ns_coefficients": tuple(hp["ns_coeffs"]), "ns_steps": hp["ns_steps"],
@@ -149,7 +160,7 @@ class AdaMuon(MatrixAlgorithm):
         lr = hp["lr"]
         step_scale = lr * ATAN2_SCALE if hp["use_atan2"] and not hp["normuon_variant"] else lr
         return [self._adapt(u.reshape(rows, -1).mT.contiguous().mT if tall else u.reshape(rows, -1), state, hp,
-                            shape, eps, step_scale).to(wholes[0].dtype).reshape(shape)
+                            shape, eps, step_scale).reshape(shape)
                 for u, state in zip(orthogonal, states)]
 
     def _adapt(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any], shape: tuple[int, ...],

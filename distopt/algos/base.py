@@ -293,6 +293,11 @@ class MatrixAlgorithm(Algorithm):
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
 
+    def return_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the owner's result travels back in (the wire dtype unless the result needs more bits than
+        what the owner reads: a normalized update after a bfloat16 orthogonalization)."""
+        return self.wire_dtype(hp, param_dtype)
+
     #: Whether :meth:`owner_update` may change the whole matrices it receives in place (then, in one process, the
     #: exchange hands it a copy of the local piece, which may be the algorithm's own state).
     owner_mutates_input: ClassVar[bool] = True

@@ -26,7 +26,7 @@ from ..compile import kernel
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter,
                    zeros_like)
 from . import splits
-from .muon import Muon
+from .muon import Muon, owner_dtype
 
 VARIANCE = f"{OWNER_PREFIX}variance_neuron"
 ADJUST_LR = ("spectral_norm", "rms_norm", None)
@@ -93,9 +93,13 @@ class NorMuon(MatrixAlgorithm):
         return shape[0], math.prod(shape[1:])
 
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
-        # The normalized result is in the parameter's dtype (float32 for float32 parameters), and it travels back
-        # in the wire dtype; the momentum going out is rounded to owner_dtype by the orthogonalization's first
-        # cast, as dion rounds it to bfloat16 before sending.
+        # The momentum goes out in owner_dtype: the orthogonalization's first operation casts to it (Newton-Schulz
+        # and Polar Express; Gram Newton-Schulz rounds it before its float32 normalization on every layout alike),
+        # as dion rounds it to bfloat16 before sending.
+        return owner_dtype(hp)
+
+    def return_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+        # The normalized result is in the parameter's dtype (float32 for float32 parameters).
         return torch.promote_types(param_dtype, torch.float32)
 
     def cost(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> float:
@@ -115,7 +119,7 @@ class NorMuon(MatrixAlgorithm):
         grad = grad.to(m.dtype)
         m.mul_(hp["mu"]).add_(grad)
         u = m * hp["mu"] + grad if hp["nesterov"] else m
-        return u.to(self.wire_dtype(hp, param.dtype))
+        return u.to(owner_dtype(hp))
 
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:

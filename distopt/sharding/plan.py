@@ -34,13 +34,18 @@ class MatrixSpec:
 
     meta: ParamMeta
     cost: float                 # owner compute per step, in flops
-    wire_dtype: torch.dtype     # dtype of the payload on the wire, both ways
+    wire_dtype: torch.dtype     # dtype of the payload on the wire to the owner
     state_bytes: int = 0        # state that lives whole on the owner
     channels_out: int = 1       # tensors per box sent to the owner (the result comes back as one)
+    return_dtype: torch.dtype | None = None  # dtype of the result on its way back (None: the wire dtype)
 
     @property
     def wire_itemsize(self) -> int:
         return self.wire_dtype.itemsize
+
+    @property
+    def back_dtype(self) -> torch.dtype:
+        return self.return_dtype if self.return_dtype is not None else self.wire_dtype
 
     @property
     def numel(self) -> int:
@@ -207,7 +212,7 @@ class Plan:
             forward = spec.channels_out * spec.wire_itemsize
             mine = layout.group_of.get(owner)
             own_numel = 0 if mine is None else _numel(layout.groups[mine][0][1])
-            sent[owner] += spec.wire_itemsize * (layout.held - own_numel)
+            sent[owner] += spec.back_dtype.itemsize * (layout.held - own_numel)
             for length in layout.by_length:
                 turns[id(layout), length, m % length] += forward
             if mine is not None:  # the owner reads its own box: undo the turn counted for it above
@@ -282,8 +287,10 @@ def bucket_members(specs: list[MatrixSpec], bucket_bytes: int) -> list[list[int]
     buckets, current, size = [], [], 0
     for i, spec in enumerate(specs):
         payload = spec.numel * spec.wire_itemsize * spec.channels_out
-        # One bucket is one payload buffer, so it holds a single wire dtype.
-        if current and (size + payload > bucket_bytes or specs[current[0]].wire_dtype != spec.wire_dtype):
+        # One bucket is one payload buffer each way, so it holds a single wire dtype and a single return dtype.
+        first = specs[current[0]] if current else None
+        if current and (size + payload > bucket_bytes or first.wire_dtype != spec.wire_dtype
+                        or first.back_dtype != spec.back_dtype):
             buckets.append(current)
             current, size = [], 0
         current.append(i)

@@ -128,22 +128,25 @@ def bytes_by_definition(specs: list[MatrixSpec], owners, world: int) -> list[int
             numel = torch.Size(box[1]).numel()
             if owner not in holders:
                 sent[holders[m % len(holders)]] += numel * spec.channels_out * spec.wire_itemsize
-            sent[owner] += numel * spec.wire_itemsize * sum(1 for h in holders if h != owner)
+            sent[owner] += numel * spec.back_dtype.itemsize * sum(1 for h in holders if h != owner)
     return sent
 
 
 @pytest.mark.parametrize("world,replicas", [(1, 1), (8, 1), (3, 1), (8, 2), (8, 4), (12, 3)])
-@pytest.mark.parametrize("algorithm", ["muon", "soap"])
+@pytest.mark.parametrize("algorithm", ["muon", "soap", "normuon"])
 def test_plan_bytes_equal_a_count_by_definition(world, replicas, algorithm):
-    """On uneven shards, rows fewer than ranks (empty boxes), HSDP replicas taking turns, and SOAP's two channels;
-    the plan counts per layout, the reference per transfer."""
+    """On uneven shards, rows fewer than ranks (empty boxes), HSDP replicas taking turns, SOAP's two channels and
+    NorMuon's two dtypes (bfloat16 out, float32 back); the plan counts per layout, the reference per transfer."""
     matrices = [(f"m{i}", s) for i, s in enumerate([(37, 113), (3, 5), (64, 64), (64, 64), (5, 300), (130, 7)] * 2)]
     specs = matrix_specs(matrices, world, algorithm, replicas)
     plan = make_plan(specs, world, bucket_bytes=20_000)
     assert plan.sent_bytes_per_rank == bytes_by_definition(specs, plan.owners, world)
-    assert plan.sent_bytes_per_rank == [sum(t.numel * (1 if t in backward else specs[t.matrix].channels_out)
-                                            * specs[t.matrix].wire_itemsize for t in sends if t.src != t.dst)
+    assert plan.sent_bytes_per_rank == [sum(t.numel * (specs[t.matrix].back_dtype.itemsize if t in backward else
+                                                       specs[t.matrix].channels_out * specs[t.matrix].wire_itemsize)
+                                            for t in sends if t.src != t.dst)
                                         for sends, backward in _sends_by_rank(plan)]
+    if algorithm == "normuon":
+        assert {(spec.wire_dtype, spec.back_dtype) for spec in specs} == {(torch.bfloat16, torch.float32)}
 
 
 def _sends_by_rank(plan):
