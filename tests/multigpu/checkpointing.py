@@ -11,7 +11,7 @@ from torch.distributed.fsdp import fully_shard
 
 import distopt
 
-from .harness import device
+from .harness import device, group as cached_group
 from .sharded_models import feed_same_grads, full, mesh_for
 from .test_muon_owner import MuonNet
 
@@ -186,7 +186,7 @@ def stateful_save(kind: str, path: str, before: int, after: int):
     opt = make_optimizer(kind, model)
     train(model, shadow, opt, before, seed=1)
     future = dcp.async_save({"model": model, "optim": opt}, checkpoint_id=path,
-                            process_group=dist.new_group(backend="gloo"))
+                            process_group=cached_group("async_save", lambda: dist.new_group(backend="gloo")))
     train(model, shadow, opt, after, seed=2)  # changes the state while the background thread writes
     future.result()
     dist.barrier()

@@ -51,6 +51,30 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_MESHES: dict = {}
+_GROUPS: dict = {}
+
+
+def mesh(device_type: str, shape: tuple[int, ...], mesh_dim_names: tuple[str, ...] | None = None):
+    """A device mesh, made once per rank process and reused by every later test in this pool. Each new 2-D mesh
+    creates process groups that live as long as the process (about 10 sockets and 6 threads per rank, measured),
+    and a pool runs hundreds of tests: made per test, they pile up."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (device_type, tuple(shape), mesh_dim_names)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device_type, tuple(shape), mesh_dim_names=mesh_dim_names)
+    return _MESHES[key]
+
+
+def group(key: str, make: Callable[[], Any]):
+    """A process group made once per rank process by ``make()`` (a collective: every rank calls it the first time
+    with the same ``key``), then reused, as :func:`mesh`."""
+    if key not in _GROUPS:
+        _GROUPS[key] = make()
+    return _GROUPS[key]
+
+
 def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks: Any, results: Any, parent: int,
             log_file: str) -> None:
     # A rank killed by a signal (an abort in a C++ thread) leaves no Python traceback: its stderr goes to a file that

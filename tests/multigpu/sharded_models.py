@@ -7,11 +7,10 @@ import copy
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .harness import device
+from .harness import device, mesh as cached_mesh
 
 
 class Net(nn.Module):
@@ -32,8 +31,8 @@ def mesh_for(kind: str):
     """``"fsdp"``: a 1-D mesh; ``"hsdp"``: a 2-D (replicate, shard) mesh, 2 replicas."""
     world, dev = dist.get_world_size(), device().type
     if kind == "fsdp":
-        return init_device_mesh(dev, (world,))
-    return init_device_mesh(dev, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        return cached_mesh(dev, (world,))
+    return cached_mesh(dev, (2, world // 2), ("replicate", "shard"))
 
 
 def sharded_pair(mesh, dtype=torch.float32, seed=0):

@@ -14,7 +14,7 @@ import torch
 
 from distopt import DistributedOptimizer
 
-from .harness import device
+from .harness import device, mesh as cached_mesh
 from .sharded_models import feed_same_grads, full
 from .test_flags_sharded import check_sharded_equals_single
 
@@ -60,7 +60,6 @@ def _placements_equal_one_process():
     2-D meshes): each against the same optimizer on the whole tensors in this process. Prodigy samples ``slice_p``
     by global position, so a column-sharded tensor must sample what the whole tensor samples."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from .test_elementwise_sharded import _placements_cases
@@ -73,7 +72,7 @@ def _placements_equal_one_process():
                   ("scion", dict(lr=1e-2)), ("adan", dict(lr=1e-2))]
     mismatches = []
     for mesh_shape, placements in _placements_cases(world):
-        mesh = init_device_mesh(dev.type, mesh_shape)
+        mesh = cached_mesh(dev.type, mesh_shape)
         for name, kwargs in algorithms:
             torch.manual_seed(0)
             reference = [torch.nn.Parameter(torch.randn(s, device=dev)) for s in shapes]

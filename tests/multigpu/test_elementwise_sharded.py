@@ -13,7 +13,6 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
@@ -21,7 +20,7 @@ import distopt
 from distopt import DistributedOptimizer
 from tests.reference import PAPER_CONFIGS, PAPER_LOOPS, PAPER_TOLERANCE, TORCH_OPTIMIZERS, torch_configs
 
-from .harness import device
+from .harness import device, mesh as cached_mesh
 from .sharded_models import Net, feed_same_grads, full, mesh_for, sharded_pair
 
 STEPS = 4
@@ -111,7 +110,7 @@ def _dtensor_placements_match_torch():
                   ("nadam", {"weight_decay": 0.1}), ("rmsprop", {"centered": True, "momentum": 0.5})]
     mismatches = []
     for mesh_shape, placements in _placements_cases(world):
-        mesh = init_device_mesh(dev.type, mesh_shape)
+        mesh = cached_mesh(dev.type, mesh_shape)
         for name, kwargs in algorithms:
             torch.manual_seed(0)
             reference = [torch.randn(s, device=dev, requires_grad=True) for s in shapes]

@@ -82,3 +82,19 @@ def test_hang_becomes_a_timeout_failure(fn):
         assert fn.__name__ in str(info.value)  # where the hung ranks were
     finally:
         pool.close(force=True)
+
+
+def _mesh_twice_and_open_files():
+    from .harness import mesh
+
+    first = mesh("cpu", (2, 2))
+    opened = len(os.listdir("/proc/self/fd"))
+    again = mesh("cpu", (2, 2))
+    return first is again, len(os.listdir("/proc/self/fd")) - opened
+
+
+def test_meshes_are_made_once_per_pool(pools):
+    """A 2-D mesh made per test leaves process groups (sockets, threads) behind for the life of the pool; the
+    harness's mesh is made once and reused."""
+    for same, more_files in pools.run(4, _mesh_twice_and_open_files):
+        assert same and more_files == 0

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -21,7 +20,7 @@ import distopt
 from distopt.algos import muon as muon_module
 from distopt.sharding.exchange import MetadataMismatch
 
-from .harness import device
+from .harness import device, mesh as cached_mesh
 from .sharded_models import feed_same_grads, full, mesh_for
 
 STEPS = 3
@@ -180,7 +179,7 @@ def test_replicated_plain_tensors(ranks, world_size):
 
 def _dtensor_placements(placements):
     world = dist.get_world_size()
-    mesh = init_device_mesh(device().type, (2, world // 2) if len(placements) == 2 else (world,))
+    mesh = cached_mesh(device().type, (2, world // 2) if len(placements) == 2 else (world,))
     torch.manual_seed(0)
     reference = MuonNet().to(device())
     model = copy.deepcopy(reference)

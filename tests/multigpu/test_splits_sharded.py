@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import distopt
 
-from .harness import device
+from .harness import device, mesh as cached_mesh, group as cached_group
 from .test_elementwise_sharded import _placements_cases
 
 #: (shape, split hyperparameters, rows of each part); 13 and 11 rows cut unevenly by 2, 3 and 4 ranks.
@@ -55,7 +54,7 @@ def _splits_on_every_placement():
             ref.step()
         expected.append(torch.cat([p.detach() for p in parts]).reshape(shape).cpu())
     for mesh_shape, placements in _placements_cases(world):
-        mesh = init_device_mesh(dev.type, mesh_shape)
+        mesh = cached_mesh(dev.type, mesh_shape)
         params = [torch.nn.Parameter(distribute_tensor(x.clone().to(dev), mesh, placements, src_data_rank=None))
                   for x in inits]
         opt = distopt.DistributedOptimizer(
@@ -84,8 +83,8 @@ def _variants_sharded_equal_one_process():
     gen = torch.Generator().manual_seed(1)
     inits = [torch.randn(shape, generator=gen) for shape, _, _ in WEIGHTS]
     grads = [[torch.randn(shape, generator=gen) for shape, _, _ in WEIGHTS] for _ in range(STEPS)]
-    mesh = init_device_mesh(dev.type, (world,))
-    alone, _ = dist.new_subgroups(group_size=1)  # every rank calls it: one group of one per rank
+    mesh = cached_mesh(dev.type, (world,))
+    alone = cached_group("alone", lambda: dist.new_subgroups(group_size=1)[0])  # a group of one per rank
     mismatches = []
     for algo, hp in CONFIGS:
         results = []
@@ -110,7 +109,7 @@ def test_variants_by_part_on_shards_equal_one_process(ranks):
 
 def _plan_of_a_fused_weight():
     dev = device()
-    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    mesh = cached_mesh(dev.type, (dist.get_world_size(),))
     qkv = torch.nn.Parameter(distribute_tensor(torch.zeros(13, 6, device=dev), mesh, [Shard(0)], src_data_rank=None))
     opt = distopt.DistributedOptimizer([{"params": [("attn.qkv", qkv)], "split_sizes": (5, 4, 4)}], "muon")
     return [m.meta.fqn for m in opt.plan.matrices], list(opt.plan.owners)
