@@ -28,6 +28,18 @@ def run_on_random_grads(make: Callable, shapes, steps: int, dtype=torch.float64,
     return start, [p.detach().clone() for p in params], opt
 
 
+def step_on(make: Callable, inits, grads) -> list[torch.Tensor]:
+    """``make(params)`` on copies of ``inits``, stepped once per entry of ``grads`` (a list of per-parameter
+    gradients each); returns the final parameters."""
+    params = [torch.nn.Parameter(x.clone()) for x in inits]
+    opt = make(params)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
 def worst(a, b) -> float:
     """The largest absolute difference between two lists of tensors."""
     return max((x - y).abs().max().item() for x, y in zip(a, b))

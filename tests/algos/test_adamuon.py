@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distopt
+from tests.same_grads import step_on
 
 adv_optm = pytest.importorskip("adv_optm")
 
@@ -28,23 +29,13 @@ CONFIGS = [
 ]
 
 
-def _run(make, init, grads):
-    params = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = make(params)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach() for p in params]
-
-
 @pytest.mark.parametrize("hp", CONFIGS, ids=lambda hp: ",".join(hp) or "defaults")
 def test_equals_adv_optm_bitwise(hp):
     torch.manual_seed(0)
     init = [torch.randn(s) for s in SHAPES]
     grads = [[torch.randn(s) for s in SHAPES] for _ in range(4)]
-    theirs = _run(lambda ps: adv_optm.AdaMuon_adv(ps, lr=0.02, use_muon=True, **hp), init, grads)
-    ours = _run(lambda ps: distopt.AdaMuon(ps, lr=0.02, adam_predicate=lambda n, p: False, **hp), init, grads)
+    theirs = step_on(lambda ps: adv_optm.AdaMuon_adv(ps, lr=0.02, use_muon=True, **hp), init, grads)
+    ours = step_on(lambda ps: distopt.AdaMuon(ps, lr=0.02, adam_predicate=lambda n, p: False, **hp), init, grads)
     for shape, a, b in zip(SHAPES, ours, theirs):
         assert torch.equal(a, b), (shape, (a - b).abs().max().item())
     assert min((a - b).abs().max().item() for a, b in zip(ours, init)) > 1e-3
@@ -69,8 +60,8 @@ def test_aux_adam_routing_equals_adv_optm():
     init = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
     kw = dict(lr=0.01, weight_decay=0.1, adam_weight_decay=0.01)
-    theirs = _run(lambda ps: adv_optm.AdaMuon_adv(ps, **kw), init, grads)
-    ours = _run(lambda ps: distopt.AdaMuon(ps, **kw), init, grads)
+    theirs = step_on(lambda ps: adv_optm.AdaMuon_adv(ps, **kw), init, grads)
+    ours = step_on(lambda ps: distopt.AdaMuon(ps, **kw), init, grads)
     assert torch.equal(ours[0], theirs[0])
     for a, b, x in zip(ours[1:], theirs[1:], init[1:]):
         assert (a - b).abs().max().item() <= 4 * 4 * torch.finfo(torch.float32).eps * max(1.0, x.abs().max().item())

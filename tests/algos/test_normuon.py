@@ -12,6 +12,7 @@ import torch
 
 import distopt
 from tests.authors import load_dion_module
+from tests.same_grads import step_on
 
 SHAPES = ((16, 24), (24, 16), (16, 16))
 
@@ -32,17 +33,8 @@ def test_equals_dions_normuon(hp, monkeypatch):
     init = [torch.randn(s) for s in SHAPES]
     grads = [[torch.randn(s) for s in SHAPES] for _ in range(3)]
 
-    def run(make):
-        params = [torch.nn.Parameter(x.clone()) for x in init]
-        opt = make(params)
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = g.clone()
-            opt.step()
-        return [p.detach() for p in params]
-
-    theirs = run(lambda ps: normuon.NorMuon(ps, lr=0.02, **hp))
-    ours = run(lambda ps: distopt.NorMuon(ps, lr=0.02, **hp))
+    theirs = step_on(lambda ps: normuon.NorMuon(ps, lr=0.02, **hp), init, grads)
+    ours = step_on(lambda ps: distopt.NorMuon(ps, lr=0.02, **hp), init, grads)
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) <= 1e-6
     assert max((a - b).abs().max().item() for a, b in zip(ours, init)) > 1e-2
 

@@ -7,16 +7,7 @@ import pytest
 import torch
 
 import distopt
-
-
-def _train(make, inits, grads):
-    params = [torch.nn.Parameter(x.clone()) for x in inits]
-    opt = make(params)
-    for step in grads:
-        for p, g in zip(params, step):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach() for p in params]
+from tests.same_grads import step_on
 
 
 CASES = [
@@ -34,12 +25,12 @@ def test_parts_equal_torch_muon_on_separate_parameters(shape, split, rows, adjus
     whole = torch.randn(shape)
     grads = [torch.randn(shape) for _ in range(3)]
     kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
-    ours = _train(lambda ps: distopt.DistributedOptimizer(ps, "muon", **kw, **split), [whole], [[g] for g in grads])
+    ours = step_on(lambda ps: distopt.DistributedOptimizer(ps, "muon", **kw, **split), [whole], [[g] for g in grads])
     part_grads = [list(g.reshape(shape[0], -1).split(rows)) for g in grads]
-    theirs = _train(lambda ps: torch.optim.Muon(ps, **kw), list(whole.reshape(shape[0], -1).split(rows)),
+    theirs = step_on(lambda ps: torch.optim.Muon(ps, **kw), list(whole.reshape(shape[0], -1).split(rows)),
                     part_grads)
     assert torch.equal(ours[0].reshape(shape[0], -1), torch.cat(theirs))
-    unsplit = _train(lambda ps: distopt.DistributedOptimizer(ps, "muon", **kw), [whole], [[g] for g in grads])
+    unsplit = step_on(lambda ps: distopt.DistributedOptimizer(ps, "muon", **kw), [whole], [[g] for g in grads])
     assert not torch.equal(unsplit[0], ours[0])  # splitting changes the result: the test can fail
 
 
