@@ -8,7 +8,6 @@ and the per-rank routes are computed once; the steady state sends payload only.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +63,11 @@ def _spread(entries: list[MatrixEntry], metas: list[layout.ParamMeta], groups: l
             out_entries.append(MatrixEntry(entry.param, out_metas[-1].fqn, entry.group_index, entry.algorithm,
                                            part))
     return out_entries, out_metas
+
+
+def _row_offset(algorithm: MatrixAlgorithm, param: Tensor) -> dict[str, int]:
+    """``finish``'s ``row_offset`` keyword for the algorithms that take it: where this rank's rows start."""
+    return {"row_offset": layout.global_offset(param)[0]} if algorithm.takes_row_offset else {}
 
 
 def group_layout(process_group) -> tuple[Any, tuple[int, ...], int]:
@@ -230,21 +234,19 @@ class OwnerRoute:
         for param, update in pending.items():
             members = self.parts_of[param]
             entry = self.entries[members[0]]
-            offset = {"row_offset": layout.global_offset(param)[0]} if entry.algorithm.takes_row_offset else {}
             state = states[members[0]]
             for m in members:
                 states.pop(m, None)
             entry.algorithm.finish(layout.local(param), update, state, groups[entry.group_index],
-                                   tuple(param.shape), **offset)
+                                   tuple(param.shape), **_row_offset(entry.algorithm, param))
 
     def _finish(self, m: int, update: Tensor, groups, states, chains, updates: dict[int, Tensor]) -> None:
         entry = self.entries[m]
         if entry.group_index in chains:
             updates[m] = update
             return
-        offset = {"row_offset": layout.global_offset(entry.param)[0]} if entry.algorithm.takes_row_offset else {}
         entry.algorithm.finish(layout.local(entry.param), update, states.pop(m), groups[entry.group_index],
-                               self.plan.matrices[m].meta.shape, **offset)
+                               self.plan.matrices[m].meta.shape, **_row_offset(entry.algorithm, entry.param))
 
     def _stream(self, members: list[int], groups, state_of, pieces, states, chains, updates) -> None:
         """One owner batch in one process: prepare, the owner maths, finish."""
@@ -318,7 +320,7 @@ class OwnerRoute:
         out = []
         for members in by_kind.values():
             spec = self.plan.matrices[members[0]]
-            size = spec.channels_out * math.prod(spec.meta.shape) * spec.wire_dtype.itemsize
+            size = spec.channels_out * spec.numel * spec.wire_itemsize
             per_call = max(1, self.owner_batch_bytes // max(size, 1))
             out.extend(members[i:i + per_call] for i in range(0, len(members), per_call))
         return out

@@ -9,6 +9,7 @@ import distopt
 from distopt.algos import muon as muon_module
 from distopt.algos import psgd as psgd_module
 from distopt.algos import soap as soap_module
+from tests.same_grads import step_on
 
 SHAPES = [(24, 16), (16, 24), (24, 16)]
 
@@ -80,13 +81,7 @@ def test_muon_against_torch_optim_muon_eager_bitwise_compiled_within_bf16_roundi
     for label, make in (("torch", lambda ps: torch.optim.Muon(ps, lr=0.02)),
                         ("eager", lambda ps: distopt.DistributedOptimizer(ps, "muon", lr=0.02, compile=False)),
                         ("compiled", lambda ps: distopt.DistributedOptimizer(ps, "muon", lr=0.02, compile=True))):
-        params = [torch.nn.Parameter(p.clone()) for p in start]
-        opt = make(params)
-        for step in grads:
-            for p, g in zip(params, step):
-                p.grad = g.clone()
-            opt.step()
-        results[label] = [p.detach() for p in params]
+        results[label] = step_on(make, start, grads)
     for ours, theirs, compiled in zip(results["eager"], results["torch"], results["compiled"]):
         assert torch.equal(ours, theirs)
         assert (compiled - theirs).abs().max() <= 0.02 * theirs.abs().max()

@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import compile
 from ..transforms.flags import FLAGS, SETTING_OF
 from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_betas, check_bool, check_nonnegative,
-                   new_step_counter, zeros_like)
+                   new_step_counter, require_matrix, zeros_like)
 from . import splits
 from .muon import Muon, owner_dtype
 
@@ -81,9 +81,8 @@ class AdaMuon(MatrixAlgorithm):
             hp["owner_dtype"] = str(hp["owner_dtype"]).removeprefix("torch.")
 
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
-        if len(shape) < 2:
-            raise ValueError(f"adamuon needs parameters with at least 2 dimensions, but {name} has {len(shape)}; "
-                             "give it to an elementwise algorithm (distopt.AdaMuon does this by itself)")
+        require_matrix(self.name, shape, name, "; give it to an elementwise algorithm (distopt.AdaMuon does this by "
+                       "itself)")
 
     def check_param_in_group(self, shape: tuple[int, ...], name: str, hp: Mapping[str, Any]) -> None:
         splits.check_shape(self.name, shape, name, hp)
@@ -195,7 +194,3 @@ class AdaMuon(MatrixAlgorithm):
             else:
                 param.add_(param, alpha=-decay)
         param.sub_(update)
-
-    def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
-                         shape: tuple[int, ...]) -> Tensor:
-        raise NotImplementedError("adamuon refuses every flag, so it never runs in the chain form")

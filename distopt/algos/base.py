@@ -236,6 +236,12 @@ def check_betas(algo: str, hp: Mapping[str, Any], count: int = 2, key: str = "be
             raise ValueError(f"{algo}: invalid {key}[{i}]={beta!r} (must be in [0, 1))")
 
 
+def require_matrix(algo: str, shape: tuple[int, ...], name: str, hint: str = "") -> None:
+    """Raise naming the parameter if it has fewer than 2 dimensions (``hint``: where it should go instead)."""
+    if len(shape) < 2:
+        raise ValueError(f"{algo} needs parameters with at least 2 dimensions, but {name} has {len(shape)}{hint}")
+
+
 def check_bool(algo: str, hp: Mapping[str, Any], *keys: str) -> None:
     for key in keys:
         if not isinstance(hp[key], bool):

@@ -26,7 +26,8 @@ from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
 from .gram_newton_schulz import gram_newton_schulz, gram_newton_schulz_each
 from .polar_express import polar_express, polar_express_each
 from . import splits
-from .base import MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, zeros_like
+from .base import (MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter, require_matrix,
+                   zeros_like)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 #: Dtypes the owners' maths may run in, by the name that param groups hold (DCP saves param groups as plain data,
@@ -147,9 +148,8 @@ class Muon(MatrixAlgorithm):
                              f"{', '.join(OWNER_DTYPES)})")
 
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
-        if len(shape) < 2:
-            raise ValueError(f"muon needs parameters with at least 2 dimensions, but {name} has {len(shape)}; give "
-                             "it to an elementwise algorithm such as adamw (distopt.Muon does this by itself)")
+        require_matrix(self.name, shape, name, "; give it to an elementwise algorithm such as adamw (distopt.Muon "
+                       "does this by itself)")
 
     def check_param_in_group(self, shape: tuple[int, ...], name: str, hp: Mapping[str, Any]) -> None:
         splits.check_shape(self.name, shape, name, hp)

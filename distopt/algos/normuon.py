@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..transforms.flags import NO_EPS_DIVISION, NO_SECOND_MOMENT
 from ..compile import kernel
-from .base import (OWNER_PREFIX, MatrixAlgorithm, _as_number, check_bool, check_nonnegative, new_step_counter,
-                   zeros_like)
+from .base import (OWNER_PREFIX, MatrixAlgorithm, check_bool, check_nonnegative, new_step_counter,
+                   require_matrix, zeros_like)
 from . import splits
 from .muon import Muon, owner_dtype
 
@@ -77,8 +76,7 @@ class NorMuon(MatrixAlgorithm):
         splits.check(self.name, hp)
 
     def check_param(self, shape: tuple[int, ...], name: str) -> None:
-        if len(shape) < 2:
-            raise ValueError(f"normuon needs parameters with at least 2 dimensions, but {name} has {len(shape)}")
+        require_matrix(self.name, shape, name)
 
     def check_param_in_group(self, shape: tuple[int, ...], name: str, hp: Mapping[str, Any]) -> None:
         # At construction, on every rank: found on the owner at step time, it would fail one rank of a collective.
@@ -148,8 +146,7 @@ class NorMuon(MatrixAlgorithm):
 
     # The chain form (flags): the step ``p (1 - lr wd) - lr u`` with ``u`` the owner's result times the adjustment.
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
-        return {"palm": NO_SECOND_MOMENT, "kourkoutas_beta": NO_SECOND_MOMENT, "atan2": NO_EPS_DIVISION,
-                "grams": "its update is orthogonalized; sign(g)·|u| would undo the orthogonalization"}
+        return Muon().refused_flags(hp)  # the same reasons: no second moment to change, an orthogonalized update
 
     def momentum_beta(self, hp: Mapping[str, Any]) -> float:
         return float(hp["mu"])

@@ -10,6 +10,7 @@ import torch
 import distopt
 from distopt.algos import resolve
 from distopt.transforms.flags import SWITCHES
+from tests.same_grads import run_on_random_grads
 
 NAMES = ("adafactor", "adan", "ranger", "stableadamw", "prodigy", "lion", "signsgd", "sinksgd",
          "simplified_ademamix", "adamc", "sfadamw", "hyperballadamw", "sudsadamw", "scion")
@@ -24,15 +25,9 @@ HP = {"prodigy": dict(lr=1.0, d0=1e-2), "lion": dict(lr=1e-2), "simplified_adema
 
 
 def run(name, flags):
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in ((6, 5), (7,), (3, 2, 2))]
-    opt = distopt.DistributedOptimizer(params, name, **{"lr": 1e-2, "weight_decay": 0.1, **HP.get(name, {})}, **flags)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        opt.step()
-    return [p.detach() for p in params]
+    hp = {"lr": 1e-2, "weight_decay": 0.1, **HP.get(name, {})}
+    return run_on_random_grads(lambda ps: distopt.DistributedOptimizer(ps, name, **hp, **flags),
+                               ((6, 5), (7,), (3, 2, 2)), 4)[1]
 
 
 @pytest.mark.parametrize("flag", SWITCHES)
