@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -75,6 +76,14 @@ def group(key: str, make: Callable[[], Any]):
     return _GROUPS[key]
 
 
+def _to_bytes(value: Any) -> bytes:
+    """``value`` pickled here and now, tensors by copy. A queue's own pickling would run later in its feeder thread
+    and move each tensor's storage into shared memory in place (torch.multiprocessing's reduction): the old memory
+    is freed while this process may still be using the tensor (the next test runs at once), which corrupted the
+    heap of long-lived ranks (``malloc(): unaligned tcache chunk detected``, seen in CI)."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks: Any, results: Any, parent: int,
             log_file: str) -> None:
     # A rank killed by a signal (an abort in a C++ thread) leaves no Python traceback: its stderr goes to a file that
@@ -98,11 +107,12 @@ def _worker(rank: int, world_size: int, backend: str, init_file: str, tasks: Any
             continue
         if task is None:
             break
-        fn, args, kwargs = task
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            fn, args, kwargs = pickle.loads(task)
+            outcome = (True, _to_bytes(fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - every failure must reach the test with its traceback
-            results.put((rank, False, traceback.format_exc()))
+            outcome = (False, traceback.format_exc())
+        results.put((rank, *outcome))
     try:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
@@ -133,8 +143,9 @@ class RankPool:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results, in rank order."""
         if not self.alive:
             raise RuntimeError("this pool was closed after a failure")
+        task = _to_bytes((fn, args, kwargs))  # one copy for every rank, made before anything is sent
         for task_queue in self._tasks:
-            task_queue.put((fn, args, kwargs))
+            task_queue.put(task)
         outcomes: dict[int, tuple[bool, Any]] = {}
         deadline = time.monotonic() + timeout
         failed_at = None
@@ -155,7 +166,7 @@ class RankPool:
                     failed_at = time.monotonic()
         failures = {rank: payload for rank, (ok, payload) in outcomes.items() if not ok}
         if not failures and len(outcomes) == self.world_size:
-            return [outcomes[rank][1] for rank in range(self.world_size)]
+            return [pickle.loads(outcomes[rank][1]) for rank in range(self.world_size)]
         message = self._explain(fn, failures, outcomes, timeout)
         self.close(force=True)
         raise RankFailure(message)

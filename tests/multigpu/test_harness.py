@@ -98,3 +98,32 @@ def test_meshes_are_made_once_per_pool(pools):
     harness's mesh is made once and reused."""
     for same, more_files in pools.run(4, _mesh_twice_and_open_files):
         assert same and more_files == 0
+
+
+_KEPT: dict = {}
+
+
+def _keep_and_return(values):
+    _KEPT["tensor"] = values.clone()
+    _KEPT["address"] = _KEPT["tensor"].data_ptr()
+    return _KEPT["tensor"], values.data_ptr() != 0
+
+
+def _kept_tensor_is_where_it_was():
+    time.sleep(0.5)  # time for any background pickling of the last result to have run
+    kept = _KEPT["tensor"]
+    return kept.data_ptr() == _KEPT["address"], kept.is_shared()
+
+
+def test_results_and_arguments_are_copied_not_moved_to_shared_memory(pools):
+    """A queue's own pickling moves a tensor's storage into shared memory, in place and later, from its feeder
+    thread: a rank that still used the tensor it returned wrote into freed memory (heap corruption seen in CI). The
+    harness pickles results and arguments by copy, at once, so neither side's tensors move."""
+    values = torch.arange(6.0)
+    address = values.data_ptr()
+    returned = pools.run(2, _keep_and_return, values)
+    assert all(torch.equal(tensor, values) for tensor, _ in returned)
+    time.sleep(0.5)
+    assert values.data_ptr() == address and not values.is_shared()
+    for unmoved, shared in pools.run(2, _kept_tensor_is_where_it_was):
+        assert unmoved and not shared
