@@ -9,6 +9,7 @@ from .catalogue import AdaMuon, Adan, NorMuon, Prodigy, Ranger, SFAdamW, SignSGD
 from .optimizer import DistributedOptimizer
 from .qk_clip import QKClip
 from .saved_state import StateDictMismatch
+from .soap_constructors import CONSTRUCTORS as _SOAP_FAMILY
 from .transforms.custom import Chain
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
            "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
            "Simplified_AdEMAMix", "SFAdamW", "AdamC", "HyperBallAdamW",
-           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip"]
+           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip", *_SOAP_FAMILY]
+globals().update(_SOAP_FAMILY)

@@ -29,6 +29,7 @@ from .simplified_ademamix import Simplified_AdEMAMix
 from .sign_sgd import SignSGD
 from .sink_sgd import SinkSGD
 from .soap import SOAP
+from .soap_family import FAMILY as SOAP_FAMILY
 from .suds import SUDSAdamW
 
 #: Built-in algorithms by name; a name is the lowercase class name.
@@ -36,7 +37,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
                               SFAdamW, HyperBallAdamW, SUDSAdamW, Scion,
-                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron)
+                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY)
 }
 
 #: Names of the algorithms that update local shards without communicating.

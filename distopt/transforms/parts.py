@@ -45,7 +45,9 @@ class Mars(Transform):
         gamma = flags.value(t.hp, "mars_gamma")
         c = self.beta1(t.hp) * gamma / (1.0 - gamma)
         prev = t.state["mars_prev_grad"]
-        corrected = torch.lerp(t.u, prev.to(t.u.dtype), -c)  # u + c (u - prev), one pass
+        # u + c (u - prev) in HeavyBall's arithmetic, u (1 + c) + prev (-c): the last bit matters downstream where a
+        # statistic is rank-deficient (SOAP's first eigenbasis of a non-square matrix is then decided by rounding).
+        corrected = t.u * (1 + c) + prev.to(t.u.dtype) * -c
         prev.copy_(t.u)
         t.grad = corrected
         return corrected
