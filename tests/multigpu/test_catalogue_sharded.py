@@ -1,7 +1,7 @@
 """The first-order catalogue under FSDP2 (W = 1 to 4, uneven and empty shards), HSDP and DDP-style plain tensors
 equals the same optimizer in one process.
 
-Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon and AdaMuon run on owners, where the whole tensor is: the same bits
+Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon, AdaMuon and the SOAP family run on owners, where the whole tensor is: the same bits
 too. The algorithms with a reduction (StableAdamW's RMS, Lion-k's and HyperBall's norms over each whole tensor, Prodigy's
 statistics over the whole group) add the shards' sums in another order: the tolerance is that of the flags'
 reductions (``STEPS * LARGEST * eps`` of the distance moved; see ``test_flags_sharded``). The collectives counted are the chain runtime's all_reduces per step.
@@ -46,6 +46,13 @@ CONFIGS = {
     "adamuon": ("adamuon", dict(lr=0.02, weight_decay=0.1, use_atan2=True), {}, 0, True),
     "adamuon/normuon+mars": ("adamuon", dict(lr=0.02, weight_decay=0.1, normuon_variant=True, approx_mars=True,
                                              cautious_wd=True, auto_projection=False, kappa_p=1.5), {}, 0, True),
+    # HeavyBall's SOAP family: every state on the owner, same-shape matrices stacked there (the stack depends on
+    # which matrices a rank owns; the batched linear algebra gives each matrix the bits it gets alone).
+    "klsoap": ("klsoap", dict(lr=0.01, weight_decay=0.1), {}, 0, True),
+    "heavysoapademamix/caution": ("heavysoapademamix", dict(lr=0.01, precondition_1d=True), dict(caution=True), 1,
+                                  True),
+    "klshampoo": ("klshampoo", dict(lr=0.01), {}, 0, True),
+    "soapnadam/mars": ("soapnadam", dict(lr=0.01, precondition_frequency=1), dict(mars=True), 0, True),
 }
 
 
