@@ -2,12 +2,13 @@
 
 from .algos import REGISTRY as ALGORITHMS
 from .algos import Algorithm
-from .constructors import (ADOPT, SGD, AdamC, HyperBallAdamW, Scion, SUDSAdamW, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
+from .constructors import (ADOPT, MSAMLaProp, SGD, AdamC, HyperBallAdamW, Scion, SUDSAdamW, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
                            Muon, MuonAdamW, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SignLaProp, SOAP,
                            UnscaledAdamW)
 from .catalogue import AdaMuon, Adan, NorMuon, Prodigy, Ranger, SFAdamW, SignSGD, Simplified_AdEMAMix, SinkSGD, StableAdamW
 from .optimizer import DistributedOptimizer
 from .qk_clip import QKClip
+from .sam import SAMWrapper
 from .saved_state import StateDictMismatch
 from .soap_constructors import CONSTRUCTORS as _SOAP_FAMILY
 from .transforms.custom import Chain
@@ -19,5 +20,5 @@ __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
            "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
            "Simplified_AdEMAMix", "SFAdamW", "AdamC", "HyperBallAdamW",
-           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip", *_SOAP_FAMILY]
+           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip", "SAMWrapper", "MSAMLaProp", *_SOAP_FAMILY]
 globals().update(_SOAP_FAMILY)

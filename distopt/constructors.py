@@ -338,3 +338,20 @@ class Scion(_HeavyBallChain):
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, scale=1.0, **kwargs):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, **kwargs)
+
+
+class MSAMLaProp(DistributedOptimizer):
+    """HeavyBall's MSAMLaProp (Momentum-SAM, https://arxiv.org/abs/2401.12033, around RMSprop): the parameters hold
+    the perturbed point ``z - sam_step_size m / |m|`` in training and ``z`` after ``opt.eval()``. ``r`` and
+    ``weight_lr_power`` are in HeavyBall's signature and unused by its maths; ``storage_dtype`` other than float32
+    waits for compact states."""
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.0, sam_step_size=0.1, r=0.0,
+                 weight_lr_power=2.0, multi_tensor=True, storage_dtype="float32", compile_step=None, *,
+                 process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        if storage_dtype != "float32":
+            raise ValueError(f"msamlaprop: storage_dtype={storage_dtype!r} is not supported (compact states come "
+                             "with the low-precision work); leave it 'float32'")
+        super().__init__(params, "msamlaprop", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         sam_step_size=sam_step_size, process_group=process_group, bucket_bytes=bucket_bytes,
+                         compile=compile, **flags)

@@ -63,6 +63,8 @@ ADV_OPTM = {"prodigy": ("Prodigy", "Prodigy_adv", {"lr": 1.0, "d0": 1e-6}),
             "lion_k": ("Lion", "Lion_adv", {"lr": 1e-4, "kappa_p": 1.5}),
             "signsgd": ("SignSGD", "SignSGD_adv", {"lr": 1e-4, "momentum": 0.9}),
             "sinksgd": ("SinkSGD", "SinkSGD_adv", {"lr": 1e-3, "momentum": 0.9})}
+SOAP_FAMILY = ("SOAPNAdam", "SOAPAdEMAMix", "SOLP", "KLSOAP", "KLShampoo", "HeavySOAP", "HeavySOAPNAdam",
+               "HeavySOAPAdEMAMix", "HeavySOLP", "HeavyKLSOAP", "HeavyKLShampoo")
 HEAVYBALL = {"adamc": ("AdamC", {"lr": 2.5e-3, "weight_decay": 0.1}),
              "sudsadamw": ("SUDSAdamW", {"lr": 2.5e-3}),
              "hyperballadamw": ("HyperBallAdamW", {"lr": 2.5e-3, "weight_decay": 0.1}),
@@ -71,7 +73,9 @@ HEAVYBALL = {"adamc": ("AdamC", {"lr": 2.5e-3, "weight_decay": 0.1}),
              "signlaprop": ("SignLaProp", {"lr": 2.5e-3}),
              "unscaledadamw": ("UnscaledAdamW", {"lr": 2.5e-3}),
              "muonlaprop": ("MuonLaProp", {"lr": 2.5e-3}), "muonadamw": ("MuonAdamW", {"lr": 2.5e-3}), "ortholaprop": ("OrthoLaProp", {"lr": 2.5e-3}),
-             "laproportho": ("LaPropOrtho", {"lr": 2.5e-3})}
+             "laproportho": ("LaPropOrtho", {"lr": 2.5e-3}),
+             # HeavyBall's SOAP family at its defaults (refresh every 2 steps, merge_dims, max_precond_dim 2048)
+             **{name.lower(): (name, {"lr": 3e-3}) for name in SOAP_FAMILY}}
 
 
 def _optimi(name: str, hp: dict) -> list[Candidate]:
@@ -98,7 +102,11 @@ def _heavyball(name: str, hp: dict) -> list[Candidate]:
 
         return getattr(heavyball, name)(ps, **hp)
     replicated = [_replicated(f"heavyball.{name}", make)] if name in REPLICATED_HEAVYBALL else []
-    return [_ours(name, hp), _peer("heavyball", name, hp), *replicated]
+    # The SOAP family stacks same-shape matrices on their owner; owner_batch_bytes caps a stack (512 KiB by
+    # default, one or two of these matrices): a larger cap trades memory for fewer, larger linear-algebra calls.
+    batched = ([_ours(name, {**hp, "owner_batch_bytes": 64 << 20}, f"distopt.{name} (owner batches 64 MiB)")]
+               if name in SOAP_FAMILY else [])
+    return [_ours(name, hp), *batched, _peer("heavyball", name, hp), *replicated]
 
 
 #: HeavyBall optimizers that fail on DTensor parameters (measured), benchmarked replicated as well.

@@ -15,6 +15,7 @@ from .base import ELEMENTWISE, MATRIX, Algorithm, MatrixAlgorithm
 from .hyperball import HyperBallAdamW
 from .laprop import LaProp
 from .lion import Lion
+from .msam import MSAMLaProp
 from .muon import Muon
 from .nadam import NAdam
 from .normuon import NorMuon
@@ -36,7 +37,7 @@ from .suds import SUDSAdamW
 REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
-                              SFAdamW, HyperBallAdamW, SUDSAdamW, Scion,
+                              SFAdamW, HyperBallAdamW, SUDSAdamW, Scion, MSAMLaProp,
                               Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY)
 }
 

@@ -185,7 +185,9 @@ class SOAPFamily(MatrixAlgorithm):
         dims, factors = self._dims(shape, hp), self._factors(shape, hp)
         g = torch.stack([w.reshape(dims) for w in wholes])
         step = int(states[0]["step"])  # the same for a same-shape batch of one group (one step() call)
-        stacks = {key: torch.stack([s[key] for s in states]) for key in states[0] if key.startswith(OWNER_PREFIX)}
+        # A batch of one works on its own state through a view (no stacked copy to write back).
+        stacks = {key: (states[0][key].unsqueeze(0) if len(states) == 1 else torch.stack([s[key] for s in states]))
+                  for key in states[0] if key.startswith(OWNER_PREFIX)}
         ggs = [stacks[_key(f"GG.{i}")] if i in factors else None for i in range(len(dims))]
         bases = [stacks[_key(f"Q.{i}")] if i in factors else None for i in range(len(dims))]
         if step == 1:
@@ -198,7 +200,8 @@ class SOAPFamily(MatrixAlgorithm):
             stacks[_key(f"GG.{i}")], stacks[_key(f"Q.{i}")] = ggs[i], bases[i]
         for key, stack in stacks.items():
             for s, value in zip(states, stack.unbind(0)):
-                s[key].copy_(value)
+                if value.data_ptr() != s[key].data_ptr():
+                    s[key].copy_(value)
         return [u.reshape(shape) for u in out.unbind(0)]
 
     def _first(self, g: Tensor, ggs: list, bases: list, hp: Mapping[str, Any]) -> Tensor:

@@ -2,7 +2,7 @@
 equals the same optimizer in one process.
 
 Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon, AdaMuon and the SOAP family run on owners, where the whole tensor is: the same bits
-too. The algorithms with a reduction (StableAdamW's RMS, Lion-k's and HyperBall's norms over each whole tensor, Prodigy's
+too. The algorithms with a reduction (StableAdamW's RMS, Lion-k's, HyperBall's and MSAMLaProp's norms over each whole tensor, Prodigy's
 statistics over the whole group) add the shards' sums in another order: the tolerance is that of the flags'
 reductions (``STEPS * LARGEST * eps`` of the distance moved; see ``test_flags_sharded``). The collectives counted are the chain runtime's all_reduces per step.
 """
@@ -53,6 +53,7 @@ CONFIGS = {
                                   True),
     "klshampoo": ("klshampoo", dict(lr=0.01), {}, 0, True),
     "soapnadam/mars": ("soapnadam", dict(lr=0.01, precondition_frequency=1), dict(mars=True), 0, True),
+    "msamlaprop": ("msamlaprop", dict(lr=0.01, weight_decay=0.1, sam_step_size=0.5), {}, 1, False),
 }
 
 
