@@ -99,7 +99,10 @@ def test_algorithm_names_are_lowercase_class_names():
                                        "signsgd", "sinksgd", "simplified_ademamix", "sfadamw", "hyperballadamw",
                                        "sudsadamw", "scion",
                                        "muon",
-                                       "normuon", "adamuon", "soap", "psgdkron"}
+                                       "normuon", "adamuon", "soap", "psgdkron", "msamlaprop",
+                                       "soapnadam", "soapademamix", "solp", "klsoap", "klshampoo", "heavysoap",
+                                       "heavysoapnadam", "heavysoapademamix", "heavysolp", "heavyklsoap",
+                                       "heavyklshampoo"}
     for name, cls in distopt.ALGORITHMS.items():
         assert cls.__name__.lower() == name
 

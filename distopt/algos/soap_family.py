@@ -90,9 +90,9 @@ class SOAPFamily(MatrixAlgorithm):
         check_bool(self.name, hp, "merge_dims", "precondition_1d")
         for key, default in REFUSED_SWITCHES.items():
             if hp.get(key, default) != default:
-                raise ValueError(f"{self.name}: {key}={hp[key]!r} is not supported (HeavyBall's implementation "
-                                 f"switch; {'issue 19 brings compact states' if 'ecc' in key or 'dtype' in key else 'leave it at its default'}"
-                                 f", {default!r})")
+                why = ("compact states are not supported yet" if key in ("storage_dtype", "ecc", "param_ecc")
+                       else "this HeavyBall implementation switch is not offered")
+                raise ValueError(f"{self.name}: {key}={hp[key]!r} is not supported ({why}); leave it at {default!r}")
         if self.inner == "nadam":
             check_nonnegative(self.name, hp, "momentum_decay")
             if hp["decoupled_weight_decay"] not in (False, True):
