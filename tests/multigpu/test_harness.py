@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from .harness import RankFailure, RankPool
+from .harness import Pools, RankFailure, RankPool
 
 
 def _rank_and_sum():
@@ -127,3 +127,30 @@ def test_results_and_arguments_are_copied_not_moved_to_shared_memory(pools):
     assert values.data_ptr() == address and not values.is_shared()
     for unmoved, shared in pools.run(2, _kept_tensor_is_where_it_was):
         assert unmoved and not shared
+
+
+def _abort_on_rank_one_the_first_time(marker: str):
+    if dist.get_rank() == 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.abort()
+    return dist.get_rank()
+
+
+def test_a_rank_killed_by_a_signal_is_said_and_run_again_on_fresh_processes(tmp_path):
+    """A C++ abort not caused by the call itself (heap damage carried over from earlier work in the same processes)
+    is reported as a warning with the rank's stderr, and the call runs once more on fresh processes."""
+    pools = Pools()
+    try:
+        with pytest.warns(RuntimeWarning, match="rank 1 killed by signal 6.*Fatal Python error: Aborted"):
+            assert pools.run(2, _abort_on_rank_one_the_first_time, str(tmp_path / "marker")) == [0, 1]
+    finally:
+        pools.close()
+
+
+def test_a_crash_the_call_causes_every_time_still_fails():
+    pools = Pools()
+    try:
+        with pytest.warns(RuntimeWarning, match="killed by signal 6"), pytest.raises(RankFailure, match="died"):
+            pools.run(2, _abort_on_rank_one, timeout=60)
+    finally:
+        pools.close()
