@@ -250,7 +250,8 @@ class SOAPFamily(MatrixAlgorithm):
             eb.lerp_(m, u, 1 - beta1)
             denom = eb.eps_sqrt(eb.lerp_(v, u * u, 1 - eb.beta_debias(beta2, k)), eps)
             mu, mu_next = self._mu(hp, k)
-            product = torch.stack([s["mu_product"] for s in states]).to(u.dtype).view(-1, *([1] * (u.dim() - 1)))
+            product = (torch.stack([s["mu_product"] for s in states]).to(device=u.device, dtype=u.dtype)
+                       .view(-1, *([1] * (u.dim() - 1))))  # the counters live on the CPU, u may not
             return u / denom * ((1 - mu) / (1 - product)) + m / denom * (mu_next / (1 - product * mu_next))
         slow = stacks[_key("exp_avg_slow")]  # AdEMAMix
         beta3 = _beta3_at(k, beta1, hp["betas"][2], hp["beta3_warmup"])
