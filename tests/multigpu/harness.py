@@ -180,7 +180,7 @@ class RankPool:
         if not failures and len(outcomes) == self.world_size:
             return [pickle.loads(outcomes[rank][1]) for rank in range(self.world_size)]
         message = self._explain(fn, failures, outcomes, timeout)
-        killed = {i: (-p.exitcode, self._stderr_tail(i, limit=0, head=800)) for i, p in enumerate(self._procs)
+        killed = {i: (-p.exitcode, self._crash_report(i)) for i, p in enumerate(self._procs)
                   if p.exitcode is not None and p.exitcode < 0}
         self.close(force=True)
         raise RankFailure(message, killed)
@@ -199,6 +199,16 @@ class RankPool:
             return text
         tail = text[-limit:] if limit else ""
         return f"{text[:head]}\n[... {len(text) - head - limit} characters ...]\n{tail}"
+
+    def _crash_report(self, rank: int) -> str:
+        """What glibc or faulthandler said first, and the stack of the thread that crashed (faulthandler's
+        "Current thread" section), for the warning of a retried call."""
+        text = self._stderr_tail(rank, limit=10**7, head=0)
+        fatal = text.find("Fatal Python error")
+        start = text.rfind("\n", 0, max(fatal - 300, 0)) + 1 if fatal >= 0 else 0
+        current = text.find("Current thread")
+        crashed = text[current:current + 2500] if current >= 0 else ""
+        return f"{text[start:fatal + 60] if fatal >= 0 else text[:600]} ... {crashed}"
 
     def _explain(self, fn, failures, outcomes, timeout) -> str:
         name = getattr(fn, "__qualname__", repr(fn))
