@@ -168,10 +168,10 @@ class SOAPFamily(MatrixAlgorithm):
 
     def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                shape: tuple[int, ...]) -> None:
-        raise AssertionError("the SOAP family always steps through the chain runtime")
+        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")
 
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
-        raise AssertionError("the SOAP family always steps through the chain runtime")
+        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         reason = "its second moment lives in the eigenbasis on the owner, where the flag's schedule does not reach"
@@ -182,9 +182,21 @@ class SOAPFamily(MatrixAlgorithm):
     # ------------------------------------------------------------------------------------------------ owner
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
+        # One batch runs at one step count and one refresh decision; a matrix whose gradients started later (or
+        # skipped steps) is behind the others, so the batch is split by where each matrix is.
+        where = [(int(s["step"]), self._due(s, hp)) for s in states]
+        if len(set(where)) > 1:
+            out: list[Tensor | None] = [None] * len(states)
+            for key in dict.fromkeys(where):
+                picked = [i for i, w in enumerate(where) if w == key]
+                results = self.owner_update([wholes[i] for i in picked], [states[i] for i in picked], hp, shape,
+                                            [fqns[i] for i in picked])
+                for i, result in zip(picked, results):
+                    out[i] = result
+            return out
         dims, factors = self._dims(shape, hp), self._factors(shape, hp)
         g = torch.stack([w.reshape(dims) for w in wholes])
-        step = int(states[0]["step"])  # the same for a same-shape batch of one group (one step() call)
+        step = where[0][0]
         # A batch of one works on its own state through a view (no stacked copy to write back).
         stacks = {key: (states[0][key].unsqueeze(0) if len(states) == 1 else torch.stack([s[key] for s in states]))
                   for key in states[0] if key.startswith(OWNER_PREFIX)}
@@ -287,39 +299,37 @@ class SOAPFamily(MatrixAlgorithm):
         return direction
 
 
-_SWITCH_DEFAULTS = dict(REFUSED_SWITCHES)
-
 
 class SOAPNAdam(SOAPFamily):
     name, inner = "soapnadam", "nadam"
     hyperparameters = {**SOAP_DEFAULTS, "betas": (0.9, 0.999), "momentum_decay": 4e-3,
-                       "decoupled_weight_decay": False, **_SWITCH_DEFAULTS}
+                       "decoupled_weight_decay": False, **REFUSED_SWITCHES}
 
 
 class SOAPAdEMAMix(SOAPFamily):
     name, inner = "soapademamix", "ademamix"
     hyperparameters = {**SOAP_DEFAULTS, "betas": (0.9, 0.95, 0.999), "alpha": 2.0, "beta3_warmup": None,
-                       "alpha_warmup": None, **_SWITCH_DEFAULTS}
+                       "alpha_warmup": None, **REFUSED_SWITCHES}
 
 
 class SOLP(SOAPFamily):
     name, inner = "solp", "laprop"
-    hyperparameters = {**SOAP_DEFAULTS, **_SWITCH_DEFAULTS}
+    hyperparameters = {**SOAP_DEFAULTS, **REFUSED_SWITCHES}
 
 
 class KLSOAP(SOAPFamily):
     name, inner, kl = "klsoap", "adam", True
-    hyperparameters = {**SOAP_DEFAULTS, **_SWITCH_DEFAULTS}
+    hyperparameters = {**SOAP_DEFAULTS, **REFUSED_SWITCHES}
 
 
 class KLShampoo(SOAPFamily):
     name, inner, kl = "klshampoo", None, True
-    hyperparameters = {**SOAP_DEFAULTS, "init_factor": 0.1, "dampening": 1e-9, **_SWITCH_DEFAULTS}
+    hyperparameters = {**SOAP_DEFAULTS, "init_factor": 0.1, "dampening": 1e-9, **REFUSED_SWITCHES}
 
 
 class HeavySOAP(SOAPFamily):
     name, inner, heavy = "heavysoap", "adam", True
-    hyperparameters = {**SOAP_DEFAULTS, **_SWITCH_DEFAULTS}
+    hyperparameters = {**SOAP_DEFAULTS, **REFUSED_SWITCHES}
 
 
 class HeavySOAPNAdam(SOAPNAdam):

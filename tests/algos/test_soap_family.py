@@ -139,3 +139,19 @@ def test_bad_input_is_refused_at_construction(kwargs, message):
 def test_heavyballs_implementation_switches_are_accepted():
     opt = distopt.KLShampoo([torch.nn.Parameter(torch.randn(4, 3))], multi_tensor=False, compile_step=True)
     assert opt.param_groups[0]["algorithm"] == "klshampoo"
+
+
+def test_a_matrix_that_joins_late_is_stepped_at_its_own_count():
+    """Same-shape matrices of one group batch on their owner; one whose gradients start later (an unused layer)
+    has fewer steps behind it, and its first step must still only build its statistics, as when stepped alone."""
+    torch.manual_seed(4)
+    inits = [torch.randn(5, 4, dtype=torch.float64) for _ in range(2)]
+    grads = [[torch.randn(5, 4, dtype=torch.float64) for _ in inits] for _ in range(5)]
+    params = [torch.nn.Parameter(x.clone()) for x in inits]
+    opt = distopt.KLSOAP(params, lr=0.01)
+    for step, gs in enumerate(grads):
+        params[0].grad = gs[0].clone()
+        params[1].grad = gs[1].clone() if step >= 2 else None
+        opt.step()
+    alone = step_on(lambda ps: distopt.KLSOAP(ps, lr=0.01), [inits[1]], [[g[1]] for g in grads[2:]])[0]
+    assert (params[1].detach() - alone).abs().max() <= 1e-12 * (alone - inits[1]).abs().max()
