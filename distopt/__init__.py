@@ -10,7 +10,7 @@ from .optimizer import DistributedOptimizer
 from .qk_clip import QKClip
 from .sam import SAMWrapper
 from .saved_state import StateDictMismatch
-from .soap_constructors import CONSTRUCTORS as _SOAP_FAMILY
+from .heavyball_constructors import CONSTRUCTORS as _HEAVYBALL_FAMILIES
 from .transforms.custom import Chain
 
 __version__ = "0.1.0"
@@ -20,5 +20,5 @@ __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
            "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
            "Simplified_AdEMAMix", "SFAdamW", "AdamC", "HyperBallAdamW",
-           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip", "SAMWrapper", "MSAMLaProp", *_SOAP_FAMILY]
-globals().update(_SOAP_FAMILY)
+           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip", "SAMWrapper", "MSAMLaProp", *_HEAVYBALL_FAMILIES]
+globals().update(_HEAVYBALL_FAMILIES)

@@ -30,6 +30,7 @@ from .simplified_ademamix import Simplified_AdEMAMix
 from .sign_sgd import SignSGD
 from .sink_sgd import SinkSGD
 from .soap import SOAP
+from .psgd_family import FAMILY as PSGD_FAMILY
 from .soap_family import FAMILY as SOAP_FAMILY
 from .suds import SUDSAdamW
 
@@ -38,7 +39,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
                               SFAdamW, HyperBallAdamW, SUDSAdamW, Scion, MSAMLaProp,
-                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY)
+                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY, *PSGD_FAMILY)
 }
 
 #: Names of the algorithms that update local shards without communicating.

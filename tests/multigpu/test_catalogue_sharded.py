@@ -1,7 +1,7 @@
 """The first-order catalogue under FSDP2 (W = 1 to 4, uneven and empty shards), HSDP and DDP-style plain tensors
 equals the same optimizer in one process.
 
-Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon, AdaMuon and the SOAP family run on owners, where the whole tensor is: the same bits
+Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon, AdaMuon and the SOAP and PSGD families run on owners, where the whole tensor is: the same bits
 too. The algorithms with a reduction (StableAdamW's RMS, Lion-k's, HyperBall's and MSAMLaProp's norms over each whole tensor, Prodigy's
 statistics over the whole group) add the shards' sums in another order: the tolerance is that of the flags'
 reductions (``STEPS * LARGEST * eps`` of the distance moved; see ``test_flags_sharded``). The collectives counted are the chain runtime's all_reduces per step.
@@ -53,6 +53,11 @@ CONFIGS = {
                                   True),
     "klshampoo": ("klshampoo", dict(lr=0.01), {}, 0, True),
     "soapnadam/mars": ("soapnadam", dict(lr=0.01, precondition_frequency=1), dict(mars=True), 0, True),
+    # HeavyBall's PSGD family: factors (and LATHER's moments and bases) on the owner, draws seeded by name and step.
+    "psgdpro": ("psgdpro", dict(lr=0.01, weight_decay=0.1), {}, 0, True),
+    "qsgd/mars": ("qsgd", dict(lr=0.01, memory_save_mode="one_diag", preconditioner_update_probability=0.5),
+                  dict(mars=True), 0, True),
+    "lather": ("lather", dict(lr=0.01), {}, 0, True),
     "msamlaprop": ("msamlaprop", dict(lr=0.01, weight_decay=0.1, sam_step_size=0.5), {}, 1, False),
 }
 
