@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .algos.psgd_family import FAMILY as PSGD_FAMILY
 from .algos.psgd_family import IGNORED_SWITCHES as PSGD_IGNORED
+from .algos.psgd_lra import PSGDLRA as _LowRank
 from .algos.soap_family import FAMILY as SOAP_FAMILY
 from .optimizer import DistributedOptimizer
 from .owner import DEFAULT_BUCKET_BYTES
@@ -24,6 +25,9 @@ class _HeavyBallFamilyOptimizer(DistributedOptimizer):
 
     def __init__(self, params, lr=None, *, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None,
                  **hyperparameters):
+        if self.algorithm == _LowRank.name and hyperparameters.get("multi_tensor", True) is False:
+            raise ValueError("psgdlra: multi_tensor=False (one low-rank preconditioner per parameter) is not offered "
+                             "as a switch; give each parameter its own param group, which fits one per group")
         for key in IGNORED:
             hyperparameters.pop(key, None)
         if lr is not None:
@@ -40,6 +44,6 @@ def _constructor(cls) -> type:
                                                          "__module__": __name__})
 
 
-CONSTRUCTORS = {cls.__name__: _constructor(cls) for cls in (*SOAP_FAMILY, *PSGD_FAMILY)}
+CONSTRUCTORS = {cls.__name__: _constructor(cls) for cls in (*SOAP_FAMILY, *PSGD_FAMILY, _LowRank)}
 globals().update(CONSTRUCTORS)
 __all__ = list(CONSTRUCTORS)

@@ -254,12 +254,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Every tensor that runs on its own shard (elementwise groups, and the parameters of matrix groups whose
         # maths is elementwise for their shape); the owner route below runs the rest.
         batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)]
-        for algorithm, params, grads, states, group, wholes in batches:
+        for algorithm, params, grads, states, group, wholes, positions in batches:
             if not params:
                 continue
             if algorithm.chained(group):
                 run_elementwise(algorithm, params, grads, states, group, [tuple(p.shape) for p in wholes],
-                                self._reducer(wholes), [layout.global_offset(p) for p in wholes])
+                                self._reducer(wholes), [layout.global_offset(p) for p in wholes], positions)
             elif algorithm.kind == MATRIX:
                 for param, grad, state in zip(params, grads, states):
                     algorithm.local_update(param, grad, state, group)
@@ -289,8 +289,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Sums over the process group for the flags of a batch of parameters (see :class:`Reducer`)."""
         group, ranks, rank = group_layout(self._process_group)
         weights = [layout.counts_here(param, rank, len(ranks), self._name_of) for param in params]
-        return Reducer(weights, (lambda partials: exchange.sum_over_ranks(partials, group)) if len(ranks) > 1
-                       else None)
+        if len(ranks) == 1:
+            return Reducer(weights)
+        return Reducer(weights, lambda partials: exchange.sum_over_ranks(partials, group),
+                       maximum=lambda values: exchange.max_over_ranks(values, group))
 
     def _name_of(self, param: Tensor) -> str:
         for group_index, group in enumerate(self.param_groups):
@@ -301,12 +303,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _local_batch(self, group: dict[str, Any], group_index: int):
         """This rank's tensors of an elementwise group's parameters that have gradients, with local state views,
-        each checked by the algorithm: ``(algorithm, params, grads, states, group, whole parameters)``."""
+        each checked by the algorithm: ``(algorithm, params, grads, states, group, whole parameters, their
+        positions in the group)``."""
         algorithm = self.algorithm_of(group)
         check, state_of, local_of = algorithm.check_local, self.state, layout.local  # hot loop: bound once
         flag_keys = flag_state_keys(algorithm, group)
         chained = algorithm.chained(group)
-        params, grads, states, wholes = [], [], [], []
+        params, grads, states, wholes, positions = [], [], [], [], []
         for i, param in enumerate(group["params"]):
             if param.grad is None or self._on_owner(param):
                 continue
@@ -326,10 +329,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 raise type(error)(f"parameter {param_groups.describe(group, group_index, i)}: {error}") from None
             params.append(local)
             wholes.append(param)
+            positions.append(i)
             grads.append(grad)
             # A plain tensor's state is already local: hand over the dict itself rather than a copy.
             states.append(state if local is param else {key: local_of(value) for key, value in state.items()})
-        return algorithm, params, grads, states, group, wholes
+        return algorithm, params, grads, states, group, wholes, positions
 
     def _check_grads(self, group: dict[str, Any], group_index: int, algorithm: Algorithm) -> None:
         for i, param in enumerate(group["params"]):

@@ -31,6 +31,7 @@ from .sign_sgd import SignSGD
 from .sink_sgd import SinkSGD
 from .soap import SOAP
 from .psgd_family import FAMILY as PSGD_FAMILY
+from .psgd_lra import PSGDLRA
 from .soap_family import FAMILY as SOAP_FAMILY
 from .suds import SUDSAdamW
 
@@ -39,7 +40,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
                               SFAdamW, HyperBallAdamW, SUDSAdamW, Scion, MSAMLaProp,
-                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY, *PSGD_FAMILY)
+                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY, *PSGD_FAMILY, PSGDLRA)
 }
 
 #: Names of the algorithms that update local shards without communicating.

@@ -66,6 +66,11 @@ class Transform:
     reductions: ClassVar[int] = 0
     #: Whether the totals are pooled over every tensor of the reduction (a global norm) rather than per tensor.
     pooled: ClassVar[bool] = False
+    #: How partials combine over ranks: ``"sum"``, or ``"max"`` (the key of an argmax over every rank).
+    reduce_op: ClassVar[str] = "sum"
+    #: The dtype partials travel in where it must be exact (float64 keys and counts); None: the update's (at
+    #: least float32).
+    reduce_dtype: ClassVar[torch.dtype | None] = None
     #: The keys :meth:`init` returns.
     state_keys: ClassVar[tuple[str, ...]] = ()
     #: State entries that are scalars (not shaped like the parameter).
@@ -89,6 +94,11 @@ class Transform:
     def update(self, t: TensorStep, totals: Tensor | None) -> Tensor | None:
         raise NotImplementedError
 
+    def active(self, steps: list[TensorStep]) -> bool:
+        """Whether this transform runs at this step of the batch (neither its reduction nor its update otherwise).
+        Every rank must decide alike, from what every rank holds (step counters, the group's settings)."""
+        return True
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -106,11 +116,13 @@ class Reducer:
     all_reduce: Callable[[Tensor], Tensor] | None = None
     #: Collectives issued so far (tests and the closing note count them).
     issued: int = 0
+    #: The elementwise maximum over the ranks, for transforms whose ``reduce_op`` is ``"max"``.
+    maximum: Callable[[Tensor], Tensor] | None = None
 
     def totals(self, transform: Transform, steps: list[TensorStep]) -> Tensor:
         """``(len(steps), transform.reductions)`` totals over every rank, pooled if the transform pools."""
         reference = steps[0].u if steps[0].u is not None else steps[0].grad
-        dtype = torch.promote_types(reference.dtype, torch.float32)
+        dtype = transform.reduce_dtype or torch.promote_types(reference.dtype, torch.float32)
         rows = []
         for t, counts in zip(steps, self.weights):
             if counts and not t.skip:
@@ -118,8 +130,9 @@ class Reducer:
             else:
                 rows.append(torch.zeros(transform.reductions, dtype=dtype, device=reference.device))
         local = torch.stack(rows)
-        if self.all_reduce is not None:
-            local = self.all_reduce(local)
+        combine = self.maximum if transform.reduce_op == "max" else self.all_reduce
+        if combine is not None:
+            local = combine(local)
             self.issued += 1
         return transform.pool(local, steps)
 
@@ -130,6 +143,8 @@ def run(transforms: Sequence[Transform], steps: list[TensorStep], reducer: Reduc
     Every rank holds the same batch (the parameters with gradients, which FSDP2 and DDP give every rank alike), so
     every rank issues the same collectives in the same order."""
     for transform in transforms:
+        if steps and not transform.active(steps):
+            continue
         totals = reducer.totals(transform, steps) if transform.reductions and steps else None
         for i, t in enumerate(steps):
             if t.skip:

@@ -107,11 +107,13 @@ def is_scalar_state(algorithm: Any, key: str) -> bool:
 
 def begin(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]],
           hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
-          offsets: Sequence[tuple[int, ...]] | None = None) -> list[TensorStep]:
+          offsets: Sequence[tuple[int, ...]] | None = None,
+          positions: Sequence[int] | None = None) -> list[TensorStep]:
     """One :class:`TensorStep` per tensor: the gradient as the chain takes it in (negated under ``maximize``).
     Under ``promote`` the chain runs on float32 copies of a low-precision gradient and state; :func:`end` writes
     the state back. ``offsets``: where each local tensor starts in its whole tensor (``extra["offset"]``), for
-    transforms that pick elements by their place in the whole tensor (Prodigy's ``slice_p``)."""
+    transforms that pick elements by their place in the whole tensor (Prodigy's ``slice_p``); ``positions``: each
+    tensor's index in its param group (``extra["position"]``), for maths over the group's flatten (PSGDLRA)."""
     maximize, promote = hp.get("maximize", False), flags.value(hp, "promote")
     steps = []
     for param, grad, state, shape in zip(params, grads, states, shapes):
@@ -128,6 +130,8 @@ def begin(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
             t.extra["low_precision_state"] = low
         if offsets is not None:
             t.extra["offset"] = offsets[len(steps)]
+        if positions is not None:
+            t.extra["position"] = positions[len(steps)]
         steps.append(t)
     return steps
 
@@ -141,11 +145,12 @@ def end(steps: list[TensorStep]) -> None:
 
 def run_elementwise(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor],
                     states: Sequence[dict[str, Tensor]], hp: Mapping[str, Any], shapes: Sequence[tuple[int, ...]],
-                    reducer: Reducer, offsets: Sequence[tuple[int, ...]] | None = None) -> None:
+                    reducer: Reducer, offsets: Sequence[tuple[int, ...]] | None = None,
+                    positions: Sequence[int] | None = None) -> None:
     """One step of an elementwise group with flags on, or of a custom chain (for a matrix chain: its tensors that
     skip the owner section)."""
     before, after = parts(algorithm, hp)
-    steps = begin(params, grads, states, hp, shapes, offsets)
+    steps = begin(params, grads, states, hp, shapes, offsets, positions)
     run(before, steps, reducer)
     if getattr(algorithm, "transforms", None) is None:
         for t in steps:

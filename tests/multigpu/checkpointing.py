@@ -32,7 +32,7 @@ REDUCING = ("catalogue_reducing",)
 #: (round robin over MuonNet's eleven: owner-route algorithms get matrices, Scion the 4-D convolution).
 PEERS = ("muonadamw", "sinksgd", "signsgd", "adagrad", "adamc", "sudsadamw", "ranger", "simplified_ademamix",
          "sfadamw", "scion")  # ten names: MuonAdamW gets the embedding (a matrix) and conv.bias (a vector)
-REDUCING_NAMES = ("stableadamw", "prodigy", "lion", "hyperballadamw", "adan", "msamlaprop")
+REDUCING_NAMES = ("stableadamw", "prodigy", "lion", "hyperballadamw", "adan", "msamlaprop", "psgdlra")
 
 
 def make_optimizer(kind: str, model):

@@ -58,6 +58,10 @@ CONFIGS = {
     "qsgd/mars": ("qsgd", dict(lr=0.01, memory_save_mode="one_diag", preconditioner_update_probability=0.5),
                   dict(mars=True), 0, True),
     "lather": ("lather", dict(lr=0.01), {}, 0, True),
+    # PSGDLRA: one low-rank preconditioner over the group, its sums over every tensor and rank (eight collectives
+    # on a fitting step: the balance, five sums, the argmax, and two to apply it).
+    "psgdlra": ("psgdlra", dict(lr=0.01, weight_decay=0.1), {}, 8, False),
+    "psgdlra/delayed+caution": ("psgdlra", dict(lr=0.01, delayed=True, rank=3), dict(caution=True), 9, False),
     "msamlaprop": ("msamlaprop", dict(lr=0.01, weight_decay=0.1, sam_step_size=0.5), {}, 1, False),
 }
 

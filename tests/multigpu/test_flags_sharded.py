@@ -117,20 +117,24 @@ def _groups(model, algo, hp, flags):
 def _train(model, reference_params, algo, hp, flags):
     opt = _groups(model, algo, hp, flags)
     calls = []
-    original = exchange.sum_over_ranks
+    original, original_max = exchange.sum_over_ranks, exchange.max_over_ranks
 
     def counted(partials, group=None):
         calls.append(tuple(partials.shape))
         return original(partials, group)
 
-    exchange.sum_over_ranks = counted
+    def counted_max(values, group=None):  # PSGDLRA's argmax
+        calls.append(tuple(values.shape))
+        return original_max(values, group)
+
+    exchange.sum_over_ranks, exchange.max_over_ranks = counted, counted_max
     try:
         gen = torch.Generator().manual_seed(1)
         for _ in range(STEPS):
             feed_same_grads(list(model.parameters()), reference_params, gen)
             opt.step()
     finally:
-        exchange.sum_over_ranks = original
+        exchange.sum_over_ranks, exchange.max_over_ranks = original, original_max
     return calls, opt
 
 
