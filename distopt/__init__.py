@@ -3,7 +3,7 @@
 from .algos import REGISTRY as ALGORITHMS
 from .algos import Algorithm
 from .constructors import (ADOPT, MSAMLaProp, SGD, AdamC, HyperBallAdamW, Scion, SUDSAdamW, Adadelta, Adafactor, Adagrad, AdamW, Adam, Adamax, AdEMAMix, LaProp, LaPropOrtho, Lion,
-                           Muon, MuonAdamW, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, SignLaProp, SOAP,
+                           Muon, MuonAdamW, MuonLaProp, NAdam, OrthoLaProp, PSGDKron, RAdam, RMSprop, Shampoo, SignLaProp, SOAP,
                            UnscaledAdamW)
 from .catalogue import AdaMuon, Adan, NorMuon, Prodigy, Ranger, SFAdamW, SignSGD, Simplified_AdEMAMix, SinkSGD, StableAdamW
 from .optimizer import DistributedOptimizer
@@ -20,5 +20,5 @@ __all__ = ["DistributedOptimizer", "Algorithm", "ALGORITHMS", "AdamW", "Adam", "
            "OrthoLaProp", "LaPropOrtho", "RAdam", "Adamax", "Adagrad", "Adadelta", "Adafactor", "SignLaProp", "UnscaledAdamW",
            "Adan", "Ranger", "StableAdamW", "Prodigy", "SignSGD", "SinkSGD",
            "Simplified_AdEMAMix", "SFAdamW", "AdamC", "HyperBallAdamW",
-           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip", "SAMWrapper", "MSAMLaProp", *_HEAVYBALL_FAMILIES]
+           "SUDSAdamW", "Scion", "NorMuon", "MuonAdamW", "AdaMuon", "QKClip", "SAMWrapper", "MSAMLaProp", "Shampoo", *_HEAVYBALL_FAMILIES]
 globals().update(_HEAVYBALL_FAMILIES)

@@ -247,6 +247,26 @@ class PSGDKron(DistributedOptimizer):
                          seed=seed, process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
 
 
+class Shampoo(DistributedOptimizer):
+    """Shampoo with Adam grafting on owner ranks, as facebookresearch/optimizers' Distributed Shampoo runs it with
+    ``grafting_config=AdamPreconditionerConfig(beta2=grafting_beta2, epsilon=grafting_epsilon)`` (the configuration its
+    README recommends in place of Adam; ``grafting=None`` for none). Its names and the README's values as defaults;
+    ``weight_decay_type`` is ``"decoupled"`` or ``"l2"``. See :mod:`distopt.algos.shampoo`."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0,
+                 weight_decay_type="decoupled", max_preconditioner_dim=8192, precondition_frequency=100,
+                 start_preconditioning_step=None, use_bias_correction=True, grafting="adam", grafting_beta2=0.999,
+                 grafting_epsilon=1e-8, *, beta3=None, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
+                 compile=None, **flags):
+        super().__init__(params, "shampoo", lr=lr, betas=betas, beta3=beta3, epsilon=epsilon,
+                         weight_decay=weight_decay, weight_decay_type=weight_decay_type,
+                         max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
+                         start_preconditioning_step=start_preconditioning_step,
+                         use_bias_correction=use_bias_correction, grafting=grafting, grafting_beta2=grafting_beta2,
+                         grafting_epsilon=grafting_epsilon, process_group=process_group, bucket_bytes=bucket_bytes,
+                         compile=compile, **flags)
+
+
 class _HeavyBallChain(DistributedOptimizer):
     """HeavyBall 3.2.1's optimizers that are chains of distopt's parts, with HeavyBall's keywords and defaults."""
 

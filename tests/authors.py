@@ -6,7 +6,9 @@ a loop written from our own reading of a paper cannot replace.
 bench takes the same, as ``--dion-path``).
 ``DISTOPT_ADV_OPTM_223_PATH``: the unpacked wheel of adv-optm 2.2.3 (the folder holding its ``adv_optm`` package;
 ``pip download --no-deps adv-optm==2.2.3`` and unzip it), the last release with Simplified AdEMAMix; it loads as
-``adv_optm_223``, beside the installed 2.5.16. Tests that need one skip, saying so, where it is not given.
+``adv_optm_223``, beside the installed 2.5.16.
+``DISTOPT_SHAMPOO_PATH``: a checkout of https://github.com/facebookresearch/optimizers (the folder holding the
+``distributed_shampoo`` package). Tests that need one skip, saying so, where it is not given.
 """
 
 from __future__ import annotations
@@ -75,3 +77,19 @@ def load_dion_module(name: str):
     if value not in sys.path:
         sys.path.insert(0, value)
     return importlib.import_module(f"dion.{name}")
+
+
+SHAMPOO_ENV = "DISTOPT_SHAMPOO_PATH"
+
+
+def load_distributed_shampoo():
+    """facebookresearch/optimizers' ``distributed_shampoo`` from ``DISTOPT_SHAMPOO_PATH``, or a pytest skip that says
+    how."""
+    value = os.environ.get(SHAMPOO_ENV)
+    if not value:
+        pytest.skip(f"Distributed Shampoo is not given: set {SHAMPOO_ENV} to a checkout of facebookresearch/optimizers")
+    if not (Path(value) / "distributed_shampoo" / "__init__.py").is_file():
+        raise FileNotFoundError(f"{SHAMPOO_ENV}={value!r} holds no distributed_shampoo/__init__.py")
+    if value not in sys.path:
+        sys.path.insert(0, value)
+    return importlib.import_module("distributed_shampoo")

@@ -102,7 +102,7 @@ def test_algorithm_names_are_lowercase_class_names():
                                        "normuon", "adamuon", "soap", "psgdkron", "msamlaprop",
                                        "soapnadam", "soapademamix", "solp", "klsoap", "klshampoo", "heavysoap",
                                        "heavysoapnadam", "heavysoapademamix", "heavysolp", "heavyklsoap",
-                                       "heavyklshampoo", "psgdpro", "qsgd", "lather", "psgdlra"}
+                                       "heavyklshampoo", "psgdpro", "qsgd", "lather", "psgdlra", "shampoo"}
     for name, cls in distopt.ALGORITHMS.items():
         assert cls.__name__.lower() == name
 

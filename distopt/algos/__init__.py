@@ -29,6 +29,7 @@ from .sgd import SGD
 from .simplified_ademamix import Simplified_AdEMAMix
 from .sign_sgd import SignSGD
 from .sink_sgd import SinkSGD
+from .shampoo import Shampoo
 from .soap import SOAP
 from .psgd_family import FAMILY as PSGD_FAMILY
 from .psgd_lra import PSGDLRA
@@ -40,7 +41,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (AdamW, Adam, SGD, NAdam, RMSprop, RAdam, Adamax, Adagrad, Adadelta, Adafactor, Lion, LaProp, ADOPT,
                               AdEMAMix, Adan, Ranger, SignSGD, SinkSGD, Simplified_AdEMAMix,
                               SFAdamW, HyperBallAdamW, SUDSAdamW, Scion, MSAMLaProp,
-                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY, *PSGD_FAMILY, PSGDLRA)
+                              Muon, NorMuon, AdaMuon, SOAP, PSGDKron, *SOAP_FAMILY, *PSGD_FAMILY, PSGDLRA, Shampoo)
 }
 
 #: Names of the algorithms that update local shards without communicating.

@@ -16,13 +16,15 @@ from .sharded_models import feed_same_grads, full, mesh_for
 from .test_muon_owner import MuonNet
 
 ALGORITHMS = ("adamw", "muon", "muon+adamw", "soap", "psgd", "flags", "catalogue", "catalogue_peers",
-              "muon_variants", "heavyball_families")
-#: HeavyBall's SOAP and PSGD families, one group each (round robin): owner state of every inner method, KL and Heavy,
-#: the PRO and whitening fits (their lower bounds, LATHER's moments and bases) and the fits' schedule on shards.
-HEAVYBALL_FAMILIES = {"soapnadam": {"precondition_1d": True}, "heavysoapademamix": {"precondition_1d": True},
-                      "klshampoo": {"precondition_1d": True}, "psgdpro": {"preconditioner_update_probability": 0.4},
-                      "solp": {"precondition_1d": True}, "heavyklsoap": {"precondition_1d": True},
-                      "lather": {"preconditioner_update_probability": 0.6}, "qsgd": {"memory_save_mode": "one_diag"}}
+              "muon_variants", "second_order")
+#: HeavyBall's SOAP and PSGD families and Shampoo, one group each (round robin): owner state of every inner method, KL
+#: and Heavy, the PRO and whitening fits (their lower bounds, LATHER's moments and bases), the fits' schedule on
+#: shards, and Shampoo's blocks of factors and inverse roots.
+SECOND_ORDER = {"soapnadam": {"precondition_1d": True}, "heavysoapademamix": {"precondition_1d": True},
+                "klshampoo": {"precondition_1d": True}, "psgdpro": {"preconditioner_update_probability": 0.4},
+                "solp": {"precondition_1d": True}, "heavyklsoap": {"precondition_1d": True},
+                "lather": {"preconditioner_update_probability": 0.6}, "qsgd": {"memory_save_mode": "one_diag"},
+                "shampoo": {"max_preconditioner_dim": 16, "precondition_frequency": 2}}
 #: Kinds whose maths sums over shards (StableAdamW's RMS, Prodigy's statistics, Lion-k's and HyperBall's norms): a
 #: resumed run on another world size adds the shards in another order, so it continues to a tolerance, not to the
 #: bit.
@@ -52,10 +54,10 @@ def make_optimizer(kind: str, model):
         names = ("radam", "adamax", "adagrad", "adafactor", "adadelta", "unscaledadamw")  # adafactor: 4-D conv too
         return distopt.DistributedOptimizer([{"params": named[i::len(names)], "algorithm": name, "lr": 1e-2}
                                              for i, name in enumerate(names)])
-    if kind == "heavyball_families":
-        return distopt.DistributedOptimizer([{"params": named[i::len(HEAVYBALL_FAMILIES)], "algorithm": name,
+    if kind == "second_order":
+        return distopt.DistributedOptimizer([{"params": named[i::len(SECOND_ORDER)], "algorithm": name,
                                               "lr": 1e-2, **extra} for i, (name, extra) in
-                                             enumerate(HEAVYBALL_FAMILIES.items())])
+                                             enumerate(SECOND_ORDER.items())])
     if kind in ("catalogue_peers", "catalogue_reducing"):
         names = PEERS if kind == "catalogue_peers" else REDUCING_NAMES
         extra = {"prodigy": {"d0": 1e-3, "slice_p": 3, "lr": 1.0}, "lion": {"kappa_p": 1.5, "lr": 1e-3},

@@ -1,7 +1,7 @@
 """The first-order catalogue under FSDP2 (W = 1 to 4, uneven and empty shards), HSDP and DDP-style plain tensors
 equals the same optimizer in one process.
 
-Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon, AdaMuon and the SOAP and PSGD families run on owners, where the whole tensor is: the same bits
+Elementwise maths gives the same bits. Adafactor, SinkSGD, SUDSAdamW, Scion, NorMuon, AdaMuon, the SOAP and PSGD families and Shampoo run on owners, where the whole tensor is: the same bits
 too. The algorithms with a reduction (StableAdamW's RMS, Lion-k's, HyperBall's and MSAMLaProp's norms over each whole tensor, Prodigy's
 statistics over the whole group) add the shards' sums in another order: the tolerance is that of the flags'
 reductions (``STEPS * LARGEST * eps`` of the distance moved; see ``test_flags_sharded``). The collectives counted are the chain runtime's all_reduces per step.
@@ -62,6 +62,9 @@ CONFIGS = {
     # on a fitting step: the balance, five sums, the argmax, and two to apply it).
     "psgdlra": ("psgdlra", dict(lr=0.01, weight_decay=0.1), {}, 8, False),
     "psgdlra/delayed+caution": ("psgdlra", dict(lr=0.01, delayed=True, rank=3), dict(caution=True), 9, False),
+    # Shampoo: blocks of factors and inverse roots on the owner (2-D blocks, merged vectors, blocks of a cut weight).
+    "shampoo": ("shampoo", dict(lr=0.01, max_preconditioner_dim=6, precondition_frequency=2, weight_decay=0.1), {},
+                0, True),
     "msamlaprop": ("msamlaprop", dict(lr=0.01, weight_decay=0.1, sam_step_size=0.5), {}, 1, False),
 }
 

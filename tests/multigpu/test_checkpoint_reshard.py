@@ -53,7 +53,7 @@ def test_fsdp_save_on_w_load_on_w2_continues(ranks, backend, tmp_path_factory, k
     resumed = ranks(new_world, ck.resumed_run, kind, "fsdp", path, flatten, AFTER)
     _assert_same(resumed, reference, (kind, world, new_world))
     if world != new_world and kind in ("muon", "muon+adamw", "soap", "psgd", "flags", "muon_variants",
-                                             "heavyball_families"):  # these have owner plans
+                                             "second_order"):  # these have owner plans
         assert resumed[0][1] != reference[1], "the owner plan should differ between world sizes"
 
 
