@@ -65,6 +65,7 @@ ADV_OPTM = {"prodigy": ("Prodigy", "Prodigy_adv", {"lr": 1.0, "d0": 1e-6}),
             "sinksgd": ("SinkSGD", "SinkSGD_adv", {"lr": 1e-3, "momentum": 0.9})}
 SOAP_FAMILY = ("SOAPNAdam", "SOAPAdEMAMix", "SOLP", "KLSOAP", "KLShampoo", "HeavySOAP", "HeavySOAPNAdam",
                "HeavySOAPAdEMAMix", "HeavySOLP", "HeavyKLSOAP", "HeavyKLShampoo")
+PSGD_FAMILY = ("PSGDPRO", "QSGD", "LATHER", "PSGDLRA")
 HEAVYBALL = {"adamc": ("AdamC", {"lr": 2.5e-3, "weight_decay": 0.1}),
              "sudsadamw": ("SUDSAdamW", {"lr": 2.5e-3}),
              "hyperballadamw": ("HyperBallAdamW", {"lr": 2.5e-3, "weight_decay": 0.1}),
@@ -76,7 +77,9 @@ HEAVYBALL = {"adamc": ("AdamC", {"lr": 2.5e-3, "weight_decay": 0.1}),
              "muonlaprop": ("MuonLaProp", {"lr": 2.5e-3}), "muonadamw": ("MuonAdamW", {"lr": 2.5e-3}), "ortholaprop": ("OrthoLaProp", {"lr": 2.5e-3}),
              "laproportho": ("LaPropOrtho", {"lr": 2.5e-3}),
              # HeavyBall's SOAP family at its defaults (refresh every 2 steps, merge_dims, max_precond_dim 2048)
-             **{name.lower(): (name, {"lr": 3e-3}) for name in SOAP_FAMILY}}
+             **{name.lower(): (name, {"lr": 3e-3}) for name in SOAP_FAMILY},
+             # HeavyBall's PSGD family at its defaults (a fit every step for the first 1000, HeavyBall's schedule)
+             **{name.lower(): (name, {"lr": 1e-3}) for name in PSGD_FAMILY}}
 
 
 def _optimi(name: str, hp: dict) -> list[Candidate]:
@@ -106,7 +109,7 @@ def _heavyball(name: str, hp: dict) -> list[Candidate]:
     # The SOAP family stacks same-shape matrices on their owner; owner_batch_bytes caps a stack (512 KiB by
     # default, one or two of these matrices): a larger cap trades memory for fewer, larger linear-algebra calls.
     batched = ([_ours(name, {**hp, "owner_batch_bytes": 64 << 20}, f"distopt.{name} (owner batches 64 MiB)")]
-               if name in SOAP_FAMILY else [])
+               if name in SOAP_FAMILY or name in PSGD_FAMILY[:3] else [])
     return [_ours(name, hp), *batched, _peer("heavyball", name, hp), *replicated]
 
 
@@ -139,7 +142,51 @@ def _adamuon() -> list[Candidate]:
             _replicated("adv_optm.AdaMuon_adv", make)]
 
 
+#: Shampoo with Adam grafting, the README's Adam example of Distributed Shampoo; roots every 10 steps so that a
+#: bench run of a few dozen steps computes some (the README's 100 would compute none).
+SHAMPOO = {"lr": 1e-3, "betas": (0.9, 0.999), "epsilon": 1e-12, "weight_decay": 1e-5, "max_preconditioner_dim": 8192,
+           "precondition_frequency": 10}
+SHAMPOO_HINT = ("clone facebookresearch/optimizers (bash scripts/peers.sh --shampoo DIR) and set "
+                "DISTOPT_SHAMPOO_PATH=DIR")
+
+
+def _distributed_shampoo():
+    import os
+    import sys
+
+    from .bench_candidates import NotInstalled
+
+    root = os.environ.get("DISTOPT_SHAMPOO_PATH")
+    if not root or not os.path.isfile(os.path.join(root, "distributed_shampoo", "__init__.py")):
+        raise NotInstalled(SHAMPOO_HINT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import distributed_shampoo
+
+    return distributed_shampoo
+
+
+def _shampoo() -> list[Candidate]:
+    def theirs(ps, distributed_config=None):
+        ds = _distributed_shampoo()
+        hp = {k: v for k, v in SHAMPOO.items()}
+        extra = {} if distributed_config is None else {"distributed_config": distributed_config(ds)}
+        return ds.DistributedShampoo(ps, **hp, grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
+                                     **extra)
+
+    def fully_shard(strategy):
+        return lambda ds: ds.FullyShardDistributedConfig(
+            param_assignment_strategy=getattr(ds.FSDPParamAssignmentStrategy, strategy))
+    return [_ours("Shampoo", SHAMPOO),
+            Candidate("distributed_shampoo (FSDP2, its default: blocks of local shards)",
+                      lambda ps, mesh: theirs(ps, fully_shard("DEFAULT"))),
+            Candidate("distributed_shampoo (FSDP2, lossless round robin)",
+                      lambda ps, mesh: theirs(ps, fully_shard("ROUND_ROBIN"))),
+            _replicated("distributed_shampoo", lambda ps: theirs(ps))]
+
+
 SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
+    "shampoo": lambda dion_path: _shampoo(),
     "normuon": _normuon,
     "adamuon": lambda dion_path: _adamuon(),
     "adafactor": lambda dion_path: _adafactor(),
