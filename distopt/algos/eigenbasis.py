@@ -119,17 +119,26 @@ def refreshed_basis(gg: Tensor, q: Tensor, floor: float) -> Tensor:
     return work.scatter(-1, index, orthogonal)
 
 
-def change_basis(x: Tensor, old: list[Tensor | None], new: list[Tensor | None]) -> Tensor:
-    """A tensor kept in the old eigenbasis, re-expressed in the new one: ``Q_newᵀ Q_old x`` per factor."""
-    turns = [None if o is None else o.mT @ n for o, n in zip(old, new)]
-    return project(x, turns)
+def turns(old: list[Tensor | None], new: list[Tensor | None]) -> list[Tensor | None]:
+    """``Q_oldᵀ Q_new`` per factor: what takes a tensor kept in the old eigenbasis to the new one."""
+    return [None if o is None else o.mT @ n for o, n in zip(old, new)]
 
 
-def transport_second_moment(v: Tensor, old: list[Tensor | None], new: list[Tensor | None]) -> Tensor:
+def change_basis(x: Tensor, old: list[Tensor | None], new: list[Tensor | None],
+                 turned: list[Tensor | None] | None = None) -> Tensor:
+    """A tensor kept in the old eigenbasis, re-expressed in the new one: ``Q_newᵀ Q_old x`` per factor. With the
+    ``turns`` at hand (the Heavy variants need them anyway) one product of ``numel d`` per factor; otherwise back to the
+    original space and into the new basis, two such products, rather than forming ``Q_oldᵀ Q_new`` (``d³``: the
+    larger for a long side, 1024 x 1024 bases of a 256 x 1024 weight; measured 12% off an AdEMAMix variant's step)."""
+    if turned is not None:
+        return project(x, turned)
+    return project(project(x, old, back=True), new)
+
+
+def transport_second_moment(v: Tensor, turned: list[Tensor | None]) -> Tensor:
     """The Heavy variants' transport of a second moment to the new basis: by the elementwise square of
-    ``Q_oldᵀ Q_new`` per factor, floored at zero."""
-    squares = [None if o is None else (o.mT @ n).square() for o, n in zip(old, new)]
-    return project(v, squares).clamp_min(0)
+    ``Q_oldᵀ Q_new`` per factor (:func:`turns`), floored at zero."""
+    return project(v, [None if t is None else t.square() for t in turned]).clamp_min(0)
 
 
 def balance(factors: list[Tensor]) -> None:

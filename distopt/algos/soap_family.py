@@ -275,10 +275,11 @@ class SOAPFamily(MatrixAlgorithm):
     def _refresh(self, ggs: list, bases: list, stacks: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
         """New bases; the first moments (both of AdEMAMix) turned into them, and for the Heavy variants the second."""
         new = [None if q is None else eb.refreshed_basis(gg, q, hp["eps"]) for gg, q in zip(ggs, bases)]
+        turned = eb.turns(bases, new) if self.heavy else None
         for name in ("exp_avg_slow", "exp_avg") if self.inner == "ademamix" else ("exp_avg",):
-            stacks[_key(name)] = eb.change_basis(stacks[_key(name)], bases, new)
+            stacks[_key(name)] = eb.change_basis(stacks[_key(name)], bases, new, turned)
         if self.heavy:
-            stacks[_key("exp_avg_sq")] = eb.transport_second_moment(stacks[_key("exp_avg_sq")], bases, new)
+            stacks[_key("exp_avg_sq")] = eb.transport_second_moment(stacks[_key("exp_avg_sq")], turned)
         bases[:] = new
 
     def _kl_shampoo(self, g, ggs, bases, stacks, states, hp, step, fqns) -> Tensor:

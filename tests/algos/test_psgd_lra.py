@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import distopt
-from distopt.algos import psgd_lra
+from distopt.algos import psgd_lra_sums
 from tests.same_grads import run_on_random_grads, worst
 
 heavyball = pytest.importorskip("heavyball", reason="the test extra heavyball==3.2.1 is required")
@@ -38,14 +38,14 @@ def _squeezed(shape) -> tuple[int, ...]:
 
 def _runs(monkeypatch, hp: dict, fix_heavyball: bool = True, steps: int = STEPS):
     recorded = []
-    draw = psgd_lra.draw_whole
+    draw = psgd_lra_sums.draw_whole
 
     def recording(seed, position, step, what, shape, dtype, device):
         out = draw(seed, position, step, what, shape, dtype, device)
         recorded.append(((step, position, what != "U"), _squeezed(shape), out.clone()))
         return out
 
-    monkeypatch.setattr(psgd_lra, "draw_whole", recording)
+    monkeypatch.setattr(psgd_lra_sums, "draw_whole", recording)
     start, mine, opt = run_on_random_grads(lambda ps: distopt.PSGDLRA(ps, lr=LR, **hp), SHAPES, steps)
     # HeavyBall draws U then V for each tensor at its first step, then each step's probes tensor by tensor.
     queues: dict[tuple[int, ...], list[torch.Tensor]] = {}
