@@ -266,6 +266,22 @@ MATRIX = "matrix"
 OWNER_PREFIX = "owner."
 
 
+def split_batch(keys: list, wholes: list[Tensor], states: list[dict[str, Tensor]], fqns: list[str],
+                run) -> list[Tensor] | None:
+    """An owner batch whose matrices are not all at one point (``keys``: a step count, a refresh decision; a matrix
+    whose gradients started later is behind the others): ``run(wholes, states, fqns)`` on each subset that shares a
+    key, results in the batch's order. None where every key is the same (the caller runs the batch itself)."""
+    if len(set(keys)) <= 1:
+        return None
+    out: list[Tensor | None] = [None] * len(states)
+    for key in dict.fromkeys(keys):
+        picked = [i for i, k in enumerate(keys) if k == key]
+        results = run([wholes[i] for i in picked], [states[i] for i in picked], [fqns[i] for i in picked])
+        for i, result in zip(picked, results):
+            out[i] = result
+    return out
+
+
 class MatrixAlgorithm(Algorithm):
     """An algorithm whose update needs whole matrices; the optimizer runs its middle part on one owner rank.
 
@@ -375,3 +391,18 @@ class MatrixAlgorithm(Algorithm):
         piece = self.prepare(param, grad, state, hp).reshape(self.channels(hp), *shape)
         result = self.owner_update([piece], [state], hp, shape, [""])[0]
         self.finish(param, result, state, hp, shape)
+
+
+class ChainedMatrixAlgorithm(MatrixAlgorithm):
+    """A matrix algorithm whose shard step is always the chain runtime's (``p (1 - lr wd) - lr u`` with the flags,
+    HeavyBall's warm-up included): it defines :meth:`finish_direction`, never :meth:`finish`."""
+
+    def chained(self, hp: Mapping[str, Any]) -> bool:
+        return True
+
+    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
+               shape: tuple[int, ...]) -> None:
+        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")
+
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
+        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")

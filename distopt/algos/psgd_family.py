@@ -26,7 +26,8 @@ from torch import Tensor
 
 from . import eigenbasis as eb
 from . import psgd_maths as pm
-from .base import OWNER_PREFIX, MatrixAlgorithm, check_bool, check_nonnegative, check_unit_interval, new_step_counter
+from .base import (OWNER_PREFIX, ChainedMatrixAlgorithm, check_bool, check_nonnegative, check_unit_interval,
+                   new_step_counter, split_batch)
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
 
@@ -51,6 +52,32 @@ def heavyball_schedule(step: int) -> float:
     return max(0.03, 1.0 * 0.999 ** max(step - 1000, 0))
 
 
+def fit_probability(hp: Mapping[str, Any], step: int) -> float:
+    """``preconditioner_update_probability`` at ``step``: a number, a callable of the step, or None for
+    :func:`heavyball_schedule`."""
+    prob = hp["preconditioner_update_probability"]
+    if prob is None:
+        return heavyball_schedule(step)
+    return float(prob(step)) if callable(prob) else float(prob)
+
+
+def check_fit_settings(name: str, hp: Mapping[str, Any]) -> None:
+    """The settings the PSGD fits share: ``q_dtype``, ``precond_init_scale``, ``preconditioner_update_probability``."""
+    if hp["q_dtype"] not in ("float32", "float64"):
+        raise ValueError(f"{name}: q_dtype={hp['q_dtype']!r} is not supported (float32 or float64; compact states are "
+                         "not supported yet)")
+    scale = hp["precond_init_scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"{name}: invalid precond_init_scale={scale!r} (None for HeavyBall's automatic scale, or a "
+                         "finite number > 0)")
+    prob = hp["preconditioner_update_probability"]
+    if prob is not None and not callable(prob):
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 < prob <= 1.0:
+            raise ValueError(f"{name}: invalid preconditioner_update_probability={prob!r} (in (0, 1], None for "
+                             "HeavyBall's schedule, or a callable of the step)")
+
+
 def _seed(seed: int, fqn: str, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"psgd:{seed}:{fqn}:{step}".encode()).digest()[:8], "little") & (2**63 - 1)
 
@@ -67,7 +94,7 @@ def _key(name: str) -> str:
     return f"{OWNER_PREFIX}{name}"
 
 
-class PSGDFamily(MatrixAlgorithm):
+class PSGDFamily(ChainedMatrixAlgorithm):
     """One member: ``sqrt`` applies ``Q`` rather than ``QᵀQ`` (QSGD); ``lather`` runs Adam in the eigenbasis with the
     whitening fit instead of applying ``P`` with the PRO fit."""
 
@@ -94,22 +121,10 @@ class PSGDFamily(MatrixAlgorithm):
         if hp["memory_save_mode"] not in MEMORY_SAVE_MODES:
             raise ValueError(f"{self.name}: invalid memory_save_mode={hp['memory_save_mode']!r} (one of "
                              f"{MEMORY_SAVE_MODES})")
-        if hp["q_dtype"] not in ("float32", "float64"):
-            raise ValueError(f"{self.name}: q_dtype={hp['q_dtype']!r} is not supported (float32 or float64; compact "
-                             "states are not supported yet)")
-        scale = hp["precond_init_scale"]
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{self.name}: invalid precond_init_scale={scale!r} (None for HeavyBall's automatic "
-                             "scale, or a finite number > 0)")
         power = hp["precond_init_scale_power"]
         if power is not None and (isinstance(power, bool) or not isinstance(power, (int, float))):
             raise ValueError(f"{self.name}: invalid precond_init_scale_power={power!r} (None or a number)")
-        prob = hp["preconditioner_update_probability"]
-        if prob is not None and not callable(prob):
-            if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 < prob <= 1.0:
-                raise ValueError(f"{self.name}: invalid preconditioner_update_probability={prob!r} (in (0, 1], None "
-                                 "for HeavyBall's schedule, or a callable of the step)")
+        check_fit_settings(self.name, hp)
         check_bool(self.name, hp, "momentum_into_precond_update", "merge_dims", *(("exp_avg_input",) if "exp_avg_input"
                                                                                   in hp else ()))
         for key, default in REFUSED_SWITCHES.items():
@@ -173,12 +188,6 @@ class PSGDFamily(MatrixAlgorithm):
         return float(max(per_factor, 4 * numel))
 
     # ------------------------------------------------------------------------------------------------ shards
-    def _probability(self, hp: Mapping[str, Any], step: int) -> float:
-        prob = hp["preconditioner_update_probability"]
-        if prob is None:
-            return heavyball_schedule(step)
-        return float(prob(step)) if callable(prob) else float(prob)
-
     def _uses_momentum(self, hp: Mapping[str, Any]) -> bool:
         return not self.lather and hp["exp_avg_input"]
 
@@ -199,7 +208,7 @@ class PSGDFamily(MatrixAlgorithm):
         # probabilities of the previous steps; the owner adds this step's (float64, in HeavyBall's order).
         step = int(state["step"])
         if step > 0:
-            state["precond_cumulative"] += self._probability(hp, step)
+            state["precond_cumulative"] += fit_probability(hp, step)
         state["step"] += 1
         g = grad.to(self.wire_dtype(hp, param.dtype))
         if not self._uses_momentum(hp):
@@ -211,21 +220,13 @@ class PSGDFamily(MatrixAlgorithm):
 
     def _due(self, state: dict[str, Tensor], hp: Mapping[str, Any]) -> bool:
         before = float(state["precond_cumulative"])
-        return int(before + self._probability(hp, int(state["step"]))) > int(before)
+        return int(before + fit_probability(hp, int(state["step"]))) > int(before)
 
     def finish_direction(self, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                          shape: tuple[int, ...]) -> Tensor | None:
         return None if self.lather and int(state["step"]) == 1 else update
 
-    def chained(self, hp: Mapping[str, Any]) -> bool:
-        return True  # HeavyBall's step, its warm-up and flags: the chain's apply
 
-    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
-               shape: tuple[int, ...]) -> None:
-        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")
-
-    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
-        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         reason = "it has no second moment with betas[1] whose decay the flag would schedule"
@@ -242,15 +243,9 @@ class PSGDFamily(MatrixAlgorithm):
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         # One batch runs at one step count and one fit decision; a matrix that joined later is split off.
         where = [(int(s["step"]), self._due(s, hp)) for s in states]
-        if len(set(where)) > 1:
-            out: list[Tensor | None] = [None] * len(states)
-            for key in dict.fromkeys(where):
-                picked = [i for i, w in enumerate(where) if w == key]
-                results = self.owner_update([wholes[i] for i in picked], [states[i] for i in picked], hp, shape,
-                                            [fqns[i] for i in picked])
-                for i, result in zip(picked, results):
-                    out[i] = result
-            return out
+        apart = split_batch(where, wholes, states, fqns, lambda w, s, f: self.owner_update(w, s, hp, shape, f))
+        if apart is not None:
+            return apart
         step, due = where[0]
         dims = self._dims(shape, hp)
         diagonal = self._diagonal(dims, hp)

@@ -19,7 +19,6 @@ same in both.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import Tensor
 from . import eigenbasis as eb
 from . import psgd_lra_sums as sums
 from .base import Algorithm, check_bool, check_nonnegative, check_unit_interval, new_step_counter
-from .psgd_family import REFUSED_SWITCHES, heavyball_schedule
+from .psgd_family import REFUSED_SWITCHES, check_fit_settings, fit_probability
 from .psgd_lra_sums import lra_rank
 
 
@@ -57,18 +56,7 @@ class PSGDLRA(Algorithm):
             raise ValueError(f"{self.name}: invalid rank={rank!r} (None for log2 of the group's size, or an int >= 1)")
         if isinstance(hp["seed"], bool) or not isinstance(hp["seed"], int):
             raise ValueError(f"{self.name}: invalid seed={hp['seed']!r} (must be an int)")
-        if hp["q_dtype"] not in ("float32", "float64"):
-            raise ValueError(f"{self.name}: q_dtype={hp['q_dtype']!r} is not supported (float32 or float64; compact "
-                             "states are not supported yet)")
-        scale = hp["precond_init_scale"]
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{self.name}: invalid precond_init_scale={scale!r} (None, or a finite number > 0)")
-        prob = hp["preconditioner_update_probability"]
-        if prob is not None and not callable(prob):
-            if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 < prob <= 1.0:
-                raise ValueError(f"{self.name}: invalid preconditioner_update_probability={prob!r} (in (0, 1], None "
-                                 "for HeavyBall's schedule, or a callable of the step)")
+        check_fit_settings(self.name, hp)
         check_bool(self.name, hp, "momentum_into_precond_update", "delayed", "exp_avg_input")
         for key, default in REFUSED_SWITCHES.items():
             if hp.get(key, default) != default:
@@ -102,20 +90,14 @@ class PSGDLRA(Algorithm):
         return {"palm": reason, "kourkoutas_beta": reason, "atan2": "HeavyBall defines no atan2 for PSGDLRA",
                 "grams": "its update is preconditioned; sign(g)·|u| would undo the preconditioning"}
 
-    def _probability(self, hp: Mapping[str, Any], step: int) -> float:
-        prob = hp["preconditioner_update_probability"]
-        if prob is None:
-            return heavyball_schedule(step)
-        return float(prob(step)) if callable(prob) else float(prob)
-
     def direction(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
                   t: Any) -> Tensor:
         step = int(state["step"])
         if step > 0:
-            state["precond_cumulative"] += self._probability(hp, step)
+            state["precond_cumulative"] += fit_probability(hp, step)
         state["step"] += 1
         before = float(state["precond_cumulative"])
-        due = int(before + self._probability(hp, step + 1)) > int(before)
+        due = int(before + fit_probability(hp, step + 1)) > int(before)
         fits = int(state["fits"])
         if due:
             state["fits"] += 1

@@ -89,13 +89,17 @@ def balance(factors: list[Tensor]) -> list[Tensor]:
     return [q * (mean - norm).exp().view(-1, *([1] * (q.dim() - 1))) for q, norm in zip(factors, norms)]
 
 
-def max_eigenvalue_spd(a: Tensor, iterations: int) -> Tensor:
-    """Power iteration for the largest eigenvalue of each symmetric PSD matrix, from its largest row."""
-    row_norms = a.norm(dim=-1)
-    x_norm, index = row_norms.max(dim=-1)
+def _from_largest_row(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A power iteration's start: each matrix's largest row and the matrix, both divided by that row's norm."""
+    x_norm, index = a.norm(dim=-1).max(dim=-1)
     x_norm = x_norm.clamp(min=F32_TINY)
     x = a.gather(-2, index[:, None, None].expand(-1, 1, a.shape[-1])).squeeze(-2) / x_norm[:, None]
-    a = a / x_norm[:, None, None]
+    return x, a / x_norm[:, None, None], x_norm
+
+
+def max_eigenvalue_spd(a: Tensor, iterations: int) -> Tensor:
+    """Power iteration for the largest eigenvalue of each symmetric PSD matrix, from its largest row."""
+    x, a, x_norm = _from_largest_row(a)
 
     def times(v: Tensor) -> Tensor:
         return ((v[:, None, :] @ a.mT) @ a.mT).squeeze(-2)
@@ -107,11 +111,7 @@ def max_eigenvalue_spd(a: Tensor, iterations: int) -> Tensor:
 
 def max_singular_value(a: Tensor, iterations: int) -> Tensor:
     """Power iteration on ``AᵀA`` from the largest row: an estimate of ``‖A‖₂`` per matrix."""
-    row_norms = a.norm(dim=-1)
-    x_norm, index = row_norms.max(dim=-1)
-    x_norm = x_norm.clamp(min=F32_TINY)
-    x = a.gather(-2, index[:, None, None].expand(-1, 1, a.shape[-1])).squeeze(-2) / x_norm[:, None]
-    a = a / x_norm[:, None, None]
+    x, a, x_norm = _from_largest_row(a)
 
     def times(v: Tensor) -> Tensor:
         return (a.mT @ (a @ v[..., None])).squeeze(-1)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import eigenbasis as eb
-from .base import OWNER_PREFIX, MatrixAlgorithm, check_bool, check_nonnegative, new_step_counter
+from .base import OWNER_PREFIX, ChainedMatrixAlgorithm, check_bool, check_nonnegative, new_step_counter, split_batch
 
 WEIGHT_DECAY_TYPES = ("decoupled", "l2")
 GRAFTINGS = ("adam", None)
@@ -76,7 +76,7 @@ def inverse_root(factor: Tensor, exponent: float, epsilon: float) -> Tensor:
     return vectors * values.pow(-exponent).unsqueeze(-2) @ vectors.mT
 
 
-class Shampoo(MatrixAlgorithm):
+class Shampoo(ChainedMatrixAlgorithm):
     """Shampoo with Adam grafting (``grafting=None``: plain Shampoo). Shard state: ``step``. Owner state: see the
     module's docstring."""
 
@@ -170,9 +170,6 @@ class Shampoo(MatrixAlgorithm):
     def decays(self, hp: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
         return hp["weight_decay_type"] == "decoupled"
 
-    def chained(self, hp: Mapping[str, Any]) -> bool:
-        return True  # the chain's step p (1 - lr wd) - lr u, and its flags
-
     def momentum_beta(self, hp: Mapping[str, Any]) -> float:
         return float(hp["betas"][0])
 
@@ -180,12 +177,6 @@ class Shampoo(MatrixAlgorithm):
                          shape: tuple[int, ...]) -> Tensor:
         return update
 
-    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
-               shape: tuple[int, ...]) -> None:
-        raise RuntimeError("shampoo runs through the optimizer's chain runtime")
-
-    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
-        raise RuntimeError("shampoo runs through the optimizer's chain runtime")
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         reason = "it has no second moment with betas[1] whose decay the flag would schedule"
@@ -201,15 +192,9 @@ class Shampoo(MatrixAlgorithm):
     def owner_update(self, wholes: list[Tensor], states: list[dict[str, Tensor]], hp: Mapping[str, Any],
                      shape: tuple[int, ...], fqns: list[str]) -> list[Tensor]:
         steps = [int(s["step"]) for s in states]
-        if len(set(steps)) > 1:  # a matrix that joined later: stepped apart, at its own count
-            out: list[Tensor | None] = [None] * len(states)
-            for step in dict.fromkeys(steps):
-                picked = [i for i, s in enumerate(steps) if s == step]
-                for i, result in zip(picked, self.owner_update([wholes[i] for i in picked],
-                                                               [states[i] for i in picked], hp, shape,
-                                                               [fqns[i] for i in picked])):
-                    out[i] = result
-            return out
+        apart = split_batch(steps, wholes, states, fqns, lambda w, s, f: self.owner_update(w, s, hp, shape, f))
+        if apart is not None:  # a matrix that joined later: stepped apart, at its own count
+            return apart
         step = steps[0]
         dims, cuts = self._layout(shape, hp)
         g = torch.stack([w[0].reshape(dims) for w in wholes])

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import eigenbasis as eb
-from .base import (OWNER_PREFIX, MatrixAlgorithm, check_betas, check_bool, check_nonnegative,
-                   check_optional_positive_int, new_step_counter)
+from .base import (OWNER_PREFIX, ChainedMatrixAlgorithm, check_betas, check_bool, check_nonnegative,
+                   check_optional_positive_int, new_step_counter, split_batch)
 
 SOAP_DEFAULTS = {"lr": 3e-3, "betas": (0.9, 0.95), "shampoo_beta": 0.95, "eps": 1e-8, "weight_decay": 0.01,
                  "precondition_frequency": 2, "max_precond_dim": 2048, "merge_dims": True, "precondition_1d": False}
@@ -61,7 +61,7 @@ def _seed(fqn: str, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"klshampoo:{fqn}:{step}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-class SOAPFamily(MatrixAlgorithm):
+class SOAPFamily(ChainedMatrixAlgorithm):
     """One member of the family: ``inner`` names the method in the eigenbasis (``None``: KL-Shampoo's), ``kl`` the
     two-sided statistics, ``heavy`` the Heavy variants' transport and pseudo-inverse.
 
@@ -163,15 +163,7 @@ class SOAPFamily(MatrixAlgorithm):
                          shape: tuple[int, ...]) -> Tensor | None:
         return None if int(state["step"]) == 1 else update
 
-    def chained(self, hp: Mapping[str, Any]) -> bool:
-        return True  # HeavyBall's step, its warm-up and flags: the chain's apply
 
-    def finish(self, param: Tensor, update: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any],
-               shape: tuple[int, ...]) -> None:
-        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")
-
-    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Mapping[str, Any]) -> None:
-        raise RuntimeError(f"{self.name} runs through the optimizer's chain runtime")
 
     def refused_flags(self, hp: Mapping[str, Any]) -> dict[str, str]:
         reason = "its second moment lives in the eigenbasis on the owner, where the flag's schedule does not reach"
@@ -185,15 +177,9 @@ class SOAPFamily(MatrixAlgorithm):
         # One batch runs at one step count and one refresh decision; a matrix whose gradients started later (or
         # skipped steps) is behind the others, so the batch is split by where each matrix is.
         where = [(int(s["step"]), self._due(s, hp)) for s in states]
-        if len(set(where)) > 1:
-            out: list[Tensor | None] = [None] * len(states)
-            for key in dict.fromkeys(where):
-                picked = [i for i, w in enumerate(where) if w == key]
-                results = self.owner_update([wholes[i] for i in picked], [states[i] for i in picked], hp, shape,
-                                            [fqns[i] for i in picked])
-                for i, result in zip(picked, results):
-                    out[i] = result
-            return out
+        apart = split_batch(where, wholes, states, fqns, lambda w, s, f: self.owner_update(w, s, hp, shape, f))
+        if apart is not None:
+            return apart
         dims, factors = self._dims(shape, hp), self._factors(shape, hp)
         g = torch.stack([w.reshape(dims) for w in wholes])
         step = where[0][0]
