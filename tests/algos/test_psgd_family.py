@@ -77,6 +77,7 @@ EXACT = {
     "PSGDPRO/one_diag": ("PSGDPRO", dict(exp_avg_input=False, memory_save_mode="one_diag")),
     "QSGD/all_diag": ("QSGD", dict(exp_avg_input=False, memory_save_mode="all_diag")),
     "LATHER/smart_one_diag": ("LATHER", dict(memory_save_mode="smart_one_diag")),
+    "PSGDPRO/one_triu": ("PSGDPRO", dict(exp_avg_input=False, memory_save_mode="one_triu")),
     "LATHER/probability": ("LATHER", dict(preconditioner_update_probability=0.5)),
     "PSGDPRO/probability+fit settings": ("PSGDPRO", dict(exp_avg_input=False, preconditioner_update_probability=0.4,
                                                          precond_lr=0.3, lower_bound_beta=0.5, dampening=1e-3,
