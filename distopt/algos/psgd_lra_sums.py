@@ -153,8 +153,9 @@ class LRAStart(_LRATransform):
         if lra["initial"]:
             t.state["d"].fill_(_initial_scale(totals[0], t.numel, hp))
         if t.extra["lra_batch"]["due"]:
+            # On the device, as 0-d tensors: reading the scale on the host would wait for the device every tensor.
             scale = (totals[1] / totals[2]) ** 0.25
-            scale = float(scale) if math.isfinite(float(scale)) and float(scale) > 1e-6 else 1.0
+            scale = torch.where(torch.isfinite(scale) & (scale > 1e-6), scale, torch.ones_like(scale))
             for k in range(r):
                 t.state[f"U.{k}"].mul_(1 / scale)
                 t.state[f"V.{k}"].mul_(scale)
@@ -243,8 +244,8 @@ class LRAArgmax(_LRATransform):
         return totals.max(0, keepdim=True).values.expand(len(steps), -1)
 
     def update(self, t: TensorStep, totals: Tensor | None) -> None:
-        key = int(totals[0])
-        t.extra["lra"]["winner"] = KEY_SHIFT - 1 - key % KEY_SHIFT
+        key = totals[0].to(torch.int64)  # exact: the key is an integer below 2^53
+        t.extra["lra"]["winner"] = KEY_SHIFT - 1 - torch.remainder(key, KEY_SHIFT)
         return None
 
 
@@ -258,14 +259,10 @@ class LRAFitThird(_LRATransform):
     def partials(self, t: TensorStep) -> Tensor:
         lra = t.extra["lra"]
         start = t.extra["lra_batch"]["starts"][t.extra["position"]]
-        here = (_flat_index(t) + start) == lra["winner"]
-        zero = torch.zeros((), dtype=torch.float64, device=lra["d"].device)
-        if bool(here.any()):
-            i = here.nonzero()[0]
-            a_at = lra["a0"][i].double().square().sum() + lra["probe"][i].double().square().sum()
-            b_at = lra["b0"][i].double().square().sum() + lra["h"][i].double().square().sum()
-        else:
-            a_at = b_at = zero
+        # The winning element's terms where this shard holds it, zeros elsewhere (no host read of where it is).
+        here = (_flat_index(t) + start) == lra["winner"].to(lra["d"].device)
+        a_at = torch.where(here, lra["a0"].double().square() + lra["probe"].double().square(), 0.0).sum()
+        b_at = torch.where(here, lra["b0"].double().square() + lra["h"].double().square(), 0.0).sum()
         w = lra["V"] if t.extra["lra_batch"]["precond_u"] else lra["U"]
         a, b = lra["Qh"], lra["invQtv"]
         return torch.cat([torch.stack([a_at, b_at]), (a @ w).double(), (b @ w).double(),
