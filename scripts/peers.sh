@@ -23,25 +23,24 @@ done
 "$PYTHON" -m pip install --quiet -e "$ROOT[peers]"
 echo "peers: installed the peers extra (heavyball, torch-optimi, kron-torch)"
 
-if [ -n "$DION_DIR" ]; then
-  mkdir -p "$(dirname "$DION_DIR")"
-  case "$(cd "$(dirname "$DION_DIR")" && pwd)/" in
-    "$ROOT"/*) echo "peers.sh: clone dion outside this repository, not into $DION_DIR" >&2; exit 2 ;;
+# clone_outside NAME DIR URL PACKAGE: clone URL into DIR (outside this repository) unless DIR holds PACKAGE already.
+clone_outside() {
+  mkdir -p "$(dirname "$2")"
+  case "$(cd "$(dirname "$2")" && pwd)/" in
+    "$ROOT"/*) echo "peers.sh: clone $1 outside this repository, not into $2" >&2; exit 2 ;;
   esac
-  if [ ! -f "$DION_DIR/dion/__init__.py" ]; then
-    git clone --depth 1 https://github.com/microsoft/dion "$DION_DIR"
+  if [ ! -f "$2/$4/__init__.py" ]; then
+    git clone --depth 1 "$3" "$2"
   fi
+}
+
+if [ -n "$DION_DIR" ]; then
+  clone_outside dion "$DION_DIR" https://github.com/microsoft/dion dion
   echo "peers: dion at $DION_DIR; run: python launch/bench.py --scenario muon --dion-path $DION_DIR"
   echo "       (or export DISTOPT_DION_PATH=$DION_DIR)"
 fi
 
 if [ -n "$SHAMPOO_DIR" ]; then
-  mkdir -p "$(dirname "$SHAMPOO_DIR")"
-  case "$(cd "$(dirname "$SHAMPOO_DIR")" && pwd)/" in
-    "$ROOT"/*) echo "peers.sh: clone Distributed Shampoo outside this repository, not into $SHAMPOO_DIR" >&2; exit 2 ;;
-  esac
-  if [ ! -f "$SHAMPOO_DIR/distributed_shampoo/__init__.py" ]; then
-    git clone --depth 1 https://github.com/facebookresearch/optimizers "$SHAMPOO_DIR"
-  fi
+  clone_outside "Distributed Shampoo" "$SHAMPOO_DIR" https://github.com/facebookresearch/optimizers distributed_shampoo
   echo "peers: Distributed Shampoo at $SHAMPOO_DIR; export DISTOPT_SHAMPOO_PATH=$SHAMPOO_DIR"
 fi

@@ -67,15 +67,21 @@ def load_adv_optm_223():
 DION_ENV = "DISTOPT_DION_PATH"
 
 
-def load_dion_module(name: str):
-    """``dion.<name>`` from the checkout given by ``DISTOPT_DION_PATH``, or a pytest skip that says how."""
-    value = os.environ.get(DION_ENV)
+def _checkout_package(env: str, package: str, what: str):
+    """``package`` from the checkout that ``env`` names (put on ``sys.path``), or a pytest skip that says how."""
+    value = os.environ.get(env)
     if not value:
-        pytest.skip(f"microsoft/dion is not given: set {DION_ENV} to a checkout of it")
-    if not (Path(value) / "dion" / "__init__.py").is_file():
-        raise FileNotFoundError(f"{DION_ENV}={value!r} holds no dion/__init__.py")
+        pytest.skip(f"{what} is not given: set {env} to a checkout of it")
+    if not (Path(value) / package / "__init__.py").is_file():
+        raise FileNotFoundError(f"{env}={value!r} holds no {package}/__init__.py")
     if value not in sys.path:
         sys.path.insert(0, value)
+    return importlib.import_module(package)
+
+
+def load_dion_module(name: str):
+    """``dion.<name>`` from the checkout given by ``DISTOPT_DION_PATH``, or a pytest skip that says how."""
+    _checkout_package(DION_ENV, "dion", "microsoft/dion")
     return importlib.import_module(f"dion.{name}")
 
 
@@ -85,11 +91,4 @@ SHAMPOO_ENV = "DISTOPT_SHAMPOO_PATH"
 def load_distributed_shampoo():
     """facebookresearch/optimizers' ``distributed_shampoo`` from ``DISTOPT_SHAMPOO_PATH``, or a pytest skip that says
     how."""
-    value = os.environ.get(SHAMPOO_ENV)
-    if not value:
-        pytest.skip(f"Distributed Shampoo is not given: set {SHAMPOO_ENV} to a checkout of facebookresearch/optimizers")
-    if not (Path(value) / "distributed_shampoo" / "__init__.py").is_file():
-        raise FileNotFoundError(f"{SHAMPOO_ENV}={value!r} holds no distributed_shampoo/__init__.py")
-    if value not in sys.path:
-        sys.path.insert(0, value)
-    return importlib.import_module("distributed_shampoo")
+    return _checkout_package(SHAMPOO_ENV, "distributed_shampoo", "Distributed Shampoo (facebookresearch/optimizers)")

@@ -282,6 +282,21 @@ def split_batch(keys: list, wholes: list[Tensor], states: list[dict[str, Tensor]
     return out
 
 
+def stack_owner_state(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The owner entries of a batch's matrices stacked on a new first dimension; a batch of one works on its own
+    state through a view (no stacked copy to write back). :func:`write_back_owner_state` returns them."""
+    return {key: (states[0][key].unsqueeze(0) if len(states) == 1 else torch.stack([s[key] for s in states]))
+            for key in states[0] if key.startswith(OWNER_PREFIX)}
+
+
+def write_back_owner_state(stacks: dict[str, Tensor], states: list[dict[str, Tensor]]) -> None:
+    """Copy stacked owner entries (possibly replaced by new tensors) back into each matrix's state."""
+    for key, stack in stacks.items():
+        for s, value in zip(states, stack.unbind(0)):
+            if value.data_ptr() != s[key].data_ptr():
+                s[key].copy_(value)
+
+
 class MatrixAlgorithm(Algorithm):
     """An algorithm whose update needs whole matrices; the optimizer runs its middle part on one owner rank.
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from . import eigenbasis as eb
 from . import psgd_maths as pm
 from .base import (OWNER_PREFIX, ChainedMatrixAlgorithm, check_bool, check_nonnegative, check_unit_interval,
-                   new_step_counter, split_batch)
+                   new_step_counter, split_batch, stack_owner_state, write_back_owner_state)
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
 
@@ -251,8 +251,7 @@ class PSGDFamily(ChainedMatrixAlgorithm):
         diagonal = self._diagonal(dims, hp)
         channels = [torch.stack([w[c].reshape(dims) for w in wholes]) for c in range(wholes[0].shape[0])]
         update, fitted = channels[0], channels[-1]
-        stacks = {key: (states[0][key].unsqueeze(0) if len(states) == 1 else torch.stack([s[key] for s in states]))
-                  for key in states[0] if key.startswith(OWNER_PREFIX)}
+        stacks = stack_owner_state(states)
         bounds = stacks[_key("lower_bound")]
         bound_views = [bounds[:, i] for i in range(len(dims))]
         factors = [stacks[_key(f"Q.{i}")] for i in range(len(dims))]
@@ -266,10 +265,7 @@ class PSGDFamily(ChainedMatrixAlgorithm):
             out = self._lather(update, factors, stacks, hp, step, due, dims, diagonal)
         for i, q in enumerate(factors):
             stacks[_key(f"Q.{i}")] = q
-        for key, stack in stacks.items():
-            for s, value in zip(states, stack.unbind(0)):
-                if value.data_ptr() != s[key].data_ptr():
-                    s[key].copy_(value)
+        write_back_owner_state(stacks, states)
         return [u.reshape(shape) for u in out.unbind(0)]
 
     def _initial_factors(self, g: Tensor, dims, diagonal, hp, dtype) -> list[Tensor]:

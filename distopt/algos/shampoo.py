@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from . import eigenbasis as eb
-from .base import OWNER_PREFIX, ChainedMatrixAlgorithm, check_bool, check_nonnegative, new_step_counter, split_batch
+from .base import (OWNER_PREFIX, ChainedMatrixAlgorithm, check_bool, check_nonnegative, new_step_counter, split_batch,
+                   stack_owner_state, write_back_owner_state)
 
 WEIGHT_DECAY_TYPES = ("decoupled", "l2")
 GRAFTINGS = ("adam", None)
@@ -198,8 +199,7 @@ class Shampoo(ChainedMatrixAlgorithm):
         step = steps[0]
         dims, cuts = self._layout(shape, hp)
         g = torch.stack([w[0].reshape(dims) for w in wholes])
-        stacks = {key: (states[0][key].unsqueeze(0) if len(states) == 1 else torch.stack([s[key] for s in states]))
-                  for key in states[0] if key.startswith(OWNER_PREFIX)}
+        stacks = stack_owner_state(states)
         beta1, beta2 = float(hp["betas"][0]), float(hp["betas"][1])
         start = hp["start_preconditioning_step"] or hp["precondition_frequency"]
         amortize = (step % hp["precondition_frequency"] == 0 and step > start) or step == start
@@ -230,10 +230,7 @@ class Shampoo(ChainedMatrixAlgorithm):
                     norms = graft[where].flatten(1).norm(dim=1) / (x.flatten(1).norm(dim=1) + 1e-16)
                     x = x * norms.view(-1, *([1] * len(cut)))
                 direction[where] = x
-        for key, stack in stacks.items():
-            for s, value in zip(states, stack.unbind(0)):
-                if value.data_ptr() != s[key].data_ptr():
-                    s[key].copy_(value)
+        write_back_owner_state(stacks, states)
         return [u.reshape(shape) for u in direction.unbind(0)]
 
     def _filtered(self, g: Tensor, m: Tensor, hp: Mapping[str, Any], step: int, beta1: float) -> Tensor:

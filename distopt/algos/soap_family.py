@@ -26,7 +26,8 @@ from torch import Tensor
 
 from . import eigenbasis as eb
 from .base import (OWNER_PREFIX, ChainedMatrixAlgorithm, check_betas, check_bool, check_nonnegative,
-                   check_optional_positive_int, new_step_counter, split_batch)
+                   check_optional_positive_int, new_step_counter, split_batch, stack_owner_state,
+                   write_back_owner_state)
 
 SOAP_DEFAULTS = {"lr": 3e-3, "betas": (0.9, 0.95), "shampoo_beta": 0.95, "eps": 1e-8, "weight_decay": 0.01,
                  "precondition_frequency": 2, "max_precond_dim": 2048, "merge_dims": True, "precondition_1d": False}
@@ -183,9 +184,7 @@ class SOAPFamily(ChainedMatrixAlgorithm):
         dims, factors = self._dims(shape, hp), self._factors(shape, hp)
         g = torch.stack([w.reshape(dims) for w in wholes])
         step = where[0][0]
-        # A batch of one works on its own state through a view (no stacked copy to write back).
-        stacks = {key: (states[0][key].unsqueeze(0) if len(states) == 1 else torch.stack([s[key] for s in states]))
-                  for key in states[0] if key.startswith(OWNER_PREFIX)}
+        stacks = stack_owner_state(states)
         ggs = [stacks[_key(f"GG.{i}")] if i in factors else None for i in range(len(dims))]
         bases = [stacks[_key(f"Q.{i}")] if i in factors else None for i in range(len(dims))]
         if step == 1:
@@ -196,10 +195,7 @@ class SOAPFamily(ChainedMatrixAlgorithm):
             out = self._soap(g, ggs, bases, stacks, states, hp, step)
         for i in factors:
             stacks[_key(f"GG.{i}")], stacks[_key(f"Q.{i}")] = ggs[i], bases[i]
-        for key, stack in stacks.items():
-            for s, value in zip(states, stack.unbind(0)):
-                if value.data_ptr() != s[key].data_ptr():
-                    s[key].copy_(value)
+        write_back_owner_state(stacks, states)
         return [u.reshape(shape) for u in out.unbind(0)]
 
     def _first(self, g: Tensor, ggs: list, bases: list, hp: Mapping[str, Any]) -> Tensor:
