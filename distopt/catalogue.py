@@ -15,12 +15,10 @@ from .owner import DEFAULT_BUCKET_BYTES
 from .routing import Predicate, is_unsuitable_for_muon, split_groups
 
 
-def _optimi_switches(name: str, kahan_sum, gradient_release) -> None:
-    """optimi's implementation switches: Kahan summation only acts on low-precision parameters, which distopt does
-    not compensate yet; gradient release fuses the step into backward, which a sharded step cannot."""
-    if kahan_sum:
-        raise ValueError(f"{name}: kahan_sum=True is not supported yet (bf16 parameters with Kahan summation are "
-                         "distopt's low-precision work); leave it None or False")
+def _optimi_switches(name: str, kahan_sum, gradient_release, flags: dict) -> None:
+    """optimi's implementation switches: Kahan summation is distopt's precision setting of the same name (see
+    :mod:`distopt.precision`); gradient release fuses the step into backward, which a sharded step cannot."""
+    flags["kahan_sum"] = kahan_sum
     if gradient_release:
         raise ValueError(f"{name}: gradient_release=True is not supported: distopt steps after backward")
 
@@ -32,7 +30,7 @@ class Adan(DistributedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), weight_decay=2e-2, eps=1e-6, decouple_lr=False,
                  max_lr=None, kahan_sum=False, foreach=None, triton=None, gradient_release=False, *, maximize=False,
                  process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
-        _optimi_switches("adan", kahan_sum, gradient_release)
+        _optimi_switches("adan", kahan_sum, gradient_release, flags)
         if decouple_lr:
             flags.update(decouple_lr=True, max_lr=max_lr)
         super().__init__(params, "adan", lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, maximize=maximize,
@@ -47,7 +45,7 @@ class Ranger(DistributedOptimizer):
                  decouple_wd=True, decouple_lr=False, max_lr=None, kahan_sum=None, foreach=None, triton=None,
                  gradient_release=False, *, maximize=False, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
                  compile=None, **flags):
-        _optimi_switches("ranger", kahan_sum, gradient_release)
+        _optimi_switches("ranger", kahan_sum, gradient_release, flags)
         if decouple_lr:
             flags.update(decouple_lr=True, max_lr=max_lr)
         super().__init__(params, "ranger", lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, k=k, alpha=alpha,
@@ -62,7 +60,7 @@ class StableAdamW(DistributedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
                  max_lr=None, kahan_sum=None, foreach=None, triton=None, gradient_release=False, *, maximize=False,
                  process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
-        _optimi_switches("stableadamw", kahan_sum, gradient_release)
+        _optimi_switches("stableadamw", kahan_sum, gradient_release, flags)
         if decouple_lr:
             flags.update(decouple_lr=True, max_lr=max_lr)
         super().__init__(params, "stableadamw", lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from . import algos, param_groups, replaced_params
+from . import algos, param_groups, precision, replaced_params
 from .algos import compiled as compiled_pass
 from .algos import MATRIX, Algorithm
 from .compile import default_enabled
@@ -86,11 +86,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._default_algorithm = self._register(algos.resolve(algorithm))
         self._overrides = dict(hyperparameters)
         defaults = {**self._default_algorithm.hyperparameters, **self._overrides}
-        unknown_to_default = set(self._overrides) - set(self._default_algorithm.hyperparameters) - set(FLAGS)
+        unknown_to_default = (set(self._overrides) - set(self._default_algorithm.hyperparameters) - set(FLAGS)
+                              - set(precision.PRECISION))
         if not unknown_to_default:
             self._default_algorithm.check(defaults)
         super().__init__(params, {**defaults, "algorithm": self._default_algorithm.name})
-        known = set(chain.from_iterable(a.hyperparameters for a in self._algorithms.values())) | set(FLAGS)
+        known = (set(chain.from_iterable(a.hyperparameters for a in self._algorithms.values())) | set(FLAGS)
+                 | set(precision.PRECISION))
         unknown = sorted(set(self._overrides) - known)
         if unknown:
             raise TypeError(f"unexpected hyperparameter(s) {', '.join(map(repr, unknown))}: no param group's "
@@ -181,9 +183,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for key in FLAGS:
             if key in self._overrides and not (key in refused and key not in group):
                 group.setdefault(key, self._overrides[key])
+        for key in precision.PRECISION:
+            if key in self._overrides:
+                group.setdefault(key, self._overrides[key])
         flags.fill(group)
         algorithm.check(group)
         self.check_flags(algorithm, group, len(self.param_groups))
+        precision.check_group(algorithm, group, len(self.param_groups))
         self._check_params(group, len(self.param_groups), algorithm)
         self.param_groups.append(group)
         if self._ready and algorithm.kind == MATRIX:
@@ -254,25 +260,30 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Every tensor that runs on its own shard (elementwise groups, and the parameters of matrix groups whose
         # maths is elementwise for their shape); the owner route below runs the rest.
         batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)]
-        for algorithm, params, grads, states, group, wholes, positions in batches:
-            if not params:
-                continue
-            if algorithm.chained(group):
-                run_elementwise(algorithm, params, grads, states, group, [tuple(p.shape) for p in wholes],
-                                self._reducer(wholes), [layout.global_offset(p) for p in wholes], positions)
-            elif algorithm.kind == MATRIX:
-                for param, grad, state in zip(params, grads, states):
-                    algorithm.local_update(param, grad, state, group)
-            else:
-                eager = compiled_pass.run(algorithm, params, grads, states, group) if self._compile else None
-                if eager is not None and len(eager) < len(params):
-                    params, grads, states = ([xs[i] for i in eager] for xs in (params, grads, states))
-                if params:
-                    algorithm.apply_many(params, grads, states, group)
+        for group_index, batch in enumerate(batches):
+            if batch[1]:
+                precision.step_local(batch, group_index, self._step_local, is_scalar_state)
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state,
                              lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]))
         return loss
+
+    def _step_local(self, algorithm: Algorithm, params: list[Tensor], grads: list[Tensor],
+                    states: list[dict[str, Tensor]], group: dict[str, Any], wholes: list[Tensor],
+                    positions: list[int]) -> None:
+        """One step of a group's tensors that run on their own shards (see :meth:`step`)."""
+        if algorithm.chained(group):
+            run_elementwise(algorithm, params, grads, states, group, [tuple(p.shape) for p in wholes],
+                            self._reducer(wholes), [layout.global_offset(p) for p in wholes], positions)
+        elif algorithm.kind == MATRIX:
+            for param, grad, state in zip(params, grads, states):
+                algorithm.local_update(param, grad, state, group)
+        else:
+            eager = compiled_pass.run(algorithm, params, grads, states, group) if self._compile else None
+            if eager is not None and len(eager) < len(params):
+                params, grads, states = ([xs[i] for i in eager] for xs in (params, grads, states))
+            if params:
+                algorithm.apply_many(params, grads, states, group)
 
     def _clip_grad_norm(self) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -354,9 +365,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The state of flags switched on after the parameter's first step (or absent from a loaded state dict):
         fresh, as the flag's first step would make it (HeavyBall does the same)."""
-        fresh = flag_state(algorithm, layout.local(param), group)
+        fresh = {key: value for key, value in flag_state(algorithm, layout.local(param), group).items()
+                 if key not in state}
+        plan = precision.plan_for(group, param)
+        if plan.active and not self._on_owner(param):
+            return precision.fresh_state(plan, fresh, param, layout.local(param),
+                                         lambda key: is_scalar_state(algorithm, key))
         return {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
-                for key, value in fresh.items() if key not in state}
+                for key, value in fresh.items()}
 
     def _on_owner(self, param: Tensor) -> bool:
         """Whether ``param`` runs on the owner route (a matrix algorithm that needs the whole matrix)."""
@@ -369,8 +385,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         fresh = {**init(local, group), **flag_state(algorithm, local, group)}
         if type(algorithm).position_state is not Algorithm.position_state:  # only Scion's needs the search
             fresh.update(algorithm.position_state(next(i for i, p in enumerate(group["params"]) if p is param)))
-        state = {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
-                 for key, value in fresh.items()}
+        plan = precision.plan_for(group, param)
+        if plan.active and not on_owner:
+            state = precision.fresh_state(plan, fresh, param, local, lambda key: is_scalar_state(algorithm, key))
+        else:
+            state = {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
+                     for key, value in fresh.items()}
         if on_owner:
             # Every rank has every key; the owner holds the whole tensors, the others empty placeholders.
             if self._owner is not None and self._owner.owns(param):

@@ -31,6 +31,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .algos import MATRIX
 from .algos.base import OWNER_PREFIX
 from .owner import group_layout
+from .precision import PRECISION
+from .precision import convert as precision_convert
 from .sharding import layout, rows
 from .sharding.rows import OwnerItem
 from .transforms.chain import ALL_FLAG_STATE, flag_state, flag_state_keys, is_scalar_state
@@ -205,10 +207,13 @@ class SavedState:
             if algorithm.kind == MATRIX and param not in matrix_of:
                 saved = _renamed(saved, algorithm.renamed_local_state)
             fresh = self.opt._init_state(algorithm, param, group)
+            saved = precision_convert.convert(saved, _saved_group(state_dict, gi), group, param, fresh,
+                                              lambda key: is_scalar_state(algorithm, key), _local_part)
             unsaved = set(algorithm.unsaved_state)
             # A flag's state may be absent (a torch.optim state dict, whose groups keep this optimizer's flags; or a
-            # flag the saved group had off, switched on after loading): it starts fresh.
-            optional = flag_state_keys(algorithm, group)
+            # flag the saved group had off, switched on after loading): it starts fresh. So may a compensation
+            # or a draw counter that the saved settings did not keep.
+            optional = flag_state_keys(algorithm, group) | precision_convert.OPTIONAL
             missing = sorted(set(fresh) - set(saved) - unsaved - optional)
             # State of a flag that this group no longer runs (switched off) is left behind, not refused.
             extra = sorted(set(saved) - set(fresh) - unsaved - ALL_FLAG_STATE)
@@ -239,8 +244,8 @@ class SavedState:
                     _check_shape(value, tuple(target.shape), name, key)
                     target.copy_(layout.local(value) if isinstance(value, DTensor) else value)
                 else:
-                    _check_shape(value, tuple(param.shape), name, key)
-                    layout.local(target).copy_(_local_part(value, param))
+                    _check_shape(value, tuple(target.shape), name, key)
+                    layout.local(target).copy_(_local_part(value, target))
             if not unsaved <= (saved.keys() - skipped):
                 algorithm.restore_unsaved(fresh)
             new_state[param] = fresh
@@ -310,6 +315,10 @@ class SavedState:
                 for key in FLAGS:
                     if key in group:
                         new.setdefault(key, group[key])
+            for key in PRECISION:  # the running optimizer's precision settings stay: the state is converted to them
+                new.pop(key, None)
+                if key in group:
+                    new[key] = group[key]
             new["params"] = group["params"]
             if "param_names" in group:
                 new["param_names"] = group["param_names"]
@@ -351,6 +360,11 @@ def _renamed(saved: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _saved_group(state_dict: dict[str, Any], index: int) -> dict[str, Any]:
+    groups = state_dict.get("param_groups", [])
+    return groups[index] if index < len(groups) else {}
+
+
 def _check_shape(value: Tensor, expected: tuple[int, ...], name: str, key: str) -> None:
     if tuple(value.shape) != tuple(expected):
         raise StateDictMismatch(f"optimizer state {key!r} of {name} has shape {tuple(value.shape)} in the state "
@@ -371,14 +385,21 @@ def _check_names(group: dict[str, Any], saved: dict[str, Any], index: int) -> No
     raise StateDictMismatch(f"param group {index} of the state dict holds other parameters: {detail}")
 
 
+def _gathered(value: DTensor) -> Tensor:
+    """The whole tensor. Neither gloo nor NCCL gathers int16 (the 16-bit ECC corrections): those travel as int32."""
+    if value.dtype == torch.int16:
+        return value.to(torch.int32).full_tensor().to(torch.int16)
+    return value.full_tensor()
+
+
 def _local_part(value: Tensor, param: Tensor) -> Tensor:
     """This rank's part of a state tensor shaped like ``param``, laid out as ``param`` is."""
     if not isinstance(param, DTensor):
-        return value.full_tensor() if isinstance(value, DTensor) else value
+        return _gathered(value) if isinstance(value, DTensor) else value
     if isinstance(value, DTensor):
         if value.device_mesh == param.device_mesh and value.placements == param.placements:
             return value.to_local()
-        value = value.full_tensor()
+        value = _gathered(value)
     mesh = param.device_mesh
     offsets, sizes = layout.box_at(tuple(param.shape), tuple(mesh.mesh.shape), tuple(param.placements),
                                    tuple(mesh.get_coordinate()))

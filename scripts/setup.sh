@@ -14,7 +14,7 @@ TEST_DEPS=("pytest>=8" "pytest-xdist>=3.5" "expecttest>=0.2" "numpy" "kron-torch
 # The peers whose own code the flag tests compare against (HeavyBall's flags, adv_optm's Kourkoutas-beta, OrthoGrad
 # and atan2, optimi's decouple_lr). Installed without their dependencies, so that pip never touches torch.
 PEER_TEST_DEPS=("heavyball==3.2.1" "torch-optimi==0.3.3" "adv-optm==2.5.16" "prodigyopt==1.1.2" "schedulefree==1.4.1"
-                "gram-newton-schulz==0.1.6")
+                "gram-newton-schulz==0.1.6" "torchao==0.18.0")
 PEER_TEST_LIBS=("opt-einsum>=3.3")
 # The main job's progress bar and loss plots (not needed by the library itself).
 JOB_DEPS=("tqdm>=4.60" "matplotlib>=3.7")
@@ -35,7 +35,7 @@ setup_python() {
       # torch is already satisfied here, so pip resolves nothing toward a CUDA build.
       "$PYTHON" -m pip install --quiet "${TEST_DEPS[@]}"
     fi
-    if ! "$PYTHON" -c "import heavyball, optimi, adv_optm, opt_einsum" >/dev/null 2>&1; then
+    if ! "$PYTHON" -c "import heavyball, optimi, adv_optm, opt_einsum, torchao" >/dev/null 2>&1; then
       echo "setup: installing the reference peers: ${PEER_TEST_DEPS[*]} (without dependencies)"
       "$PYTHON" -m pip install --quiet "${PEER_TEST_LIBS[@]}"
       "$PYTHON" -m pip install --quiet --no-deps "${PEER_TEST_DEPS[@]}"

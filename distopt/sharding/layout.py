@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
@@ -48,6 +49,17 @@ def like_param(param: Tensor, local_state: Tensor) -> Tensor:
         return local_state
     return DTensor.from_local(local_state, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
+
+
+def like_param_shaped(param: Tensor, local_state: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """As :func:`like_param`, for a state of whole ``shape`` that differs from the parameter's in its last dimension
+    only (the block scales of a quantized state): the same placements cut it at the same rows (and, where the last
+    dimension is sharded, at block-aligned columns: the precision settings check that)."""
+    if not isinstance(param, DTensor):
+        return local_state
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local_state, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size(shape), stride=stride)
 
 
 def global_offset(param: Tensor) -> tuple[int, ...]:

@@ -28,7 +28,9 @@ CASES = [
     ("sgd", {"momentum": 0.5, "dampening": 0.3}),
 ]
 TORCH = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-OURS = {"adamw": distopt.AdamW, "adam": distopt.Adam, "sgd": distopt.SGD}
+# kahan_sum=False: torch's arithmetic in the parameter's dtype (Kahan summation is on by default for bfloat16).
+OURS = {name: (lambda cls: lambda *a, **kw: cls(*a, kahan_sum=False, **kw))(cls)
+        for name, cls in {"adamw": distopt.AdamW, "adam": distopt.Adam, "sgd": distopt.SGD}.items()}
 
 
 def _params(dtypes):
@@ -92,8 +94,8 @@ def test_fused_and_default_differ_so_the_comparison_tells_them_apart(dtype):
     init = _params((dtype,))
     grads = _grads(init)
     fused, default = [p.clone().requires_grad_() for p in init], [p.clone().requires_grad_() for p in init]
-    _train(distopt.AdamW(fused, lr=1e-2, fused=True), fused, grads)
-    _train(distopt.AdamW(default, lr=1e-2), default, grads)
+    _train(distopt.AdamW(fused, lr=1e-2, fused=True, kahan_sum=False), fused, grads)
+    _train(distopt.AdamW(default, lr=1e-2, kahan_sum=False), default, grads)
     assert any(not torch.equal(a, b) for a, b in zip(fused, default))
 
 
@@ -128,13 +130,13 @@ def test_state_dict_moves_between_fused_and_default(first_fused):
     def theirs_kwargs(fused):
         return {"fused": True} if fused else {"foreach": False}
 
-    ours_opt = distopt.AdamW(ours, weight_decay=0.1, fused=first_fused)
+    ours_opt = distopt.AdamW(ours, weight_decay=0.1, fused=first_fused, kahan_sum=False)
     theirs_opt = torch.optim.AdamW(theirs, weight_decay=0.1, **theirs_kwargs(first_fused))
     _train(ours_opt, ours, grads[:3])
     _train(theirs_opt, theirs, grads[:3])
     saved, theirs_saved = ours_opt.state_dict(), theirs_opt.state_dict()
 
-    ours_opt = distopt.AdamW(ours, weight_decay=0.1, fused=not first_fused)
+    ours_opt = distopt.AdamW(ours, weight_decay=0.1, fused=not first_fused, kahan_sum=False)
     theirs_opt = torch.optim.AdamW(theirs, weight_decay=0.1, **theirs_kwargs(not first_fused))
     saved["param_groups"][0]["fused"] = not first_fused  # the group's settings travel with the state dict
     theirs_saved["param_groups"][0]["fused"] = not first_fused

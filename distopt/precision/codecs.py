@@ -1,0 +1,214 @@
+"""How one optimizer state is stored: pure encode/decode functions between a float32 working tensor and its parts.
+
+A codec's parts are named by a suffix of the state's key (``""`` is the state's own key, ``"::ecc"`` the correction
+of an error-corrected state, ``"::scale"`` the block scales of a quantized one). Every part is laid out like the
+parameter along every dimension but the last, so that it shards, saves and reshards with it; quantization blocks lie
+along the last dimension, so no block ever spans two ranks of a row-sharded (FSDP2) parameter, and the blocks of a
+tensor do not depend on the world size.
+
+* :class:`Plain`: a float dtype, rounded to nearest or stochastically (HeavyBall's ``storage_dtype``, adv_optm's
+  ``bf16_sr``/``fp16``/``fp32``).
+* :class:`ErrorCorrected`: a bfloat16/float16 value plus an int8/int16 multiple of a half ulp (HeavyBall's ``ecc``,
+  after FlashOptim, arXiv 2602.23349).
+* :class:`DynamicMap`: block-wise absmax scaling and the nearest code of a dynamic-tree map (Dettmers, arXiv
+  1511.04561), 8 or 4 bits (torchao's ``AdamW8bit``/``AdamW4bit``).
+* :class:`LinearSR`: block-wise absmax scaling to int8 (or uint8 for a non-negative state) with stochastic rounding
+  (adv_optm's ``int8_sr``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .rounding import round_stochastic
+
+Parts = dict[str, Tensor]
+
+
+def uniform(bits: Tensor) -> Tensor:
+    """Uniform numbers in [0, 1) (24 bits of resolution) from random bits."""
+    return (bits & 0xFFFFFF).to(torch.float32) * 2.0 ** -24
+
+
+@dataclass(frozen=True)
+class Plain:
+    """A float dtype; a narrower one rounded to nearest, or stochastically."""
+
+    dtype: torch.dtype
+    stochastic: bool = False
+    random: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "random", self.stochastic and self.dtype in (torch.bfloat16, torch.float16))
+
+    def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"": (shape, self.dtype)}
+
+    def decode(self, parts: Parts) -> Tensor:
+        return parts[""].float()
+
+    def encode(self, x: Tensor, parts: Parts, bits: Tensor | None) -> None:
+        if self.random:
+            parts[""].copy_(round_stochastic(x, self.dtype, bits))
+        else:
+            parts[""].copy_(x)
+
+
+@dataclass(frozen=True)
+class ErrorCorrected:
+    """``x ~ narrow + (correction / smax) * ulp(narrow) / 2``: the narrow value rounded to nearest, the correction
+    rounded stochastically (as HeavyBall does; its bits here come from the layout-independent stream)."""
+
+    mode: str
+    random: bool = True
+
+    @property
+    def narrow(self) -> torch.dtype:
+        return torch.bfloat16 if self.mode.startswith("bf16") else torch.float16
+
+    @property
+    def wide(self) -> torch.dtype:
+        return torch.int8 if self.mode.endswith("+8") else torch.int16
+
+    @property
+    def smax(self) -> float:
+        return 127.0 if self.wide == torch.int8 else 32767.0
+
+    def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"": (shape, self.narrow), "::ecc": (shape, self.wide)}
+
+    def _half_ulp(self, narrow: Tensor) -> Tensor:
+        mantissa, bias = (7, 127) if self.narrow == torch.bfloat16 else (10, 15)
+        exponent = (narrow.view(torch.int16).to(torch.int32) & 0x7FFF) >> mantissa
+        log_ulp = torch.where(exponent == 0, 1 - bias - mantissa, exponent - (bias + mantissa))
+        return torch.exp2((log_ulp - 1).to(torch.float32))
+
+    def decode(self, parts: Parts) -> Tensor:
+        narrow = parts[""]
+        return narrow.float() + parts["::ecc"].float() / self.smax * self._half_ulp(narrow)
+
+    def encode(self, x: Tensor, parts: Parts, bits: Tensor) -> None:
+        x = x.float()
+        narrow = x.to(self.narrow)
+        error = torch.nan_to_num(x - narrow.float(), nan=0.0, posinf=float("inf"), neginf=-float("inf"))
+        scaled = (error / self._half_ulp(narrow)).clamp(-1, 1) * self.smax
+        parts[""].copy_(narrow)
+        parts["::ecc"].copy_(torch.floor(scaled + uniform(bits)).clamp(-self.smax, self.smax))
+
+
+def blocks(shape: tuple[int, ...], block: int) -> int | None:
+    """The length of a quantization block along the last dimension of a tensor of (global) ``shape``: ``block``
+    where it divides the rows, the row where a row is shorter and divides ``block``; None where neither holds, or
+    for vectors and tensors under 4096 elements (torchao's threshold), whose states stay plain. A vector is not
+    quantized because its one row is what FSDP2 cuts: a block would span two ranks."""
+    if len(shape) < 2 or math.prod(shape) < 4096:
+        return None
+    cols = shape[-1]
+    if cols % block == 0:
+        return block
+    if block % cols == 0:
+        return cols
+    return None
+
+
+def _blocked(x: Tensor, length: int) -> Tensor:
+    return x.reshape(*x.shape[:-1], x.shape[-1] // length, length)
+
+
+@lru_cache(maxsize=None)
+def dynamic_map(signed: bool, bits: int) -> tuple[float, ...]:
+    """The dynamic-tree map (Dettmers, arXiv 1511.04561) as torchao builds it: per decade ``10**-k`` the midpoints
+    of an even split of [0.1, 1], finer for smaller ``k``, mirrored when signed, with 0 and 1. 4-bit unsigned
+    states use the linear map ``k/16, k = 1..16`` (no zero), as torchao's AdamW4bit does."""
+    if bits == 4 and not signed:
+        return tuple(float(v) for v in torch.linspace(0, 1, 17)[1:].tolist())
+    exponents = 7 if bits == 8 else 3
+    values: list[float] = [0.0, 1.0]
+    for i in range(exponents):
+        count = 2 ** (i + (bits - 1) - exponents + (0 if signed else 1)) + 1
+        edges = torch.linspace(0.1, 1, count)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        values += (10 ** (i - exponents + 1) * means).tolist()  # in float32, as the map is stored
+        if signed:
+            values += (-(10 ** (i - exponents + 1)) * means).tolist()
+    return tuple(sorted(values))
+
+
+@dataclass(frozen=True)
+class DynamicMap:
+    """Block-wise absmax scaling to the nearest code of a dynamic map (ties go up), 8 or 4 bits per element; 4-bit
+    codes are packed two to a byte, the first element in the high nibble."""
+
+    bits: int
+    block: int  # elements per scale, along the last dimension
+    signed: bool
+    random: bool = False
+
+    def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        codes = shape if self.bits == 8 else (*shape[:-1], shape[-1] // 2)
+        return {"": (codes, torch.uint8), "::scale": ((*shape[:-1], shape[-1] // self.block), torch.float32)}
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        qmap = torch.tensor(dynamic_map(self.signed, self.bits), dtype=torch.float32, device=device)
+        thresholds = qmap[:-1] + (qmap[1:] - qmap[:-1]) * 0.5
+        return qmap, thresholds
+
+    def decode(self, parts: Parts) -> Tensor:
+        codes, scale = parts[""], parts["::scale"]
+        if self.bits == 4:
+            codes = torch.stack([codes >> 4, codes & 15], dim=-1).flatten(-2)
+        qmap, _ = self._tables(codes.device)
+        values = qmap[codes.long()]
+        return (_blocked(values, values.shape[-1] // scale.shape[-1]) * scale.unsqueeze(-1)).flatten(-2)
+
+    def encode(self, x: Tensor, parts: Parts, bits: Tensor | None) -> None:
+        scale = parts["::scale"]
+        grouped = _blocked(x.float(), x.shape[-1] // scale.shape[-1])
+        absmax = grouped.abs().amax(-1).clamp_min(1e-12)
+        _, thresholds = self._tables(x.device)
+        codes = torch.bucketize((grouped / absmax.unsqueeze(-1)).contiguous(), thresholds, right=True)
+        codes = codes.flatten(-2).to(torch.uint8)
+        if self.bits == 4:
+            codes = (codes[..., ::2] << 4) | codes[..., 1::2]
+        parts[""].copy_(codes)
+        scale.copy_(absmax)
+
+
+@dataclass(frozen=True)
+class LinearSR:
+    """Block-wise absmax scaling to int8 (``|x| / 127``) or, for a non-negative state, uint8 (``x / 255``), rounded
+    stochastically: ``floor(x / scale + u)``."""
+
+    block: int
+    signed: bool
+    random: bool = True
+
+    @property
+    def top(self) -> float:
+        return 127.0 if self.signed else 255.0
+
+    def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"": (shape, torch.int8 if self.signed else torch.uint8),
+                "::scale": ((*shape[:-1], shape[-1] // self.block), torch.float32)}
+
+    def decode(self, parts: Parts) -> Tensor:
+        codes, scale = parts[""], parts["::scale"]
+        grouped = _blocked(codes.float(), codes.shape[-1] // scale.shape[-1])
+        return (grouped * scale.unsqueeze(-1)).flatten(-2)
+
+    def encode(self, x: Tensor, parts: Parts, bits: Tensor) -> None:
+        scale = parts["::scale"]
+        length = x.shape[-1] // scale.shape[-1]
+        grouped = _blocked(x.float(), length)
+        top = grouped.abs().amax(-1) if self.signed else grouped.amax(-1)
+        step = top / self.top
+        noise = _blocked(uniform(bits), length)
+        low = -self.top if self.signed else 0.0
+        codes = torch.floor(grouped / step.clamp_min(1e-12).unsqueeze(-1) + noise).clamp(low, self.top)
+        parts[""].copy_(codes.flatten(-2))
+        scale.copy_(step)

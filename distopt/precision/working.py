@@ -1,0 +1,213 @@
+"""The working copies of one step: stored parameters and states opened as float32, stepped by the algorithm's own
+maths, then closed back into their stored forms (compensated, stochastically rounded, error-corrected, quantized).
+
+An algorithm never sees a stored form: it runs on float32 tensors, as HeavyBall's ``promote`` and torchao's kernels
+do, so every algorithm takes every setting. :func:`plan_for` decides the stored form of each state of one
+parameter from its group's settings and the parameter's whole shape; :func:`encode_fresh` stores a new state;
+:func:`open_tensor` and :class:`Opened.close` run around a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import settings
+from .codecs import DynamicMap, ErrorCorrected, LinearSR, Plain, blocks
+from .rounding import global_index, kahan_split, random_bits, round_stochastic, stream_key
+
+KAHAN = "kahan_comp"
+PARAM_ECC = "param::ecc"
+ROUNDING_STEP = "rounding_step"
+BOOKKEEPING = (KAHAN, PARAM_ECC, ROUNDING_STEP)
+#: States that are never negative: quantized with the unsigned maps (torchao's and adv_optm's choice for Adam's v).
+NONNEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "exp_inf", "acc_delta", "sum",
+                         "exp_avg_sq_slow"})
+#: Copies of the weights (schedule-free's z, Prodigy's p0, the lookahead's slow weights): never quantized.
+WEIGHT_LIKE = frozenset({"z", "p0", "la_param"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one parameter is written and its states stored."""
+
+    write: str | None  # "kahan", "stochastic", "ecc" or None
+    state_mode: tuple  # the group's storage choice, for codec_for
+    param_dtype: torch.dtype
+    seed: int
+    param_codec: Any = None
+    codecs: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.write is not None or any(m is not None for m in self.state_mode[:3])
+
+    def codec_for(self, key: str, shape: tuple[int, ...]):
+        """The codec of the state ``key`` of a parameter of whole shape ``shape``."""
+        cached = self.codecs.get(key)
+        if cached is None:
+            cached = self.codecs[key] = _codec(key, shape, self.state_mode, self.param_dtype)
+        return cached
+
+    @property
+    def random(self) -> bool:
+        return self.write in ("stochastic", "ecc")
+
+
+def plan_for(hp: Mapping[str, Any], param: Tensor) -> Plan:
+    write = settings.param_write(hp, param.dtype)
+    mode = normalized_mode(hp, param.dtype)
+    return Plan(write, mode, param.dtype, settings.value(hp, "precision_seed"),
+                ErrorCorrected(settings.value(hp, "param_ecc")) if write == "ecc" else None)
+
+
+def normalized_mode(hp: Mapping[str, Any], dtype: torch.dtype) -> tuple:
+    """``(storage_dtype, ecc, state_precision, state_block_size)``, with the choices that store states as the
+    algorithm keeps them anyway (the parameter's dtype) written as None."""
+    storage, ecc, precision, block = (settings.value(hp, key) for key in
+                                      ("storage_dtype", "ecc", "state_precision", "state_block_size"))
+    if storage is not None and (settings.STORAGE_DTYPES[storage] == dtype
+                                or (storage == "float32" and dtype == torch.float64)):
+        storage = None  # HeavyBall's default "float32" never narrows a float64 state
+    if precision == "auto" or (precision == "fp32" and dtype == torch.float32):
+        precision = None
+    return storage, ecc, precision, block
+
+
+def _codec(key: str, shape: tuple[int, ...], mode: tuple, param_dtype: torch.dtype):
+    storage, ecc, precision, block = mode
+    if storage is not None:
+        dtype = settings.STORAGE_DTYPES[storage]
+        return Plain(dtype, stochastic=dtype == torch.bfloat16)  # HeavyBall rounds bf16 stochastically, not fp16
+    if ecc is not None:
+        return ErrorCorrected(ecc)
+    if precision in (None, "auto"):
+        return Plain(param_dtype)
+    if precision == "fp32":
+        return Plain(torch.float32)
+    if precision == "bf16_sr":
+        return Plain(torch.bfloat16, stochastic=True)
+    if precision == "fp16":
+        return Plain(torch.float16)
+    length = blocks(shape, block or settings.DEFAULT_BLOCK[precision])
+    if length is None or key in WEIGHT_LIKE or (precision == "int4" and length % 2):  # 4-bit codes go in pairs
+        return Plain(param_dtype)
+    signed = key not in NONNEGATIVE
+    if precision == "int8_sr":
+        return LinearSR(length, signed)
+    return DynamicMap(8 if precision == "int8" else 4, length, signed)
+
+
+def compactable(key: str, value: Tensor, local_shape: tuple[int, ...], scalar: bool) -> bool:
+    """Whether a fresh state tensor is stored through a codec: floating, shaped like the parameter's local part."""
+    return (not scalar and key not in BOOKKEEPING and "::" not in key and value.is_floating_point()
+            and tuple(value.shape) == tuple(local_shape))
+
+
+def encode_fresh(plan: Plan, fresh: dict[str, Tensor], local: Tensor, whole_shape: tuple[int, ...],
+                 scalar_keys) -> dict[str, tuple[Tensor, tuple[int, ...] | None]]:
+    """A new state (the algorithm's, in float) in stored form: ``{key: (local tensor, whole shape or None)}``, the
+    whole shape given where a part is not shaped like the parameter (block scales)."""
+    out: dict[str, tuple[Tensor, tuple[int, ...] | None]] = {}
+    local_shape = tuple(local.shape)
+    for key, value in fresh.items():
+        if not compactable(key, value, local_shape, key in scalar_keys):
+            out[key] = (value, None)
+            continue
+        codec = plan.codec_for(key, whole_shape)
+        whole_parts = codec.parts(whole_shape)
+        parts = {suffix: torch.zeros(shape, dtype=dtype, device=local.device)
+                 for suffix, (shape, dtype) in codec.parts(local_shape).items()}
+        codec.encode(value.float(), parts, nearest_bits(local.shape, local.device) if codec.random else None)
+        for suffix, part in parts.items():
+            whole = whole_parts[suffix][0]
+            out[key + suffix] = (part, None if whole == whole_shape else whole)
+    if plan.write == "kahan":
+        out[KAHAN] = (torch.zeros_like(local), None)
+    if plan.write == "ecc":
+        out[PARAM_ECC] = (torch.zeros_like(local, dtype=plan.param_codec.wide), None)
+    if plan.random or any(getattr(c, "random", False) for c in plan.codecs.values()):
+        out[ROUNDING_STEP] = (torch.zeros((), dtype=torch.int64), None)
+    return out
+
+
+def nearest_bits(shape, device) -> Tensor:
+    """Fixed "random" bits that make a stochastic encoding round to nearest (half a unit, in each codec's bits):
+    used where an encoding must be repeatable, for a new state and for a conversion on load."""
+    return torch.full(tuple(shape), 0x808000, dtype=torch.int64, device=device)
+
+
+@dataclass
+class Opened:
+    """One parameter's working copies, and how to put them back."""
+
+    plan: Plan
+    param: Tensor  # the stored local parameter
+    work_param: Tensor
+    stored: dict[str, Tensor]
+    work_state: dict[str, Tensor]
+    managed: tuple[str, ...]
+    name: str
+    offset: tuple[int, ...]
+    whole_shape: tuple[int, ...]
+
+    def _bits(self, what: str, step: int) -> Tensor:
+        index = global_index(tuple(self.param.shape), self.offset, self.whole_shape, self.param.device)
+        return random_bits(stream_key(self.plan.seed, f"{self.name}/{what}", step), index)
+
+    def close(self) -> None:
+        """Write the stepped working copies back into their stored forms."""
+        step = 0
+        if ROUNDING_STEP in self.stored:
+            self.stored[ROUNDING_STEP].add_(1)
+            step = int(self.stored[ROUNDING_STEP])
+        for key in self.managed:
+            codec = self.plan.codec_for(key, self.whole_shape)
+            parts = {suffix: self.stored[key + suffix] for suffix in codec.parts(self.whole_shape)}
+            codec.encode(self.work_state[key], parts, self._bits(key, step) if codec.random else None)
+        for key, value in self.work_state.items():
+            if key not in self.managed and self.stored.get(key) is not value:
+                self.stored[key] = value  # an algorithm that replaced a state entry rather than updating it
+        write = self.plan.write
+        if write == "kahan":
+            value, compensation = kahan_split(self.work_param, self.param.dtype)
+            self.param.copy_(value)
+            self.stored[KAHAN].copy_(compensation)
+        elif write == "stochastic":
+            self.param.copy_(round_stochastic(self.work_param, self.param.dtype, self._bits("param", step)))
+        elif write == "ecc":
+            self.plan.param_codec.encode(self.work_param, {"": self.param, "::ecc": self.stored[PARAM_ECC]},
+                                         self._bits("param", step))
+
+
+def open_tensor(plan: Plan, param: Tensor, stored: dict[str, Tensor], name: str, offset: tuple[int, ...],
+                whole_shape: tuple[int, ...], scalar_keys) -> Opened:
+    """Float32 working copies of a stored local parameter and its state."""
+    work_state, managed = {}, []
+    local_shape = tuple(param.shape)
+    working = torch.float64 if param.dtype == torch.float64 else torch.float32
+    for key, value in stored.items():
+        if key in BOOKKEEPING or "::" in key:
+            continue
+        codec = None if key in scalar_keys else plan.codec_for(key, whole_shape)
+        parts = codec.parts(whole_shape) if codec is not None else {}
+        if codec is not None and (len(parts) > 1 or (value.is_floating_point()
+                                                    and tuple(value.shape) == local_shape)):
+            work_state[key] = codec.decode({suffix: stored[key + suffix] for suffix in parts}).to(working)
+            managed.append(key)
+        else:
+            work_state[key] = value
+    write = plan.write
+    if write == "kahan":
+        work_param = param.float() + stored[KAHAN].float()
+    elif write == "ecc":
+        work_param = plan.param_codec.decode({"": param, "::ecc": stored[PARAM_ECC]})
+    elif write == "stochastic":
+        work_param = param.float()
+    else:
+        work_param = param
+    return Opened(plan, param, work_param, stored, work_state, tuple(managed), name, offset, whole_shape)

@@ -1,0 +1,131 @@
+"""Low-precision writes and compact states on FSDP2 shards equal a single process, bitwise, and a DCP checkpoint of
+them resumes on another world size, bitwise.
+
+This is what the layout-independent design buys: quantization blocks lie along rows (a shard never cuts one), and
+every random draw (stochastic rounding of a parameter or a state, the ECC correction) comes from the element's
+position in the whole tensor, the parameter's name and the step, not from a generator that each rank advances.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+import distopt
+
+from . import checkpointing as ck
+from .harness import device
+from .sharded_models import feed_same_grads, full, mesh_for
+
+#: name -> (parameter dtype, settings of an AdamW group). Shapes are chosen so that the quantized modes quantize
+#: (rows of 256 and 64 elements) and the others stay plain (a 37-column matrix, vectors).
+CONFIGS = {
+    "kahan": (torch.bfloat16, {}),
+    "stochastic_rounding": (torch.bfloat16, {"stochastic_rounding": True}),
+    "fp16_stochastic_rounding": (torch.float16, {"stochastic_rounding": True, "lr": 1e-4}),
+    "param_ecc": (torch.bfloat16, {"param_ecc": "bf16+8"}),
+    "int8": (torch.float32, {"state_precision": "int8"}),
+    "int4": (torch.float32, {"state_precision": "int4"}),
+    "int8_sr": (torch.float32, {"state_precision": "int8_sr"}),
+    "ecc": (torch.float32, {"ecc": "bf16+16"}),
+    "storage_dtype": (torch.float32, {"storage_dtype": "bfloat16"}),
+    "bf16_sr+kahan": (torch.bfloat16, {"state_precision": "bf16_sr", "kahan_sum": True}),
+}
+
+
+class PrecisionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(256, 37)  # 37 rows: uneven shards on 2, 3 and 4 ranks
+        self.b = nn.Linear(37, 130)
+        self.c = nn.Embedding(70, 64)
+
+
+def _model(dtype, mesh_kind, seed=0):
+    torch.manual_seed(seed)
+    model = PrecisionNet().to(device=device(), dtype=dtype)
+    torch.manual_seed(0)
+    shadow = PrecisionNet().to(device=device(), dtype=dtype)
+    if mesh_kind is not None:
+        mesh = mesh_for(mesh_kind)
+        for module in model.children():
+            fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model, shadow
+
+
+def _optimizer(model, settings):
+    return distopt.AdamW(model.named_parameters(), **{"lr": 1e-3, "weight_decay": 0.1, **settings})
+
+
+def _snapshot(model, opt):
+    out = {f"param/{n}": full(p).detach().cpu().clone() for n, p in model.named_parameters()}
+    names = {p: n for n, p in model.named_parameters()}
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            wide = value.to(torch.int32) if value.dtype == torch.int16 else value  # gloo gathers no int16
+            out[f"state/{names[p]}/{key}"] = full(wide).detach().cpu().clone()
+    return out
+
+
+def precision_run(names, mesh_kind, steps: int = 4):
+    """Each config of ``names`` on a fresh model: ``steps`` steps of the same full gradients."""
+    out = {}
+    for name in names:
+        dtype, settings = CONFIGS[name]
+        model, shadow = _model(dtype, mesh_kind)
+        opt = _optimizer(model, settings)
+        ck.train(model, shadow, opt, steps, seed=1)
+        out[name] = _snapshot(model, opt)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_sharded_equals_one_process_bitwise(ranks, backend, world_size):
+    names = sorted(CONFIGS)
+    single = ranks(1, precision_run, names, None)[0]
+    sharded = ranks(world_size, precision_run, names, "fsdp")
+    for name in names:
+        quantized = [k for k, v in single[name].items() if v.dtype in (torch.uint8, torch.int8)]
+        if name.startswith("int"):
+            assert quantized, (name, "nothing was quantized: the test would not see a block spanning ranks")
+        for rank_result in sharded:
+            got = rank_result[name]
+            assert set(got) == set(single[name]), name
+            for key, value in single[name].items():
+                assert torch.equal(got[key], value), (name, key, world_size)
+
+
+def precision_checkpoint_run(names, path: str, resume: bool):
+    """Without ``resume``: 3 steps, a DCP save, 2 more steps. With it: other weights, load, the same 2 steps."""
+    out = {}
+    for name in names:
+        dtype, settings = CONFIGS[name]
+        model, shadow = _model(dtype, "fsdp", seed=123 if resume else 0)
+        opt = _optimizer(model, settings)
+        where = f"{path}/{name}"
+        if resume:
+            ck.load(model, opt, where, True)
+        else:
+            ck.train(model, shadow, opt, 3, seed=1)
+            ck.save(model, opt, where, True)
+            dist.barrier()
+        ck.train(model, shadow, opt, 2, seed=2)
+        out[name] = _snapshot(model, opt)
+    return out
+
+
+@pytest.mark.parametrize("world,new_world", [(2, 3), (4, 1)])
+def test_checkpoint_reshards_and_resumes_bitwise(ranks, backend, tmp_path, world, new_world):
+    if backend != "gloo":
+        pytest.skip("checkpoint resharding runs on gloo")
+    names = sorted(CONFIGS)
+    straight = ranks(world, precision_checkpoint_run, names, str(tmp_path), False)[0]
+    resumed = ranks(new_world, precision_checkpoint_run, names, str(tmp_path), True)
+    for name in names:
+        for rank_result in resumed:
+            for key, value in straight[name].items():
+                assert torch.equal(rank_result[name][key], value), (name, key, world, new_world)
