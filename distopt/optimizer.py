@@ -262,10 +262,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)]
         for group_index, batch in enumerate(batches):
             if batch[1]:
-                precision.step_local(batch, group_index, self._step_local, is_scalar_state)
+                precision.step_local(batch, group_index, self._step_local, is_scalar_state, self._reducer)
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state,
-                             lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]))
+                             lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]),
+                             self._open_matrix)
         return loss
 
     def _step_local(self, algorithm: Algorithm, params: list[Tensor], grads: list[Tensor],
@@ -352,6 +353,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{algorithm.name} does not support sparse gradients, but "
                                    f"{param_groups.describe(group, group_index, i)} has one")
 
+    def _open_matrix(self, entry: MatrixEntry, stored: dict[str, Tensor]):
+        """Working copies of a matrix's parameter and shard-side state where its group's precision settings ask
+        for them (None otherwise); the owner route closes them after ``finish``."""
+        return precision.open_whole(self.param_groups[entry.group_index], entry.param, stored, entry.fqn,
+                                    lambda key: is_scalar_state(entry.algorithm, key))
+
     def _matrix_state(self, entry: MatrixEntry) -> dict[str, Tensor]:
         state = self.state[entry.param]
         group = self.param_groups[entry.group_index]
@@ -368,7 +375,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         fresh = {key: value for key, value in flag_state(algorithm, layout.local(param), group).items()
                  if key not in state}
         plan = precision.plan_for(group, param)
-        if plan.active and not self._on_owner(param):
+        if plan.active:
             return precision.fresh_state(plan, fresh, param, layout.local(param),
                                          lambda key: is_scalar_state(algorithm, key))
         return {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
@@ -386,7 +393,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if type(algorithm).position_state is not Algorithm.position_state:  # only Scion's needs the search
             fresh.update(algorithm.position_state(next(i for i, p in enumerate(group["params"]) if p is param)))
         plan = precision.plan_for(group, param)
-        if plan.active and not on_owner:
+        if plan.active:
             state = precision.fresh_state(plan, fresh, param, local, lambda key: is_scalar_state(algorithm, key))
         else:
             state = {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)

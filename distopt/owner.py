@@ -126,13 +126,16 @@ class OwnerRoute:
         return self.plan.owners[self.index[param]] == self.rank
 
     def step(self, groups: list[dict[str, Any]], state_of: Callable[[MatrixEntry], dict[str, Tensor]],
-             reducer_for: Callable[[list[int]], Reducer]) -> None:
+             reducer_for: Callable[[list[int]], Reducer], opener: Callable | None = None) -> None:
         """One step of every matrix whose parameter has a gradient (the same set on every rank).
 
         A group with flags on runs its shard sections for all its matrices at once, before and after the exchange
         (a flag's reduction covers the whole group in one collective); ``reducer_for(matrices)`` gives it the
         reduction over the ranks. Other groups prepare and finish bucket by bucket."""
         active = frozenset(i for i, e in enumerate(self.entries) if e.param.grad is not None)
+        # Working copies (float32) of a matrix's parameter and shard-side state, where its group's precision
+        # settings ask for them: opened at prepare, closed after finish (see distopt.precision).
+        self._opener, self._opened = opener or (lambda entry, stored: None), {}
         pieces, states, chains = self._prepare_flagged(active, groups, state_of, reducer_for)
         updates: dict[int, Tensor] = {}
         if self.plan.world_size == 1:
@@ -202,23 +205,42 @@ class OwnerRoute:
         if entry.part is not None:
             self._prepare_parts(entry.param, groups, state_of, pieces, states)
             return
-        states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
-        grad = layout.local_grad(entry.param, entry.param.grad)
-        pieces[m] = entry.algorithm.prepare(layout.local(entry.param), grad, states[m], groups[entry.group_index])
+        local, states[m], grad = self._open(m, state_of)
+        pieces[m] = entry.algorithm.prepare(local, grad, states[m], groups[entry.group_index])
 
     def _prepare_parts(self, param: Tensor, groups, state_of, pieces, states) -> None:
         """``prepare`` once for the whole local shard, and each part's piece as a view of its rows."""
         members = self.parts_of[param]
         entry = self.entries[members[0]]
-        state = {k: layout.local(v) for k, v in state_of(entry).items()}
-        local = layout.local(param)
-        whole = entry.algorithm.prepare(local, layout.local_grad(param, param.grad), state, groups[entry.group_index])
+        local, state, grad = self._open(members[0], state_of)
+        whole = entry.algorithm.prepare(local, grad, state, groups[entry.group_index])
         first_row = layout.global_offset(param)[0]
         for m in members:
             part = self.entries[m].part
             lo = min(max(part.start - first_row, 0), local.shape[0])
             hi = max(min(part.stop - first_row, local.shape[0]), lo)
             pieces[m], states[m] = whole[lo:hi], state
+
+    def _open(self, m: int, state_of) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Matrix ``m``'s local parameter, shard-side state and gradient, as its prepare and finish see them."""
+        entry = self.entries[m]
+        stored = {k: layout.local(v) for k, v in state_of(entry).items()}
+        grad = layout.local_grad(entry.param, entry.param.grad)
+        opened = self._opener(entry, stored)
+        if opened is None:
+            return layout.local(entry.param), stored, grad
+        self._opened[m] = opened
+        return opened.work_param, opened.work_state, (grad.float() if grad.dtype in (torch.bfloat16, torch.float16)
+                                                      else grad)
+
+    def _local(self, m: int) -> Tensor:
+        opened = self._opened.get(m)
+        return opened.work_param if opened is not None else layout.local(self.entries[m].param)
+
+    def _close(self, m: int) -> None:
+        opened = self._opened.pop(m, None)
+        if opened is not None:
+            opened.close()
 
     def _land_part(self, m: int, update: Tensor, pending: dict[Tensor, Tensor]) -> None:
         """Put a part's returned rows into its weight's local update (finished once every part is back)."""
@@ -237,16 +259,18 @@ class OwnerRoute:
             state = states[members[0]]
             for m in members:
                 states.pop(m, None)
-            entry.algorithm.finish(layout.local(param), update, state, groups[entry.group_index],
+            entry.algorithm.finish(self._local(members[0]), update, state, groups[entry.group_index],
                                    tuple(param.shape), **_row_offset(entry.algorithm, param))
+            self._close(members[0])
 
     def _finish(self, m: int, update: Tensor, groups, states, chains, updates: dict[int, Tensor]) -> None:
         entry = self.entries[m]
         if entry.group_index in chains:
             updates[m] = update
             return
-        entry.algorithm.finish(layout.local(entry.param), update, states.pop(m), groups[entry.group_index],
+        entry.algorithm.finish(self._local(m), update, states.pop(m), groups[entry.group_index],
                                self.plan.matrices[m].meta.shape, **_row_offset(entry.algorithm, entry.param))
+        self._close(m)
 
     def _stream(self, members: list[int], groups, state_of, pieces, states, chains, updates) -> None:
         """One owner batch in one process: prepare, the owner maths, finish."""
@@ -271,6 +295,8 @@ class OwnerRoute:
             # A rank whose shard of a matrix is empty receives nothing back: its update is empty too.
             finish_matrices(algorithm, steps, [updates.get(m, layout.local(self.entries[m].param).new_zeros(
                 layout.local(self.entries[m].param).shape)) for m in members], reducer)
+            for m in members:
+                self._close(m)
 
     def _prepare_flagged(self, active: frozenset[int], groups: list[dict[str, Any]],
                          state_of: Callable[[MatrixEntry], dict[str, Tensor]],
@@ -286,12 +312,14 @@ class OwnerRoute:
                 by_group[self.entries[m].group_index].append(m)
         for group_index, members in by_group.items():
             entries = [self.entries[m] for m in members]
-            for m, entry in zip(members, entries):
-                states[m] = {k: layout.local(v) for k, v in state_of(entry).items()}
+            locals_, grads = [], []
+            for m in members:
+                local, states[m], grad = self._open(m, state_of)
+                locals_.append(local)
+                grads.append(grad)
             reducer = reducer_for(members)
             prepared, steps = prepare_matrices(
-                entries[0].algorithm, [layout.local(e.param) for e in entries],
-                [layout.local_grad(e.param, e.param.grad) for e in entries], [states[m] for m in members],
+                entries[0].algorithm, locals_, grads, [states[m] for m in members],
                 groups[group_index], [tuple(e.param.shape) for e in entries], reducer,
                 [layout.global_offset(e.param) for e in entries])
             pieces.update(zip(members, prepared))

@@ -28,7 +28,7 @@ from distopt.checkpoint.directory import complete_checkpoints  # noqa: E402
 from distopt.sharding.exchange import rank_zero_decides  # noqa: E402
 from launch.data import VOCAB, ByteBatches, read_corpus  # noqa: E402
 from launch.gpt import GPT, GPTConfig  # noqa: E402
-from launch.optimizers import CHOICES, bf16_slowdown, make_optimizer  # noqa: E402
+from launch.optimizers import CHOICES, PRECISIONS, bf16_slowdown, make_optimizer  # noqa: E402
 from launch.report import MetricsLog, compare_table, plot_losses, read_metrics  # noqa: E402
 from launch.trainer import Trainer, warmup_cosine  # noqa: E402
 
@@ -38,7 +38,11 @@ BF16_SLOW = 4.0  # bfloat16 matmuls this many times slower than float32: owners 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", default="muon", choices=CHOICES)
-    p.add_argument("--compare", default=None, help="comma-separated optimizers to train from the same start")
+    p.add_argument("--compare", default=None, help="comma-separated optimizers to train from the same start, each "
+                   "optionally NAME@PRECISION (e.g. adamw,adamw@bf16-kahan,adamw@bf16)")
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                   help="parameters in bfloat16 (plain, with Kahan summation or stochastic rounding) or compact "
+                   "optimizer states (bf16-states, ecc, int8, int4); the default for --compare entries without @")
     p.add_argument("--steps", type=int, default=600, help="total steps (a resumed run continues up to this step)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per optimizer)")
     p.add_argument("--weight-decay", type=float, default=None)
@@ -93,9 +97,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.compare = [name.strip() for name in args.compare.split(",") if name.strip()]
         if not args.compare:
             p.error(f"--compare: no optimizer named; choose among {', '.join(CHOICES)}")
-        unknown = [n for n in args.compare if n not in CHOICES]
+        unknown = [n for n in args.compare if n.partition("@")[0] not in CHOICES]
         if unknown:
             p.error(f"--compare: unknown optimizer(s) {unknown}; choose among {', '.join(CHOICES)}")
+        bad = [n for n in args.compare if n.partition("@")[2] and n.partition("@")[2] not in PRECISIONS]
+        if bad:
+            p.error(f"--compare: unknown precision in {bad}; choose among {', '.join(PRECISIONS)}")
         repeated = sorted({n for n in args.compare if args.compare.count(n) > 1})
         if repeated:
             p.error(f"--compare: {', '.join(repeated)} named more than once")
@@ -155,9 +162,10 @@ def refuse_stale_checkpoints(ckpt_dirs: list[Path]) -> None:
              "run, or choose another --out or --ckpt-dir, or remove the folder to start over.")
 
 
-def build_model(config: GPTConfig, mesh: DeviceMesh, device: torch.device, seed: int) -> GPT:
+def build_model(config: GPTConfig, mesh: DeviceMesh, device: torch.device, seed: int,
+                dtype: torch.dtype = torch.float32) -> GPT:
     torch.manual_seed(seed)  # the same initial weights on every rank, and for every optimizer of --compare
-    model = GPT(config).to(device)
+    model = GPT(config).to(device=device, dtype=dtype)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -182,8 +190,10 @@ def pick_owner_dtype(choice: str, device: torch.device, say) -> str:
 def run_one(name: str, args: argparse.Namespace, env: dict, out: Path, ckpt_dir: Path | None,
             resume: bool) -> dict:
     """Train with optimizer ``name``; returns its summary (final losses, time, optimizer share)."""
-    model = build_model(env["config"], env["mesh"], env["device"], args.seed)
-    opt = make_optimizer(name, model, args.lr, args.weight_decay, env["owner_dtype"], args.compile)
+    optimizer, _, precision = name.partition("@")
+    precision = precision or args.precision
+    model = build_model(env["config"], env["mesh"], env["device"], args.seed, PRECISIONS[precision][0])
+    opt = make_optimizer(optimizer, model, args.lr, args.weight_decay, env["owner_dtype"], args.compile, precision)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, args.steps))
     manager = None
@@ -253,7 +263,8 @@ def main(argv=None) -> list[dict]:
         batches = ByteBatches(corpus, args.seq_len, args.batch_size, args.seed)
     except ValueError as error:
         fail(f"--data {source}: {error}")
-    owner_dtype = pick_owner_dtype(args.owner_dtype, device, say) if "muon" in names else "bfloat16"
+    owner_dtype = (pick_owner_dtype(args.owner_dtype, device, say)
+                   if any(n.partition("@")[0] == "muon" for n in names) else "bfloat16")
     n_params = sum(p.numel() for p in GPT(config).parameters()) if rank == 0 else 0
     say(f"data: {source}, {len(corpus) / 2**20:.1f} MiB; model: GPT d={args.dim} x {args.layers} layers, "
         f"{n_params / 1e6:.2f}M parameters; {world} {dist.get_backend()} rank(s), "
@@ -264,7 +275,8 @@ def main(argv=None) -> list[dict]:
     for name in names:
         run_out = out / name if args.compare else out
         ckpt_dir = ckpt_dirs[name]
-        say(f"== {name} ==" if args.compare else f"optimizer: distopt {name}")
+        say(f"== {name} ==" if args.compare else f"optimizer: distopt {name}"
+            + (f", precision {args.precision}" if args.precision != "fp32" else ""))
         try:
             summaries.append(run_one(name, args, env, run_out, ckpt_dir, args.resume))
         except KeyboardInterrupt:

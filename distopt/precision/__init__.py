@@ -34,19 +34,43 @@ def fresh_state(plan: Plan, fresh: dict[str, Tensor], param: Tensor, local: Tens
     """A new state in stored form, each tensor laid out like ``param`` (scalars as they are)."""
     scalars = {key for key in fresh if is_scalar(key)} | {ROUNDING_STEP}
     out = {}
-    for key, (value, whole) in encode_fresh(plan, fresh, local, tuple(param.shape), scalars).items():
-        if key in scalars:
+    for key, (value, kind, whole) in encode_fresh(plan, fresh, local, tuple(param.shape), scalars).items():
+        if kind == "scalar":
             out[key] = value
-        elif whole is None:
+        elif kind == "like":
             out[key] = layout.like_param(param, value)
-        else:
+        elif kind == "shaped":
             out[key] = layout.like_param_shaped(param, value, whole)
+        else:
+            out[key] = layout.replicated_like(param, value)
     return out
 
 
-def _chunks(params: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> list[list[int]]:
+def open_whole(group: dict[str, Any], param: Tensor, stored: dict[str, Tensor], name: str,
+               is_scalar: Callable[[str], bool]):
+    """The working copies of one parameter of the owner route's shard side (``stored``: its local state views), or
+    None where its group's settings leave it as it is."""
+    plan = plan_for(group, param)
+    if not plan.active:
+        return None
+    if plan.state_mode[2] == "factored":
+        raise NotImplementedError(f"parameter {name}: factored states of a matrix that runs on an owner rank are "
+                                  "not supported yet (their row and column sums would need a collective per matrix)")
+    scalars = {key for key in stored if is_scalar(key)} | {ROUNDING_STEP}
+    return open_tensor(plan, layout.local(param), stored, name, layout.global_offset(param), tuple(param.shape),
+                       scalars)
+
+
+def working_grad(opened, grad: Tensor) -> Tensor:
+    """The gradient as the working copies take it (float32 where it is bfloat16 or float16)."""
+    return grad.float() if opened is not None and grad.dtype in settings.LOW_PRECISION else grad
+
+
+def _chunks(wholes: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> list[list[int]]:
+    """Chunks of a batch, decided from the whole tensors' sizes: the same on every rank, so that the reductions of
+    factored states are the same collectives everywhere."""
     chunks, current, size = [], [], 0
-    for i, (param, state) in enumerate(zip(params, states)):
+    for i, (param, state) in enumerate(zip(wholes, states)):
         cost = param.numel() * 4 * (2 + len(state))
         if current and size + cost > CHUNK_BYTES:
             chunks.append(current)
@@ -58,8 +82,8 @@ def _chunks(params: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> li
     return chunks
 
 
-def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scalar: Callable[[Any, str], bool]
-               ) -> None:
+def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scalar: Callable[[Any, str], bool],
+               reducer_for: Callable[[list[Tensor]], Any] | None = None) -> None:
     """Run ``run(algorithm, params, grads, states, group, wholes, positions)`` (a group's step on local tensors)
     on float32 working copies where the group's settings ask for them, a chunk of tensors at a time, and put the
     results back in their stored forms. A group whose step reduces over all its tensors (flags, norms) opens
@@ -71,28 +95,43 @@ def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scal
         return
     scalars = {key for state in states for key in state if is_scalar(algorithm, key)} | {ROUNDING_STEP}
     together = algorithm.chained(group) or getattr(algorithm, "reduces", False)
-    for chunk in ([list(range(len(params)))] if together else _chunks(params, states)):
+    for chunk in ([list(range(len(params)))] if together else _chunks(wholes, states)):
         opened = [open_tensor(plans[i], params[i], states[i], param_name(group, group_index, positions[i]),
                               layout.global_offset(wholes[i]), tuple(wholes[i].shape), scalars) for i in chunk]
         run(algorithm, [o.work_param for o in opened],
             [grads[i].float() if plans[i].active and grads[i].dtype in settings.LOW_PRECISION else grads[i]
              for i in chunk],
             [o.work_state for o in opened], group, [wholes[i] for i in chunk], [positions[i] for i in chunk])
+        close_all(opened, (lambda: reducer_for([wholes[i] for i in chunk])) if reducer_for else None)
+
+
+def close_all(opened: list, reducer_for: Callable[[], Any] | None) -> None:
+    """Close a chunk's working copies; where some state is factored, its row and column sums are summed over the
+    ranks first, in one collective for the chunk (a rank whose copy is a replica adds zeros)."""
+    if not any(o.reduced() for o in opened):
         for o in opened:
             o.close()
+        return
+    reducer = reducer_for() if reducer_for is not None else None
+    weights = reducer.weights if reducer is not None else [True] * len(opened)
+    partials = [o.partials(bool(counts)) for o, counts in zip(opened, weights)]
+    sizes = [p.numel() for p in partials]
+    totals = torch.cat(partials)
+    if reducer is not None and reducer.all_reduce is not None:
+        totals = reducer.all_reduce(totals)
+    for o, piece in zip(opened, torch.split(totals, sizes)):
+        o.close(piece)
 
 
 def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:
     """Raise ``ValueError`` naming the group (and the parameter) where a precision setting is malformed or cannot
     apply."""
     from .. import param_groups
-    from ..algos import MATRIX
 
     try:
         settings.check(algorithm.name, group)
     except ValueError as error:
         raise ValueError(f"param group {index}: {error}") from None
-    explicit = [key for key in PRECISION if key in group and group[key] != PRECISION[key]]
     for i, param in enumerate(group["params"]):
         if not isinstance(param, Tensor):
             continue  # refused by name by the parameter checks
@@ -100,12 +139,11 @@ def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:
         try:
             settings.check_param(group, param)
             plan = plan_for(group, param)
-            explicit_here = [key for key in explicit if key != "kahan_sum" or group[key]]
-            if (explicit_here and (plan.write is not None or any(m is not None for m in plan.state_mode[:3]))
-                    and algorithm.kind == MATRIX and algorithm.on_owner(tuple(param.shape), group)):
-                raise ValueError(f"{', '.join(explicit_here)} cannot apply yet to a matrix that {algorithm.name} runs on "
-                                 "its owner rank (low-precision writes and compact states run on the shards of "
-                                 "elementwise algorithms and of the matrix algorithms' other parameters)")
+            if (plan.state_mode[2] == "factored" and getattr(algorithm, "kind", None) == "matrix"
+                    and algorithm.on_owner(tuple(param.shape), group)):
+                raise ValueError(f"state_precision='factored' cannot apply yet to a matrix that {algorithm.name} runs "
+                                 "on its owner rank (its factors' sums would need a collective per matrix); use "
+                                 "'int8', 'int4' or 'bf16_sr' there")
             _check_blocks(plan, param)
         except ValueError as error:
             raise ValueError(f"{algorithm.name}: parameter {name}: {error}") from None
@@ -117,11 +155,12 @@ def _check_blocks(plan: Plan, param: Tensor) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
     precision = plan.state_mode[2]
-    if precision not in settings.DEFAULT_BLOCK or not isinstance(param, DTensor) or param.dim() == 0:
+    if precision not in (*settings.DEFAULT_BLOCK, "factored") or not isinstance(param, DTensor) or param.dim() < 2:
         return
     from .codecs import blocks
 
-    length = blocks(tuple(param.shape), plan.state_mode[3] or settings.DEFAULT_BLOCK[precision])
+    length = (8 if precision == "factored"  # sign bits, eight to a byte along the last dimension
+              else blocks(tuple(param.shape), plan.state_mode[3] or settings.DEFAULT_BLOCK[precision]))
     last = param.dim() - 1
     cuts = [mesh_dim for mesh_dim, p in enumerate(param.placements) if isinstance(p, Shard) and p.dim == last]
     if length is None or not cuts:

@@ -14,6 +14,7 @@ tensor do not depend on the world size.
   1511.04561), 8 or 4 bits (torchao's ``AdamW8bit``/``AdamW4bit``).
 * :class:`LinearSR`: block-wise absmax scaling to int8 (or uint8 for a non-negative state) with stochastic rounding
   (adv_optm's ``int8_sr``).
+* :class:`Factored`: rank-1 factors of ``|x|`` and a sign bit per element (adv_optm's ``factored``, SMMF).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Plain:
     def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {"": (shape, self.dtype)}
 
-    def decode(self, parts: Parts) -> Tensor:
+    def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
         return parts[""].float()
 
     def encode(self, x: Tensor, parts: Parts, bits: Tensor | None) -> None:
@@ -88,7 +89,7 @@ class ErrorCorrected:
         log_ulp = torch.where(exponent == 0, 1 - bias - mantissa, exponent - (bias + mantissa))
         return torch.exp2((log_ulp - 1).to(torch.float32))
 
-    def decode(self, parts: Parts) -> Tensor:
+    def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
         narrow = parts[""]
         return narrow.float() + parts["::ecc"].float() / self.smax * self._half_ulp(narrow)
 
@@ -158,7 +159,7 @@ class DynamicMap:
         thresholds = qmap[:-1] + (qmap[1:] - qmap[:-1]) * 0.5
         return qmap, thresholds
 
-    def decode(self, parts: Parts) -> Tensor:
+    def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
         codes, scale = parts[""], parts["::scale"]
         if self.bits == 4:
             codes = torch.stack([codes >> 4, codes & 15], dim=-1).flatten(-2)
@@ -196,7 +197,7 @@ class LinearSR:
         return {"": (shape, torch.int8 if self.signed else torch.uint8),
                 "::scale": ((*shape[:-1], shape[-1] // self.block), torch.float32)}
 
-    def decode(self, parts: Parts) -> Tensor:
+    def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
         codes, scale = parts[""], parts["::scale"]
         grouped = _blocked(codes.float(), codes.shape[-1] // scale.shape[-1])
         return (grouped * scale.unsqueeze(-1)).flatten(-2)
@@ -212,3 +213,90 @@ class LinearSR:
         codes = torch.floor(grouped / step.clamp_min(1e-12).unsqueeze(-1) + noise).clamp(low, self.top)
         parts[""].copy_(codes.flatten(-2))
         scale.copy_(step)
+
+
+def effective_shape(numel: int) -> tuple[int, int]:
+    """adv_optm's 2-D view of a flattened tensor for its rank-1 factors: ``(numel // i, i)`` with ``i`` the largest
+    divisor of ``numel`` at most its square root."""
+    for i in range(math.isqrt(numel), 0, -1):
+        if numel % i == 0:
+            return numel // i, i
+    return numel, 1
+
+
+def pack_signs(x: Tensor) -> Tensor:
+    """``x > 0`` as bits along the last dimension, eight to a byte, the first element in the lowest bit."""
+    bits = (x > 0).to(torch.uint8)
+    pad = (-bits.shape[-1]) % 8
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
+    return (bits.reshape(*bits.shape[:-1], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: Tensor, cols: int) -> Tensor:
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) & weights) != 0).flatten(-2)[..., :cols]
+
+
+@dataclass(frozen=True)
+class Factored:
+    """adv_optm's ``factored`` state (SMMF, arXiv 2412.08894): ``|x|`` as the outer product of its row and column
+    sums over the 2-D view :func:`effective_shape` of the whole tensor (the column factor divided by the total),
+    and for a signed state one sign bit per element. The factors are replicated on every rank; encoding sums the
+    shards' partial row and column sums over the ranks (:meth:`partials`, then :meth:`finish`). The sign bits are
+    packed along the parameter's own rows, so that they shard with it."""
+
+    shape: tuple[int, ...]  # the whole tensor's
+    signed: bool
+    random: bool = False
+    reduces: bool = True
+
+    @property
+    def view(self) -> tuple[int, int]:
+        return effective_shape(math.prod(self.shape))
+
+    def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows, cols = self.view
+        out = {"::row": ((rows,), torch.float32), "::col": ((cols,), torch.float32)}
+        if self.signed:
+            out["::sign"] = ((*shape[:-1], -(-shape[-1] // 8)), torch.uint8)
+        return out
+
+    @staticmethod
+    def replicated(suffix: str) -> bool:
+        return suffix in ("::row", "::col")
+
+    def _coordinates(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        cols = self.view[1]
+        return index // cols, index % cols
+
+    def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
+        rows, cols = self._coordinates(index)
+        x = parts["::row"][rows] * parts["::col"][cols]
+        if self.signed:
+            x = torch.where(unpack_signs(parts["::sign"], index.shape[-1]), x, -x)
+        return x
+
+    def partials(self, x: Tensor, index: Tensor, counts: bool) -> Tensor:
+        """This rank's row and column sums of ``|x|`` (zeros where its copy does not count: a replica)."""
+        rows, cols = self._coordinates(index)
+        n_rows, n_cols = self.view
+        out = torch.zeros(n_rows + n_cols, dtype=torch.float32, device=x.device)
+        if counts:
+            magnitude = x.float().abs().flatten()
+            out[:n_rows].index_add_(0, rows.flatten(), magnitude)
+            out[n_rows:].index_add_(0, cols.flatten(), magnitude)
+        return out
+
+    def finish(self, x: Tensor, parts: Parts, totals: Tensor) -> None:
+        n_rows = self.view[0]
+        row, col = totals[:n_rows], totals[n_rows:]
+        if self.view[0] < self.view[1]:
+            row = row / row.sum().clamp_min(1e-12)
+        else:
+            col = col / col.sum().clamp_min(1e-12)
+        parts["::row"].copy_(row)
+        parts["::col"].copy_(col)
+        if self.signed:
+            parts["::sign"].copy_(pack_signs(x))

@@ -10,8 +10,8 @@ Names and meanings follow the library each comes from, so that a user's keywords
 * ``param_ecc`` (HeavyBall): the parameter keeps an error-correction tensor beside its low-precision value.
 * ``storage_dtype`` (HeavyBall): states stored in ``"bfloat16"`` (or ``"float16"``), computed in float32.
 * ``ecc`` (HeavyBall): states stored as a low-precision value plus an error-correction tensor.
-* ``state_precision`` (adv_optm's modes ``"fp32"``, ``"bf16_sr"``, ``"fp16"``, ``"int8_sr"``; torchao's block-wise
-  ``"int8"`` and ``"int4"``), with ``state_block_size``.
+* ``state_precision`` (adv_optm's modes ``"fp32"``, ``"bf16_sr"``, ``"fp16"``, ``"int8_sr"``, ``"factored"``;
+  torchao's block-wise ``"int8"`` and ``"int4"``), with ``state_block_size``.
 
 A group holds a setting only where it was given. Every setting is checked at construction against every parameter
 of its group: a setting that cannot apply (Kahan summation on a float32 parameter, a quantized state for a complex
@@ -40,7 +40,7 @@ PRECISION: dict[str, Any] = {
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 ECC_MODES = ("bf16+8", "bf16+16", "fp16+8", "fp16+16")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STATE_PRECISIONS = ("auto", "fp32", "bf16_sr", "fp16", "int8_sr", "int8", "int4")
+STATE_PRECISIONS = ("auto", "fp32", "bf16_sr", "fp16", "int8_sr", "int8", "int4", "factored")
 #: Default block sizes: adv_optm's int8_sr (2048 elements), torchao's AdamW8bit (256) and AdamW4bit (128).
 DEFAULT_BLOCK = {"int8_sr": 2048, "int8": 256, "int4": 128}
 

@@ -17,13 +17,16 @@ import torch
 from torch import Tensor
 
 from . import settings
-from .codecs import DynamicMap, ErrorCorrected, LinearSR, Plain, blocks
+from .codecs import DynamicMap, ErrorCorrected, Factored, LinearSR, Plain, blocks
 from .rounding import global_index, kahan_split, random_bits, round_stochastic, stream_key
 
 KAHAN = "kahan_comp"
 PARAM_ECC = "param::ecc"
 ROUNDING_STEP = "rounding_step"
 BOOKKEEPING = (KAHAN, PARAM_ECC, ROUNDING_STEP)
+#: The owner's whole-matrix state (SOAP's bases, PSGD's factors, NorMuon's variances) is never opened here: it lives
+#: on one rank in the algorithm's own dtype (see the README for why it is not compacted).
+OWNER_PREFIX = "owner."
 #: States that are never negative: quantized with the unsigned maps (torchao's and adv_optm's choice for Adam's v).
 NONNEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "exp_inf", "acc_delta", "sum",
                          "exp_avg_sq_slow"})
@@ -93,6 +96,10 @@ def _codec(key: str, shape: tuple[int, ...], mode: tuple, param_dtype: torch.dty
         return Plain(torch.bfloat16, stochastic=True)
     if precision == "fp16":
         return Plain(torch.float16)
+    if precision == "factored":
+        if key in WEIGHT_LIKE:
+            return Plain(param_dtype)
+        return Factored(tuple(shape), key not in NONNEGATIVE) if len(shape) >= 2 else Plain(torch.float32)
     length = blocks(shape, block or settings.DEFAULT_BLOCK[precision])
     if length is None or key in WEIGHT_LIKE or (precision == "int4" and length % 2):  # 4-bit codes go in pairs
         return Plain(param_dtype)
@@ -104,34 +111,43 @@ def _codec(key: str, shape: tuple[int, ...], mode: tuple, param_dtype: torch.dty
 
 def compactable(key: str, value: Tensor, local_shape: tuple[int, ...], scalar: bool) -> bool:
     """Whether a fresh state tensor is stored through a codec: floating, shaped like the parameter's local part."""
-    return (not scalar and key not in BOOKKEEPING and "::" not in key and value.is_floating_point()
+    return (not scalar and key not in BOOKKEEPING and "::" not in key and not key.startswith(OWNER_PREFIX)
+            and value.is_floating_point()
             and tuple(value.shape) == tuple(local_shape))
 
 
 def encode_fresh(plan: Plan, fresh: dict[str, Tensor], local: Tensor, whole_shape: tuple[int, ...],
-                 scalar_keys) -> dict[str, tuple[Tensor, tuple[int, ...] | None]]:
-    """A new state (the algorithm's, in float) in stored form: ``{key: (local tensor, whole shape or None)}``, the
-    whole shape given where a part is not shaped like the parameter (block scales)."""
-    out: dict[str, tuple[Tensor, tuple[int, ...] | None]] = {}
+                 scalar_keys, offset: tuple[int, ...] = ()) -> dict[str, tuple[Tensor, str, tuple[int, ...]]]:
+    """A new state (the algorithm's, in float) in stored form: ``{key: (local tensor, kind, whole shape)}``, kind
+    ``"like"`` (laid out like the parameter), ``"shaped"`` (like it but for the last dimension: block scales, sign
+    bits), ``"whole"`` (replicated on every rank: factors) or ``"scalar"``."""
+    out: dict[str, tuple[Tensor, str, tuple[int, ...]]] = {}
     local_shape = tuple(local.shape)
     for key, value in fresh.items():
         if not compactable(key, value, local_shape, key in scalar_keys):
-            out[key] = (value, None)
+            out[key] = (value, "scalar" if key in scalar_keys else "like", whole_shape)
             continue
         codec = plan.codec_for(key, whole_shape)
         whole_parts = codec.parts(whole_shape)
         parts = {suffix: torch.zeros(shape, dtype=dtype, device=local.device)
                  for suffix, (shape, dtype) in codec.parts(local_shape).items()}
-        codec.encode(value.float(), parts, nearest_bits(local.shape, local.device) if codec.random else None)
+        if getattr(codec, "reduces", False):
+            if value.count_nonzero():
+                raise NotImplementedError(f"state {key!r} starts nonzero, and factored states of a fresh nonzero "
+                                          "state are not supported")
+        else:
+            codec.encode(value.float(), parts, nearest_bits(local.shape, local.device) if codec.random else None)
         for suffix, part in parts.items():
             whole = whole_parts[suffix][0]
-            out[key + suffix] = (part, None if whole == whole_shape else whole)
+            kind = ("whole" if getattr(codec, "replicated", lambda _: False)(suffix)
+                    else "like" if whole == whole_shape else "shaped")
+            out[key + suffix] = (part, kind, whole)
     if plan.write == "kahan":
-        out[KAHAN] = (torch.zeros_like(local), None)
+        out[KAHAN] = (torch.zeros_like(local), "like", whole_shape)
     if plan.write == "ecc":
-        out[PARAM_ECC] = (torch.zeros_like(local, dtype=plan.param_codec.wide), None)
+        out[PARAM_ECC] = (torch.zeros_like(local, dtype=plan.param_codec.wide), "like", whole_shape)
     if plan.random or any(getattr(c, "random", False) for c in plan.codecs.values()):
-        out[ROUNDING_STEP] = (torch.zeros((), dtype=torch.int64), None)
+        out[ROUNDING_STEP] = (torch.zeros((), dtype=torch.int64), "scalar", ())
     return out
 
 
@@ -155,19 +171,42 @@ class Opened:
     offset: tuple[int, ...]
     whole_shape: tuple[int, ...]
 
-    def _bits(self, what: str, step: int) -> Tensor:
-        index = global_index(tuple(self.param.shape), self.offset, self.whole_shape, self.param.device)
-        return random_bits(stream_key(self.plan.seed, f"{self.name}/{what}", step), index)
+    def index(self) -> Tensor:
+        """Each local element's position in the flattened whole tensor."""
+        return global_index(tuple(self.param.shape), self.offset, self.whole_shape, self.param.device)
 
-    def close(self) -> None:
-        """Write the stepped working copies back into their stored forms."""
+    def _bits(self, what: str, step: int) -> Tensor:
+        return random_bits(stream_key(self.plan.seed, f"{self.name}/{what}", step), self.index())
+
+    def reduced(self) -> list[str]:
+        """The managed states whose encoding sums over the ranks (factored ones), in a fixed order."""
+        return [key for key in self.managed if getattr(self.plan.codec_for(key, self.whole_shape), "reduces", False)]
+
+    def partials(self, counts: bool) -> Tensor:
+        """This rank's partial sums for :meth:`reduced`, concatenated (empty if none)."""
+        keys = self.reduced()
+        if not keys:
+            return torch.zeros(0, device=self.param.device)
+        index = self.index()
+        return torch.cat([self.plan.codec_for(key, self.whole_shape).partials(self.work_state[key], index, counts)
+                          for key in keys])
+
+    def close(self, totals: Tensor | None = None) -> None:
+        """Write the stepped working copies back into their stored forms (``totals``: :meth:`partials` summed over
+        the ranks, where some state is factored)."""
         step = 0
         if ROUNDING_STEP in self.stored:
             self.stored[ROUNDING_STEP].add_(1)
             step = int(self.stored[ROUNDING_STEP])
+        at = 0
         for key in self.managed:
             codec = self.plan.codec_for(key, self.whole_shape)
             parts = {suffix: self.stored[key + suffix] for suffix in codec.parts(self.whole_shape)}
+            if getattr(codec, "reduces", False):
+                size = sum(codec.view)
+                codec.finish(self.work_state[key], parts, totals[at:at + size])
+                at += size
+                continue
             codec.encode(self.work_state[key], parts, self._bits(key, step) if codec.random else None)
         for key, value in self.work_state.items():
             if key not in self.managed and self.stored.get(key) is not value:
@@ -190,14 +229,20 @@ def open_tensor(plan: Plan, param: Tensor, stored: dict[str, Tensor], name: str,
     work_state, managed = {}, []
     local_shape = tuple(param.shape)
     working = torch.float64 if param.dtype == torch.float64 else torch.float32
-    for key, value in stored.items():
-        if key in BOOKKEEPING or "::" in key:
+    index = None
+    for key in dict.fromkeys(k.split("::")[0] for k in stored if k not in BOOKKEEPING):
+        value = stored.get(key)
+        if key.startswith(OWNER_PREFIX):
+            work_state[key] = value
             continue
         codec = None if key in scalar_keys else plan.codec_for(key, whole_shape)
         parts = codec.parts(whole_shape) if codec is not None else {}
         if codec is not None and (len(parts) > 1 or (value.is_floating_point()
                                                     and tuple(value.shape) == local_shape)):
-            work_state[key] = codec.decode({suffix: stored[key + suffix] for suffix in parts}).to(working)
+            if getattr(codec, "reduces", False) and index is None:
+                index = global_index(local_shape, offset, whole_shape, param.device)
+            decoded = codec.decode({suffix: stored[key + suffix] for suffix in parts}, index)
+            work_state[key] = decoded.reshape(local_shape).to(working)
             managed.append(key)
         else:
             work_state[key] = value

@@ -62,6 +62,15 @@ def like_param_shaped(param: Tensor, local_state: Tensor, shape: tuple[int, ...]
                               shape=torch.Size(shape), stride=stride)
 
 
+def replicated_like(param: Tensor, whole_state: Tensor) -> Tensor:
+    """A state held whole on every rank (a factored state's row and column factors), as a DTensor replicated over
+    ``param``'s mesh (a plain tensor for a plain parameter)."""
+    if not isinstance(param, DTensor):
+        return whole_state
+    return DTensor.from_local(whole_state, param.device_mesh, [Replicate()] * param.device_mesh.ndim,
+                              run_check=False)
+
+
 def global_offset(param: Tensor) -> tuple[int, ...]:
     """Where this rank's part of ``param`` starts in the whole tensor, per dimension (zeros for a plain tensor)."""
     if not isinstance(param, DTensor):

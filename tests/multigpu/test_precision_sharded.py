@@ -33,6 +33,14 @@ CONFIGS = {
     "ecc": (torch.float32, {"ecc": "bf16+16"}),
     "storage_dtype": (torch.float32, {"storage_dtype": "bfloat16"}),
     "bf16_sr+kahan": (torch.bfloat16, {"state_precision": "bf16_sr", "kahan_sum": True}),
+    # Row and column sums of the whole tensor over the ranks: equal to one process up to the order of the sums.
+    "factored": (torch.float32, {"state_precision": "factored"}),
+    # Muon: the matrices on owners (their momentum and write on the shards), the embedding and vectors on AdamW.
+    "muon/kahan": (torch.bfloat16, {"algorithm": "muon"}),
+    "muon/stochastic_rounding": (torch.bfloat16, {"algorithm": "muon", "stochastic_rounding": True}),
+    "muon/int8": (torch.float32, {"algorithm": "muon", "state_precision": "int8", "owner_dtype": "float32"}),
+    "muon/ecc+mars": (torch.float32, {"algorithm": "muon", "ecc": "bf16+8", "mars": True, "caution": True,
+                                      "owner_dtype": "float32"}),
 }
 
 
@@ -58,14 +66,21 @@ def _model(dtype, mesh_kind, seed=0):
 
 
 def _optimizer(model, settings):
+    settings = dict(settings)
+    if settings.pop("algorithm", "adamw") == "muon":
+        return distopt.Muon(model.named_parameters(), **{"lr": 0.02, "weight_decay": 0.1, "adamw_lr": 1e-3,
+                                                         **settings})
     return distopt.AdamW(model.named_parameters(), **{"lr": 1e-3, "weight_decay": 0.1, **settings})
 
 
 def _snapshot(model, opt):
     out = {f"param/{n}": full(p).detach().cpu().clone() for n, p in model.named_parameters()}
     names = {p: n for n, p in model.named_parameters()}
+    unsaved = {p: set(opt.algorithm_of(g).unsaved_keys(g)) for g in opt.param_groups for p in g["params"]}
     for p, state in opt.state.items():
         for key, value in state.items():
+            if key in unsaved[p]:
+                continue  # not in checkpoints (torch.optim.Muon keeps no step): rebuilt on load
             wide = value.to(torch.int32) if value.dtype == torch.int16 else value  # gloo gathers no int16
             out[f"state/{names[p]}/{key}"] = full(wide).detach().cpu().clone()
     return out
@@ -83,6 +98,21 @@ def precision_run(names, mesh_kind, steps: int = 4):
     return out
 
 
+#: Configs whose encoding sums over the shards: the same sums in another order, so equal to a tolerance (relative
+#: 1e-5 of each tensor's largest value: a few float32 roundings of the sums, amplified by 4 steps of Adam).
+REDUCING = {"factored"}
+
+
+def _same(name, got, value, context):
+    if name in REDUCING and value.is_floating_point():
+        scale = value.abs().max().clamp_min(1e-30)
+        assert (got - value).abs().max() <= 1e-5 * scale, context
+    elif name in REDUCING and value.dtype == torch.uint8 and "::sign" in context[1]:
+        assert (got != value).float().mean() <= 0.01, context  # a sign bit flips where a value sits at zero
+    else:
+        assert torch.equal(got, value), context
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_sharded_equals_one_process_bitwise(ranks, backend, world_size):
     names = sorted(CONFIGS)
@@ -96,7 +126,7 @@ def test_sharded_equals_one_process_bitwise(ranks, backend, world_size):
             got = rank_result[name]
             assert set(got) == set(single[name]), name
             for key, value in single[name].items():
-                assert torch.equal(got[key], value), (name, key, world_size)
+                _same(name, got[key], value, (name, key, world_size))
 
 
 def precision_checkpoint_run(names, path: str, resume: bool):
@@ -128,4 +158,4 @@ def test_checkpoint_reshards_and_resumes_bitwise(ranks, backend, tmp_path, world
     for name in names:
         for rank_result in resumed:
             for key, value in straight[name].items():
-                assert torch.equal(rank_result[name][key], value), (name, key, world, new_world)
+                _same(name, rank_result[name][key], value, (name, key, world, new_world))
