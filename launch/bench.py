@@ -37,6 +37,7 @@ from torch.distributed.tensor import distribute_tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.bench_candidates import SCENARIOS, candidates  # noqa: E402
 from launch.bench_measure import machine, machine_line  # noqa: E402
+from launch.bench_precision import PARAM_DTYPE  # noqa: E402
 from launch.bench_report import (BYTES_NOTE, MEMORY_NOTE, NOTE, add_ratios, default_json_path,  # noqa: E402
                                  detail_table, peer_ratio_table, summary_table, write_json)
 from launch.bench_run import CandidateRun  # noqa: E402
@@ -76,7 +77,7 @@ def threads_per_rank(args, world: int) -> int:
 
 def _copy(template: nn.Module, mesh) -> nn.Module:
     """An FSDP2 copy of ``template``: every block a unit, then the root, as in a real job."""
-    model = GPTMatrices(template.dim, len(template.layers))
+    model = GPTMatrices(template.dim, len(template.layers)).to(next(template.parameters()).dtype)
     model.load_state_dict(template.state_dict())
     for block in model.layers:
         fully_shard(block, mesh=mesh)
@@ -91,7 +92,8 @@ def _rank_main(rank, world, init_file, args, results):
     with rank_process(rank, world, init_file, results):
         mesh = init_device_mesh("cpu", (world,))
         torch.manual_seed(0)
-        template = GPTMatrices(args.dim, args.layers)
+        dtype = PARAM_DTYPE.get(args.scenario, torch.float32)
+        template = GPTMatrices(args.dim, args.layers).to(dtype)
         grads = [torch.randn_like(p) * 1e-2 for p in template.parameters()]
         runs = []
         for candidate in candidates(args.scenario, args.dion_path, args.only):

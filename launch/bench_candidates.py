@@ -301,8 +301,10 @@ SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
 
 def _catalogue() -> None:
     from .bench_catalogue import SCENARIOS as CATALOGUE
+    from .bench_precision import SCENARIOS as PRECISION
 
     SCENARIOS.update(CATALOGUE)
+    SCENARIOS.update(PRECISION)
 
 
 _catalogue()

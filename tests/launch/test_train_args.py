@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
     (["--compare", "adamw,muon,adamw"], "--compare: adamw named more than once"),
     (["--compare", "adamw,sgd9"], "unknown optimizer(s) ['sgd9']"),
     (["--compare", "adamw", "--resume"], "it does not take --resume"),
+    (["--compare", "adamw,adamw@bf17"], "unknown precision in ['adamw@bf17']"),
+    (["--precision", "int3"], "argument --precision: invalid choice: 'int3'"),
     (["--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file"),
 ])
 def test_bad_flags_are_named(argv, message, capsys):
@@ -48,6 +50,8 @@ def test_bad_flags_are_named(argv, message, capsys):
 def test_good_flags_pass():
     args = parse_args(["--mesh", "2x1", "--compare", " adamw , muon", "--ckpt-every", "0", "--warmup", "0"])
     assert args.mesh_shape == (2, 1) and args.compare == ["adamw", "muon"]
+    args = parse_args(["--compare", "adamw,adamw@bf16-kahan,muon@int8", "--precision", "bf16-sr"])
+    assert args.compare == ["adamw", "adamw@bf16-kahan", "muon@int8"] and args.precision == "bf16-sr"
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:

@@ -93,3 +93,18 @@ def test_compare_trains_each_optimizer_from_the_same_start(tmp_path, text_file):
     table = (out / "compare.md").read_text()
     assert "| adamw |" in table and "| soap |" in table and "| adamw |" in log
     assert (out / "compare.png").stat().st_size > 0
+
+
+def test_compare_runs_each_precision_in_its_own_dtype_and_checkpoints_compact_state(tmp_path, text_file):
+    """``NAME@PRECISION``: bfloat16 parameters with Kahan summation, and 8-bit states; each from the same start, and
+    a checkpoint of the compact state resumes."""
+    out = tmp_path / "precision"
+    train("--compare", "adamw,adamw@bf16-kahan,muon@int8", "--steps", "3", "--data", str(text_file), "--out",
+          str(out), "--ckpt-dir", str(tmp_path / "ckpt"), "--ckpt-every", "2", *TINY)
+    first = {name: metrics(out / name)[0]["loss"] for name in ("adamw", "adamw@bf16-kahan", "muon@int8")}
+    assert first["adamw"] == first["muon@int8"]
+    assert first["adamw@bf16-kahan"] != first["adamw"]  # the bfloat16 model computes another first loss
+    assert abs(first["adamw@bf16-kahan"] - first["adamw"]) < 0.05 * first["adamw"]
+    table = (out / "compare.md").read_text()
+    assert "| adamw@bf16-kahan |" in table and "| muon@int8 |" in table
+    assert (tmp_path / "ckpt" / "muon@int8").is_dir()
