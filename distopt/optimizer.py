@@ -262,7 +262,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         batches = [self._local_batch(group, group_index) for group_index, group in enumerate(self.param_groups)]
         for group_index, batch in enumerate(batches):
             if batch[1]:
-                precision.step_local(batch, group_index, self._step_local, is_scalar_state, self._reducer)
+                precision.step_local(batch, group_index, self._step_local, is_scalar_state, self._reducer,
+                                     self._compile)
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state,
                              lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]),
@@ -357,7 +358,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Working copies of a matrix's parameter and shard-side state where its group's precision settings ask
         for them (None otherwise); the owner route closes them after ``finish``."""
         return precision.open_whole(self.param_groups[entry.group_index], entry.param, stored, entry.fqn,
-                                    lambda key: is_scalar_state(entry.algorithm, key))
+                                    lambda key: is_scalar_state(entry.algorithm, key), self._compile)
 
     def _matrix_state(self, entry: MatrixEntry) -> dict[str, Tensor]:
         state = self.state[entry.param]

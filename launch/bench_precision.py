@@ -39,7 +39,6 @@ def _heavyball(name: str, **settings):
     def make(ps):
         import heavyball
 
-        heavyball.utils.compile_mode = None  # eager, as distopt's step here (compiled: see the catalogue scenarios)
         return getattr(heavyball, name)(ps, **settings)
     return make
 

@@ -47,7 +47,7 @@ def fresh_state(plan: Plan, fresh: dict[str, Tensor], param: Tensor, local: Tens
 
 
 def open_whole(group: dict[str, Any], param: Tensor, stored: dict[str, Tensor], name: str,
-               is_scalar: Callable[[str], bool]):
+               is_scalar: Callable[[str], bool], compile: bool = False):
     """The working copies of one parameter of the owner route's shard side (``stored``: its local state views), or
     None where its group's settings leave it as it is."""
     plan = plan_for(group, param)
@@ -58,7 +58,7 @@ def open_whole(group: dict[str, Any], param: Tensor, stored: dict[str, Tensor], 
                                   "not supported yet (their row and column sums would need a collective per matrix)")
     scalars = {key for key in stored if is_scalar(key)} | {ROUNDING_STEP}
     return open_tensor(plan, layout.local(param), stored, name, layout.global_offset(param), tuple(param.shape),
-                       scalars)
+                       scalars, compile)
 
 
 def working_grad(opened, grad: Tensor) -> Tensor:
@@ -83,7 +83,7 @@ def _chunks(wholes: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> li
 
 
 def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scalar: Callable[[Any, str], bool],
-               reducer_for: Callable[[list[Tensor]], Any] | None = None) -> None:
+               reducer_for: Callable[[list[Tensor]], Any] | None = None, compile: bool = False) -> None:
     """Run ``run(algorithm, params, grads, states, group, wholes, positions)`` (a group's step on local tensors)
     on float32 working copies where the group's settings ask for them, a chunk of tensors at a time, and put the
     results back in their stored forms. A group whose step reduces over all its tensors (flags, norms) opens
@@ -97,7 +97,8 @@ def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scal
     together = algorithm.chained(group) or getattr(algorithm, "reduces", False)
     for chunk in ([list(range(len(params)))] if together else _chunks(wholes, states)):
         opened = [open_tensor(plans[i], params[i], states[i], param_name(group, group_index, positions[i]),
-                              layout.global_offset(wholes[i]), tuple(wholes[i].shape), scalars) for i in chunk]
+                              layout.global_offset(wholes[i]), tuple(wholes[i].shape), scalars, compile)
+                  for i in chunk]
         run(algorithm, [o.work_param for o in opened],
             [grads[i].float() if plans[i].active and grads[i].dtype in settings.LOW_PRECISION else grads[i]
              for i in chunk],

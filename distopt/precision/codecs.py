@@ -140,6 +140,42 @@ def dynamic_map(signed: bool, bits: int) -> tuple[float, ...]:
     return tuple(sorted(values))
 
 
+_MAPS = {(signed, bits): dynamic_map(signed, bits) for signed in (True, False) for bits in (8, 4)}
+
+
+def _search(y: Tensor, qmap: Tensor) -> Tensor:
+    """The nearest code by binary search for the largest code at most ``y`` (the table's reference)."""
+    top = qmap.numel() - 1
+    code = torch.zeros(y.shape, dtype=torch.int64, device=y.device)
+    step = (top + 1) // 2
+    while step:
+        code = code + step * (y >= qmap[(code + step).clamp_max(top)]).to(torch.int64)
+        step //= 2
+    up = (code + 1).clamp_max(top)
+    return torch.where(y - qmap[code] >= (qmap[up] - qmap[code]) * 0.5, up, code)
+
+
+_TABLES: dict = {}
+
+
+def _cell_table(signed: bool, bits: int, device: torch.device) -> Tensor:
+    """For each 16-bit prefix of a float32 in [-1, 1], the nearest code at the cell's end nearest to -inf (within
+    one of the nearest code anywhere in the cell)."""
+    key = (signed, bits, device)
+    if key not in _TABLES:
+        qmap = torch.tensor(_MAPS[(signed, bits)], dtype=torch.float32)
+        prefix = torch.arange(1 << 16, dtype=torch.int64)
+        raw = [(((prefix << 16) | low).to(torch.int32)).view(torch.float32) for low in (0, 0xFFFF)]
+        inside = torch.isfinite(raw[0]) & torch.isfinite(raw[1]) & (torch.minimum(*raw).abs() <= 1)
+        ends = [torch.nan_to_num(e.clamp(-1, 1), nan=0.0) for e in raw]
+        lo, hi = (torch.minimum(*ends), torch.maximum(*ends))
+        first, last = _search(lo, qmap), _search(hi, qmap)
+        if int(((last - first) * inside).max()) > 1:  # cells outside [-1, 1] never occur: y = x / absmax
+            raise AssertionError("a cell of the quantization table holds two code changes")
+        _TABLES[key] = first.to(device)
+    return _TABLES[key]
+
+
 @dataclass(frozen=True)
 class DynamicMap:
     """Block-wise absmax scaling to the nearest code of a dynamic map (ties go up), 8 or 4 bits per element; 4-bit
@@ -154,25 +190,34 @@ class DynamicMap:
         codes = shape if self.bits == 8 else (*shape[:-1], shape[-1] // 2)
         return {"": (codes, torch.uint8), "::scale": ((*shape[:-1], shape[-1] // self.block), torch.float32)}
 
-    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        qmap = torch.tensor(dynamic_map(self.signed, self.bits), dtype=torch.float32, device=device)
-        thresholds = qmap[:-1] + (qmap[1:] - qmap[:-1]) * 0.5
-        return qmap, thresholds
+    def _qmap(self, device: torch.device) -> Tensor:
+        return torch.tensor(_MAPS[(self.signed, self.bits)], dtype=torch.float32, device=device)
+
+    def _nearest(self, y: Tensor, qmap: Tensor) -> Tensor:
+        """The nearest code of each ``y`` in [-1, 1], ties up: ``c + 1`` where ``y - q[c] >= (q[c+1] - q[c]) / 2``
+        (the comparison torchao makes). ``c`` comes from a table indexed by the top 16 bits of ``y``'s float32
+        pattern (sign, exponent, 7 mantissa bits): such a cell is narrower than the map's finest relative spacing,
+        so it holds at most one point where the nearest code changes (checked when the table is built), and one
+        comparison finishes the search that torchao does in ``bits`` dependent steps."""
+        table = _cell_table(self.signed, self.bits, y.device)
+        cell = (y.contiguous().view(torch.int32) >> 16) & 0xFFFF
+        code = table[cell.to(torch.int64)]
+        up = (code + 1).clamp_max(2 ** self.bits - 1)
+        low_value = qmap[code]
+        return torch.where(y - low_value >= (qmap[up] - low_value) * 0.5, up, code)
 
     def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
         codes, scale = parts[""], parts["::scale"]
         if self.bits == 4:
             codes = torch.stack([codes >> 4, codes & 15], dim=-1).flatten(-2)
-        qmap, _ = self._tables(codes.device)
-        values = qmap[codes.long()]
+        values = self._qmap(codes.device)[codes.long()]
         return (_blocked(values, values.shape[-1] // scale.shape[-1]) * scale.unsqueeze(-1)).flatten(-2)
 
     def encode(self, x: Tensor, parts: Parts, bits: Tensor | None) -> None:
         scale = parts["::scale"]
         grouped = _blocked(x.float(), x.shape[-1] // scale.shape[-1])
         absmax = grouped.abs().amax(-1).clamp_min(1e-12)
-        _, thresholds = self._tables(x.device)
-        codes = torch.bucketize((grouped / absmax.unsqueeze(-1)).contiguous(), thresholds, right=True)
+        codes = self._nearest(grouped / absmax.unsqueeze(-1), self._qmap(x.device))
         codes = codes.flatten(-2).to(torch.uint8)
         if self.bits == 4:
             codes = (codes[..., ::2] << 4) | codes[..., 1::2]

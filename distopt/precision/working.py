@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from functools import lru_cache
+
 from . import settings
 from .codecs import DynamicMap, ErrorCorrected, Factored, LinearSR, Plain, blocks
 from .rounding import global_index, kahan_split, random_bits, round_stochastic, stream_key
+
+#: Graphs a precision kernel may compile (one per codec, shape and offset): torch's default of 8 is process-wide.
+RECOMPILE_LIMIT = 64
 
 KAHAN = "kahan_comp"
 PARAM_ECC = "param::ecc"
@@ -81,6 +86,7 @@ def normalized_mode(hp: Mapping[str, Any], dtype: torch.dtype) -> tuple:
     return storage, ecc, precision, block
 
 
+@lru_cache(maxsize=None)  # one object per kind: compiled kernels see the same codec every step
 def _codec(key: str, shape: tuple[int, ...], mode: tuple, param_dtype: torch.dtype):
     storage, ecc, precision, block = mode
     if storage is not None:
@@ -157,6 +163,55 @@ def nearest_bits(shape, device) -> Tensor:
     return torch.full(tuple(shape), 0x808000, dtype=torch.int64, device=device)
 
 
+_COMPILED: dict = {}
+
+
+def _kernel(fn):
+    """Compiled when the optimizer compiles: static shapes (a parameter's shard and its codec never change between
+    steps), so each (codec, shape, offset) compiles once, as a loop that vectorizes."""
+    def run(compile: bool, *args):
+        if not compile:
+            return fn(*args)
+        compiled = _COMPILED.get(fn)
+        if compiled is None:
+            compiled = _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args)
+    run.eager = fn
+    return run
+
+
+@_kernel
+def _decode(codec, parts: dict[str, Tensor], local_shape: tuple[int, ...], offset: tuple[int, ...],
+            whole_shape: tuple[int, ...], device: torch.device) -> Tensor:
+    index = global_index(local_shape, offset, whole_shape, device) if getattr(codec, "reduces", False) else None
+    return codec.decode(parts, index).reshape(local_shape)
+
+
+@_kernel
+def _encode(codec, x: Tensor, parts: dict[str, Tensor], key: Tensor, offset: tuple[int, ...],
+            whole_shape: tuple[int, ...]) -> None:
+    bits = (random_bits(key, global_index(tuple(x.shape), offset, whole_shape, x.device)) if codec.random
+            else None)
+    codec.encode(x, parts, bits)
+
+
+@_kernel
+def _write(write: str, param: Tensor, work: Tensor, extra: Tensor | None, param_codec, key: Tensor,
+           offset: tuple[int, ...], whole_shape: tuple[int, ...]) -> None:
+    """The parameter's write from its working copy: compensated, stochastically rounded or error-corrected."""
+    if write == "kahan":
+        value, compensation = kahan_split(work, param.dtype)
+        param.copy_(value)
+        extra.copy_(compensation)
+        return
+    bits = random_bits(key, global_index(tuple(param.shape), offset, whole_shape, param.device))
+    if write == "stochastic":
+        param.copy_(round_stochastic(work, param.dtype, bits))
+    else:
+        param_codec.encode(work, {"": param, "::ecc": extra}, bits)
+
+
 @dataclass
 class Opened:
     """One parameter's working copies, and how to put them back."""
@@ -170,13 +225,11 @@ class Opened:
     name: str
     offset: tuple[int, ...]
     whole_shape: tuple[int, ...]
+    compile: bool = False
 
     def index(self) -> Tensor:
         """Each local element's position in the flattened whole tensor."""
         return global_index(tuple(self.param.shape), self.offset, self.whole_shape, self.param.device)
-
-    def _bits(self, what: str, step: int) -> Tensor:
-        return random_bits(stream_key(self.plan.seed, f"{self.name}/{what}", step), self.index())
 
     def reduced(self) -> list[str]:
         """The managed states whose encoding sums over the ranks (factored ones), in a fixed order."""
@@ -191,6 +244,11 @@ class Opened:
         return torch.cat([self.plan.codec_for(key, self.whole_shape).partials(self.work_state[key], index, counts)
                           for key in keys])
 
+    def _key(self, what: str, step: int) -> Tensor:
+        # A tensor, so that a compiled kernel takes each step's draws without compiling again.
+        return torch.tensor(stream_key(self.plan.seed, f"{self.name}/{what}", step), dtype=torch.int64,
+                            device=self.param.device)
+
     def close(self, totals: Tensor | None = None) -> None:
         """Write the stepped working copies back into their stored forms (``totals``: :meth:`partials` summed over
         the ranks, where some state is factored)."""
@@ -199,6 +257,7 @@ class Opened:
             self.stored[ROUNDING_STEP].add_(1)
             step = int(self.stored[ROUNDING_STEP])
         at = 0
+        no_key = torch.zeros((), dtype=torch.int64, device=self.param.device)
         for key in self.managed:
             codec = self.plan.codec_for(key, self.whole_shape)
             parts = {suffix: self.stored[key + suffix] for suffix in codec.parts(self.whole_shape)}
@@ -207,29 +266,24 @@ class Opened:
                 codec.finish(self.work_state[key], parts, totals[at:at + size])
                 at += size
                 continue
-            codec.encode(self.work_state[key], parts, self._bits(key, step) if codec.random else None)
+            _encode(self.compile, codec, self.work_state[key], parts,
+                 self._key(key, step) if codec.random else no_key, self.offset, self.whole_shape)
         for key, value in self.work_state.items():
             if key not in self.managed and self.stored.get(key) is not value:
                 self.stored[key] = value  # an algorithm that replaced a state entry rather than updating it
         write = self.plan.write
-        if write == "kahan":
-            value, compensation = kahan_split(self.work_param, self.param.dtype)
-            self.param.copy_(value)
-            self.stored[KAHAN].copy_(compensation)
-        elif write == "stochastic":
-            self.param.copy_(round_stochastic(self.work_param, self.param.dtype, self._bits("param", step)))
-        elif write == "ecc":
-            self.plan.param_codec.encode(self.work_param, {"": self.param, "::ecc": self.stored[PARAM_ECC]},
-                                         self._bits("param", step))
+        if write is not None:
+            extra = self.stored[KAHAN] if write == "kahan" else self.stored.get(PARAM_ECC)
+            _write(self.compile, write, self.param, self.work_param, extra, self.plan.param_codec,
+                 self._key("param", step) if write != "kahan" else no_key, self.offset, self.whole_shape)
 
 
 def open_tensor(plan: Plan, param: Tensor, stored: dict[str, Tensor], name: str, offset: tuple[int, ...],
-                whole_shape: tuple[int, ...], scalar_keys) -> Opened:
+                whole_shape: tuple[int, ...], scalar_keys, compile: bool = False) -> Opened:
     """Float32 working copies of a stored local parameter and its state."""
     work_state, managed = {}, []
     local_shape = tuple(param.shape)
     working = torch.float64 if param.dtype == torch.float64 else torch.float32
-    index = None
     for key in dict.fromkeys(k.split("::")[0] for k in stored if k not in BOOKKEEPING):
         value = stored.get(key)
         if key.startswith(OWNER_PREFIX):
@@ -239,10 +293,9 @@ def open_tensor(plan: Plan, param: Tensor, stored: dict[str, Tensor], name: str,
         parts = codec.parts(whole_shape) if codec is not None else {}
         if codec is not None and (len(parts) > 1 or (value.is_floating_point()
                                                     and tuple(value.shape) == local_shape)):
-            if getattr(codec, "reduces", False) and index is None:
-                index = global_index(local_shape, offset, whole_shape, param.device)
-            decoded = codec.decode({suffix: stored[key + suffix] for suffix in parts}, index)
-            work_state[key] = decoded.reshape(local_shape).to(working)
+            decoded = _decode(compile, codec, {suffix: stored[key + suffix] for suffix in parts},
+                           local_shape, offset, whole_shape, param.device)
+            work_state[key] = decoded.to(working)
             managed.append(key)
         else:
             work_state[key] = value
@@ -255,4 +308,4 @@ def open_tensor(plan: Plan, param: Tensor, stored: dict[str, Tensor], name: str,
         work_param = param.float()
     else:
         work_param = param
-    return Opened(plan, param, work_param, stored, work_state, tuple(managed), name, offset, whole_shape)
+    return Opened(plan, param, work_param, stored, work_state, tuple(managed), name, offset, whole_shape, compile)
