@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .rounding import round_stochastic
+from .rounding import round_stochastic, widen
 
 Parts = dict[str, Tensor]
 
@@ -91,12 +91,12 @@ class ErrorCorrected:
 
     def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
         narrow = parts[""]
-        return narrow.float() + parts["::ecc"].float() / self.smax * self._half_ulp(narrow)
+        return widen(narrow) + parts["::ecc"].float() / self.smax * self._half_ulp(narrow)
 
     def encode(self, x: Tensor, parts: Parts, bits: Tensor) -> None:
         x = x.float()
         narrow = x.to(self.narrow)
-        error = torch.nan_to_num(x - narrow.float(), nan=0.0, posinf=float("inf"), neginf=-float("inf"))
+        error = torch.nan_to_num(x - widen(narrow), nan=0.0, posinf=float("inf"), neginf=-float("inf"))
         scaled = (error / self._half_ulp(narrow)).clamp(-1, 1) * self.smax
         parts[""].copy_(narrow)
         parts["::ecc"].copy_(torch.floor(scaled + uniform(bits)).clamp(-self.smax, self.smax))

@@ -59,45 +59,46 @@ def random_bits(key: int, index: Tensor) -> Tensor:
 
 
 def round_stochastic(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
-    """``x`` (float32) rounded to ``dtype`` (bfloat16 or float16) stochastically with the given random bits.
+    """``x`` (float32) rounded to ``dtype`` (bfloat16 or float16) stochastically with the given random bits, in
+    integer arithmetic only (so that a compiled kernel rounds exactly as the eager one: no fused multiply-add).
 
-    bfloat16 keeps float32's exponent, so adding a random 16-bit number below the kept bits and truncating is
-    exact stochastic rounding. float16 has its own exponent range: the value is dithered by a uniform fraction of
-    its float16 spacing, then rounded toward zero, which is the same distribution (subnormals included)."""
+    Adding a random number below the kept bits of the float32 pattern and truncating is exact stochastic rounding:
+    bfloat16 keeps the top 16 bits; float16 keeps 10 mantissa bits where it is normal (from 2**-14), and below that
+    its fixed spacing 2**-24 is kept by rounding ``|x| * 2**24`` to an integer. float16 saturates at 65504."""
     x = x.float()
+    as_int = x.view(torch.int32).to(torch.int64)
     if dtype == torch.bfloat16:
-        as_int = x.view(torch.int32).to(torch.int64)
         dithered = ((as_int + (bits & 0xFFFF)) & ~0xFFFF).to(torch.int32)
         out = torch.where(torch.isfinite(x), dithered.view(torch.float32), x)
         return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
     if dtype == torch.float16:
-        down = _toward_zero_half(x)
-        spacing = _spacing_above(down)
-        fraction = (bits & 0xFFFFFF).to(torch.float32) * 2.0 ** -24
-        dithered = x + torch.sign(x) * fraction * spacing
-        out = _toward_zero_half(dithered)
-        return torch.where(torch.isfinite(x), out, x.to(torch.float16))
+        normal = ((as_int + (bits & 0x1FFF)) & ~0x1FFF).to(torch.int32).view(torch.float32)
+        steps = torch.floor(x.abs() * 2.0 ** 24 + (bits >> 13 & 0x7FF).to(torch.float32) * 2.0 ** -11)
+        subnormal = torch.copysign(steps * 2.0 ** -24, x)
+        out = torch.where(x.abs() < 2.0 ** -14, subnormal, normal).clamp(-65504.0, 65504.0)
+        return torch.where(torch.isfinite(x), out, x).to(torch.float16)
     raise ValueError(f"stochastic rounding writes bfloat16 or float16, not {dtype}")
 
 
-def _toward_zero_half(x: Tensor) -> Tensor:
-    """float32 to float16, rounded toward zero (to nearest first, then one step back where that went outward)."""
-    nearest = x.to(torch.float16)
-    outward = nearest.float().abs() > x.abs()
-    return torch.where(outward, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
-
-
-def _spacing_above(h: Tensor) -> Tensor:
-    """The float16 spacing from ``|h|`` to the next float16 away from zero, as float32."""
-    magnitude = h.abs()
-    above = torch.nextafter(magnitude, torch.full_like(magnitude, float("inf")))
-    # From the largest finite float16 (65504) the next step up is infinity: use the spacing below it (32).
-    top = magnitude.float() - torch.nextafter(magnitude, torch.zeros_like(magnitude)).float()
-    return torch.where(torch.isinf(above), top, above.float() - magnitude.float())
+def widen(narrow: Tensor) -> Tensor:
+    """A bfloat16 or float16 tensor as float32, through its bits: inductor folds ``x.to(bf16).float()`` into ``x``
+    (an identity only in exact arithmetic), which would erase every rounding error this module measures."""
+    bits = narrow.view(torch.int16).to(torch.int32)
+    if narrow.dtype == torch.bfloat16:
+        return (bits << 16).view(torch.float32)
+    if narrow.dtype != torch.float16:
+        return narrow.float()
+    sign = torch.where(bits < 0, -1.0, 1.0)
+    exponent = (bits >> 10) & 0x1F
+    mantissa = (bits & 0x3FF).to(torch.float32)
+    normal = torch.ldexp(mantissa + 1024.0, (exponent - 25).to(torch.float32))
+    value = torch.where(exponent == 0, mantissa * 2.0 ** -24, normal)
+    special = torch.where(mantissa == 0, torch.full_like(value, float("inf")), torch.full_like(value, float("nan")))
+    return sign * torch.where(exponent == 31, special, value)
 
 
 def kahan_split(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``x`` (float32) as a value in ``dtype`` rounded to nearest plus the rounding error, also in ``dtype``: the
     pair carries about twice ``dtype``'s precision (Kahan's compensated summation, as optimi keeps it)."""
     value = x.to(dtype)
-    return value, (x - value.float()).to(dtype)
+    return value, (x - widen(value)).to(dtype)
