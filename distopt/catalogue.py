@@ -153,7 +153,7 @@ class NorMuon(DistributedOptimizer):
 
 #: adv_optm keywords of AdaMuon_adv that select what distopt does not run yet, with the value that turns each off.
 _ADAMUON_OFF = {"low_rank_ortho": False, "accelerated_ns": False, "spectral_normalization": False,
-                "centered_wd": 0.0, "state_precision": "auto", "factored_2nd": False, "nnmf_factor": False,
+                "centered_wd": 0.0, "factored_2nd": False,
                 "vector_reshape": False, "orthogonal_gradient": "disabled", "compiled_optimizer": False}
 
 
@@ -184,9 +184,10 @@ class AdaMuon(DistributedOptimizer):
     Nesterov momentum orthogonalized on owner ranks, an elementwise second moment of the result, and an RMS of
     ``0.2 lr``. Parameters that ``adam_predicate`` picks (adv_optm's own rule by default; a group's ``use_muon`` or
     ``optim_type`` overrides it) run AdamW with ``adam_betas``, ``adam_eps``, ``adam_weight_decay`` and the
-    group's ``lr``, in torch.optim.AdamW's arithmetic. Low-rank, CANS, spectral normalization, centered decay,
-    OrthoGrad and compact states are refused while distopt does not run them; ``stochastic_rounding`` only
-    applies to bfloat16 parameters, which are refused with it for the same reason."""
+    group's ``lr``, in torch.optim.AdamW's arithmetic. Low-rank, CANS, spectral normalization, centered decay and
+    OrthoGrad are refused while distopt does not run them. ``stochastic_rounding`` (on by default, as in
+    adv_optm) applies to groups of bfloat16/float16 parameters; ``state_precision`` (or ``nnmf_factor``) compacts
+    the shards' momentum (see :mod:`distopt.precision`; the owner's second moment keeps its dtype)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0, cautious_wd=False,
                  nesterov=True, nesterov_coef=None, rms_rescaling=True, ns_steps=5, ns_eps=1e-7,
@@ -203,13 +204,13 @@ class AdaMuon(DistributedOptimizer):
                              "AdamW part; give a number")
         groups = _adamuon_groups(params, adam_predicate, {"betas": adam_betas, "eps": adam_eps,
                                                           "weight_decay": adam_weight_decay})
-        if stochastic_rounding:
+        if kwargs.pop("nnmf_factor", False):  # adv_optm's older name of state_precision="factored"
+            kwargs["state_precision"] = "factored"
+        if stochastic_rounding:  # adv_optm rounds its bfloat16 parameters stochastically, and leaves the others
             for group in groups:
-                for entry in group["params"]:
-                    tensor = entry[1] if isinstance(entry, tuple) else entry
-                    if tensor.dtype == torch.bfloat16:
-                        raise ValueError("adamuon: stochastic_rounding=True on a bfloat16 parameter is not "
-                                         "supported yet; pass stochastic_rounding=False or float32 parameters")
+                tensors = [entry[1] if isinstance(entry, tuple) else entry for entry in group["params"]]
+                if tensors and all(t.dtype in (torch.bfloat16, torch.float16) for t in tensors):
+                    group.setdefault("stochastic_rounding", True)
         super().__init__(groups, "adamuon", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          cautious_wd=cautious_wd, nesterov=nesterov, nesterov_coef=nesterov_coef,
                          rms_rescaling=rms_rescaling, ns_steps=ns_steps, ns_eps=ns_eps, ns_coeffs=ns_coeffs,

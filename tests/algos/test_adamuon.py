@@ -78,7 +78,7 @@ def test_use_muon_groups_choose_the_route():
 
 @pytest.mark.parametrize("bad,match", [(dict(kappa_p=3.0), "kappa_p"), (dict(betas=(0.9, 1.5)), "betas"),
                                        (dict(low_rank_ortho=True), "low_rank_ortho"),
-                                       (dict(state_precision="int8_sr"), "state_precision"),
+                                       (dict(state_precision="int9"), "state_precision"),
                                        (dict(orthogonalization="svd"), "orthogonalization"),
                                        (dict(ns_eps=-1.0), "ns_eps"), (dict(caution=True), "caution")])
 def test_bad_hyperparameters_are_named(bad, match):
@@ -86,6 +86,12 @@ def test_bad_hyperparameters_are_named(bad, match):
         distopt.AdaMuon([torch.nn.Parameter(torch.zeros(8, 8))], **bad)
 
 
-def test_bfloat16_with_stochastic_rounding_is_refused():
-    with pytest.raises(ValueError, match="stochastic_rounding"):
-        distopt.AdaMuon([torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.bfloat16))])
+def test_stochastic_rounding_by_default_on_bfloat16_groups_as_adv_optm():
+    """adv_optm rounds bfloat16 parameters stochastically by default and leaves float32 ones alone."""
+    low = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.bfloat16))
+    high = torch.nn.Parameter(torch.zeros(8, 8))
+    opt = distopt.AdaMuon([{"params": [low], "use_muon": True}, {"params": [high], "use_muon": True}])
+    assert [g.get("stochastic_rounding", False) for g in opt.param_groups] == [True, False]
+    quantized = distopt.AdaMuon([torch.nn.Parameter(torch.zeros(64, 128))], nnmf_factor=False,
+                                state_precision="int8", stochastic_rounding=False)
+    assert quantized.param_groups[0]["state_precision"] == "int8"
