@@ -148,6 +148,10 @@ def state_bytes(opt) -> int:
     def walk(value):
         if isinstance(value, torch.Tensor):
             local = value.to_local() if isinstance(value, DTensor) else value
+            if type(local) is not torch.Tensor and hasattr(local, "__tensor_flatten__"):
+                # A tensor subclass (torchao's quantized states): what it holds, not what it appears to be.
+                names, _ = local.__tensor_flatten__()
+                return sum(walk(getattr(local, name)) for name in names)
             return local.numel() * local.element_size()
         if isinstance(value, dict):
             return sum(walk(v) for v in value.values())

@@ -19,8 +19,9 @@ __all__ = ["PRECISION", "BOOKKEEPING", "ROUNDING_STEP", "Plan", "plan_for", "ste
            "param_name", "CHUNK_BYTES"]
 
 #: Working float32 copies opened at once in one group's step (parameters, gradients and states): the bound on what
-#: compact states cost in memory during a step, beyond their stored form.
-CHUNK_BYTES = 64 << 20
+#: compact states cost in memory during a step, beyond their stored form (a larger tensor is opened alone). A
+#: group whose step reduces over all its tensors (flags, norms) opens them all at once.
+CHUNK_BYTES = 4 << 20
 
 
 def param_name(group: dict[str, Any], group_index: int, position: int) -> str:
