@@ -23,10 +23,15 @@ _SHIFTS = (16, 15, 13, 16)
 LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
 
 
-def stream_key(seed: int, name: str, step: int) -> int:
-    """A 32-bit key for one tensor's draws at one step (stable across processes and Python runs)."""
-    digest = hashlib.blake2b(f"{seed}\x00{name}\x00{step}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
+def stream_key(seed: int, name: str, step: int | Tensor) -> int | Tensor:
+    """A 32-bit key for one tensor's draws at one step (stable across processes and Python runs): a hash of the
+    seed and the name, mixed with the step. With ``step`` a tensor (the stored counter) the key is a tensor on its
+    device, computed there: no value is read back to the host."""
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=4).digest()
+    base = int.from_bytes(digest, "little")
+    if isinstance(step, Tensor):
+        return _mix((step.to(torch.int64) & _MASK32) ^ base)
+    return int(_mix(torch.tensor((step & _MASK32) ^ base, dtype=torch.int64)))
 
 
 def _mix(x: Tensor) -> Tensor:

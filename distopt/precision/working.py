@@ -244,18 +244,17 @@ class Opened:
         return torch.cat([self.plan.codec_for(key, self.whole_shape).partials(self.work_state[key], index, counts)
                           for key in keys])
 
-    def _key(self, what: str, step: int) -> Tensor:
-        # A tensor, so that a compiled kernel takes each step's draws without compiling again.
-        return torch.tensor(stream_key(self.plan.seed, f"{self.name}/{what}", step), dtype=torch.int64,
-                            device=self.param.device)
+    def _key(self, what: str, step: Tensor) -> Tensor:
+        # A tensor computed from the stored counter, so that a compiled kernel takes each step's draws without
+        # compiling again, and no counter is read back to the host on the step's path.
+        return stream_key(self.plan.seed, f"{self.name}/{what}", step).to(self.param.device)
 
     def close(self, totals: Tensor | None = None) -> None:
         """Write the stepped working copies back into their stored forms (``totals``: :meth:`partials` summed over
         the ranks, where some state is factored)."""
-        step = 0
-        if ROUNDING_STEP in self.stored:
-            self.stored[ROUNDING_STEP].add_(1)
-            step = int(self.stored[ROUNDING_STEP])
+        step = self.stored.get(ROUNDING_STEP)
+        if step is not None:
+            step.add_(1)
         at = 0
         no_key = torch.zeros((), dtype=torch.int64, device=self.param.device)
         for key in self.managed:
