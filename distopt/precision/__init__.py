@@ -51,6 +51,8 @@ def open_whole(group: dict[str, Any], param: Tensor, stored: dict[str, Tensor], 
                is_scalar: Callable[[str], bool], compile: bool = False):
     """The working copies of one parameter of the owner route's shard side (``stored``: its local state views), or
     None where its group's settings leave it as it is."""
+    if not settings.given(group) and param.dtype not in settings.LOW_PRECISION:
+        return None
     plan = plan_for(group, param)
     if not plan.active:
         return None
@@ -90,6 +92,9 @@ def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scal
     results back in their stored forms. A group whose step reduces over all its tensors (flags, norms) opens
     them all at once."""
     algorithm, params, grads, states, group, wholes, positions = batch
+    if not settings.given(group) and not any(whole.dtype in settings.LOW_PRECISION for whole in wholes):
+        run(*batch)  # the common case, decided without building a plan per tensor
+        return
     plans = [plan_for(group, whole) for whole in wholes]
     if not any(plan.active for plan in plans):
         run(*batch)
@@ -129,6 +134,7 @@ def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:
     """Raise ``ValueError`` naming the group (and the parameter) where a precision setting is malformed or cannot
     apply."""
     from .. import param_groups
+    from ..algos import MATRIX
 
     try:
         settings.check(algorithm.name, group)
@@ -141,7 +147,7 @@ def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:
         try:
             settings.check_param(group, param)
             plan = plan_for(group, param)
-            if (plan.state_mode[2] == "factored" and getattr(algorithm, "kind", None) == "matrix"
+            if (plan.state_mode[2] == "factored" and algorithm.kind == MATRIX
                     and algorithm.on_owner(tuple(param.shape), group)):
                 raise ValueError(f"state_precision='factored' cannot apply yet to a matrix that {algorithm.name} runs "
                                  "on its owner rank (its factors' sums would need a collective per matrix); use "
