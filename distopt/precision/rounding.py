@@ -20,7 +20,6 @@ _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31, so that a 32-bit value times one stays below 2**63: no int64 overflow anywhere.
 _MULTIPLIERS = (0x7FEB352D, 0x5BD1E995, 0x2C1B3C6D)
 _SHIFTS = (16, 15, 13, 16)
-LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
 
 
 def stream_key(seed: int, name: str, step: int | Tensor) -> int | Tensor:

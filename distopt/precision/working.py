@@ -123,7 +123,7 @@ def compactable(key: str, value: Tensor, local_shape: tuple[int, ...], scalar: b
 
 
 def encode_fresh(plan: Plan, fresh: dict[str, Tensor], local: Tensor, whole_shape: tuple[int, ...],
-                 scalar_keys, offset: tuple[int, ...] = ()) -> dict[str, tuple[Tensor, str, tuple[int, ...]]]:
+                 scalar_keys) -> dict[str, tuple[Tensor, str, tuple[int, ...]]]:
     """A new state (the algorithm's, in float) in stored form: ``{key: (local tensor, kind, whole shape)}``, kind
     ``"like"`` (laid out like the parameter), ``"shaped"`` (like it but for the last dimension: block scales, sign
     bits), ``"whole"`` (replicated on every rank: factors) or ``"scalar"``."""
