@@ -263,7 +263,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for group_index, batch in enumerate(batches):
             if batch[1]:
                 precision.step_local(batch, group_index, self._step_local, is_scalar_state, self._reducer,
-                                     self._compile)
+                                     self._compile, self._fused_run if self._compile else None)
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state,
                              lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]),
@@ -286,6 +286,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 params, grads, states = ([xs[i] for i in eager] for xs in (params, grads, states))
             if params:
                 algorithm.apply_many(params, grads, states, group)
+
+    @staticmethod
+    def _fused_run(algorithm: Algorithm, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                   group: dict[str, Any], call) -> list[int]:
+        """The compiled pass over stored forms (see :func:`precision.step_local`); the indices it left."""
+        if algorithm.chained(group) or algorithm.kind == MATRIX:
+            return list(range(len(params)))
+        return compiled_pass.run(algorithm, params, grads, states, group, call)
 
     def _clip_grad_norm(self) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]

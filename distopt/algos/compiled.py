@@ -218,10 +218,12 @@ def _lists(states: list[dict[str, Tensor]], *keys: str) -> list[list[Tensor]]:
 
 
 def run(algorithm: Any, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-        hp: Mapping[str, Any]) -> list[int]:
+        hp: Mapping[str, Any], call: Callable[[Callable], Callable] | None = None) -> list[int]:
     """Run the compiled pass of ``algorithm`` over the tensors it covers; return the indices left to the eager
-    step (all of them if this algorithm or group has no compiled pass)."""
+    step (all of them if this algorithm or group has no compiled pass). ``call(kernel)`` gives the function that
+    runs a kernel (a fused step over stored forms: :mod:`distopt.precision.fused`)."""
     name = algorithm.name
+    call = call or _compiled
     # Exactly the built-in classes: a subclass may override the maths that the kernel would replace.
     if PLANS.get(name, (None,))[0] is not type(algorithm) or hp.get("fused"):
         return list(range(len(params)))
@@ -241,7 +243,7 @@ def run(algorithm: Any, params: list[Tensor], grads: list[Tensor], states: list[
         ps, gs, ss = [params[i] for i in indices], [grads[i] for i in indices], [states[i] for i in indices]
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                PLANS[name][1](algorithm, ps, gs, ss, hp, step)
+                PLANS[name][1](algorithm, ps, gs, ss, hp, step, call)
         except KeyError:
             # State without a key the kernel needs (momentum switched on after the first step): the eager step
             # raises the error that explains it.
@@ -280,17 +282,17 @@ def _warn_once(name: str, error: BaseException) -> None:
 FIRST_STEP_EAGER = {"adopt", "sgd"}  # ADOPT's first step only fills v; SGD's seeds the buffer with the gradient
 
 
-def _adam(algorithm, ps, gs, ss, hp, step):
+def _adam(algorithm, ps, gs, ss, hp, step, call):
     beta1, beta2 = hp["betas"]
     decoupled = algorithm.decoupled_decay(hp)
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta1**step,
                   math.sqrt(1 - beta2**step)], ps[0])
     ms, vs, maxs = _lists(ss, "exp_avg", "exp_avg_sq", "max_exp_avg_sq" if hp["amsgrad"] else "")
-    _compiled(adam_kernel)(ps, gs, ms, vs, maxs, s, (hp["maximize"], decoupled, hp["amsgrad"],
+    call(adam_kernel)(ps, gs, ms, vs, maxs, s, (hp["maximize"], decoupled, hp["amsgrad"],
                                                                  hp["weight_decay"] != 0))
 
 
-def _nadam(algorithm, ps, gs, ss, hp, step):
+def _nadam(algorithm, ps, gs, ss, hp, step, call):
     beta1, beta2 = hp["betas"]
     decay = hp["momentum_decay"]
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * decay)))
@@ -298,84 +300,84 @@ def _nadam(algorithm, ps, gs, ss, hp, step):
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta2**step, mu, mu_next],
                  ps[0])
     ms, vs, products = _lists(ss, "exp_avg", "exp_avg_sq", "mu_product")
-    _compiled(nadam_kernel)(ps, gs, ms, vs, products, s, (hp["maximize"], hp["decoupled_weight_decay"],
+    call(nadam_kernel)(ps, gs, ms, vs, products, s, (hp["maximize"], hp["decoupled_weight_decay"],
                                                                    hp["weight_decay"] != 0))
 
 
-def _rmsprop(algorithm, ps, gs, ss, hp, step):
+def _rmsprop(algorithm, ps, gs, ss, hp, step, call):
     s = _scalars([float(hp["lr"]), hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"]], ps[0])
     squares, averages, buffers = _lists(ss, "square_avg", "grad_avg" if hp["centered"] else "",
                                         "momentum_buffer" if hp["momentum"] > 0 else "")
-    _compiled(rmsprop_kernel)(ps, gs, squares, averages, buffers, s,
+    call(rmsprop_kernel)(ps, gs, squares, averages, buffers, s,
                               (hp["maximize"], hp["centered"], hp["momentum"] > 0, hp["weight_decay"] != 0))
 
 
-def _lion(algorithm, ps, gs, ss, hp, step):
+def _lion(algorithm, ps, gs, ss, hp, step, call):
     beta1, beta2 = hp["betas"]
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["weight_decay"]], ps[0])
-    _compiled(lion_kernel)(ps, gs, _lists(ss, "exp_avg")[0], s, (hp["maximize"],))
+    call(lion_kernel)(ps, gs, _lists(ss, "exp_avg")[0], s, (hp["maximize"],))
 
 
-def _laprop(algorithm, ps, gs, ss, hp, step):
+def _laprop(algorithm, ps, gs, ss, hp, step, call):
     beta1, beta2 = hp["betas"]
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta1**step, 1 - beta2**step],
                  ps[0])
     ms, vs = _lists(ss, "exp_avg", "exp_avg_sq")
-    _compiled(laprop_kernel)(ps, gs, ms, vs, s, (hp["maximize"],))
+    call(laprop_kernel)(ps, gs, ms, vs, s, (hp["maximize"],))
 
 
-def _adopt(algorithm, ps, gs, ss, hp, step):
+def _adopt(algorithm, ps, gs, ss, hp, step, call):
     beta1, beta2 = hp["betas"]
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], (step - 1) ** 0.25], ps[0])
     ms, vs = _lists(ss, "exp_avg", "exp_avg_sq")
-    _compiled(adopt_kernel)(ps, gs, ms, vs, s, (hp["maximize"], hp["decouple"], hp["clip"],
+    call(adopt_kernel)(ps, gs, ms, vs, s, (hp["maximize"], hp["decouple"], hp["clip"],
                                                        hp["weight_decay"] != 0))
 
 
-def _ademamix(algorithm, ps, gs, ss, hp, step):
+def _ademamix(algorithm, ps, gs, ss, hp, step, call):
     beta1, beta2, beta3 = hp["betas"]
     s = _scalars([float(hp["lr"]), beta1, beta2, beta3_at(step, beta1, beta3, hp["beta3_warmup"]),
                   alpha_at(step, hp["alpha"], hp["alpha_warmup"]), hp["eps"], hp["weight_decay"], 1 - beta1**step,
                   math.sqrt(1 - beta2**step)], ps[0])
     ms, slows, vs = _lists(ss, "exp_avg", "exp_avg_slow", "exp_avg_sq")
-    _compiled(ademamix_kernel)(ps, gs, ms, slows, vs, s, (hp["maximize"], hp["weight_decay"] != 0))
+    call(ademamix_kernel)(ps, gs, ms, slows, vs, s, (hp["maximize"], hp["weight_decay"] != 0))
 
 
-def _sgd(algorithm, ps, gs, ss, hp, step):
+def _sgd(algorithm, ps, gs, ss, hp, step, call):
     momentum = hp["momentum"]
     s = _scalars([float(hp["lr"]), momentum, hp["dampening"], hp["weight_decay"]], ps[0])
     buffers = _lists(ss, "momentum_buffer" if momentum != 0 else "")[0]
-    _compiled(sgd_kernel)(ps, gs, buffers, s, (hp["maximize"], momentum != 0, hp["nesterov"],
+    call(sgd_kernel)(ps, gs, buffers, s, (hp["maximize"], momentum != 0, hp["nesterov"],
                                                         hp["weight_decay"] != 0))
 
 
-def _radam(algorithm, ps, gs, ss, hp, step):
+def _radam(algorithm, ps, gs, ss, hp, step, call):
     from .radam import _rectification
     beta1, beta2 = hp["betas"]
     rho_t, rect = _rectification(beta2, step)
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta1**step,
                   (1 - beta2**step) ** 0.5, rect], ps[0])
     ms, vs = _lists(ss, "exp_avg", "exp_avg_sq")
-    _compiled(radam_kernel)(ps, gs, ms, vs, s, (hp["maximize"], hp["decoupled_weight_decay"], hp["weight_decay"] != 0,
+    call(radam_kernel)(ps, gs, ms, vs, s, (hp["maximize"], hp["decoupled_weight_decay"], hp["weight_decay"] != 0,
                                                  rho_t > 5.0))
 
 
-def _adamax(algorithm, ps, gs, ss, hp, step):
+def _adamax(algorithm, ps, gs, ss, hp, step, call):
     beta1, beta2 = hp["betas"]
     s = _scalars([float(hp["lr"]), beta1, beta2, hp["eps"], hp["weight_decay"], 1 - beta1**step], ps[0])
     ms, infs = _lists(ss, "exp_avg", "exp_inf")
-    _compiled(adamax_kernel)(ps, gs, ms, infs, s, (hp["maximize"], hp["weight_decay"] != 0))
+    call(adamax_kernel)(ps, gs, ms, infs, s, (hp["maximize"], hp["weight_decay"] != 0))
 
 
-def _adagrad(algorithm, ps, gs, ss, hp, step):
+def _adagrad(algorithm, ps, gs, ss, hp, step, call):
     s = _scalars([float(hp["lr"]) / (1 + (step - 1) * hp["lr_decay"]), hp["weight_decay"], hp["eps"]], ps[0])
-    _compiled(adagrad_kernel)(ps, gs, _lists(ss, "sum")[0], s, (hp["maximize"], hp["weight_decay"] != 0))
+    call(adagrad_kernel)(ps, gs, _lists(ss, "sum")[0], s, (hp["maximize"], hp["weight_decay"] != 0))
 
 
-def _adadelta(algorithm, ps, gs, ss, hp, step):
+def _adadelta(algorithm, ps, gs, ss, hp, step, call):
     s = _scalars([float(hp["lr"]), hp["rho"], hp["eps"], hp["weight_decay"]], ps[0])
     squares, deltas = _lists(ss, "square_avg", "acc_delta")
-    _compiled(adadelta_kernel)(ps, gs, squares, deltas, s, (hp["maximize"], hp["weight_decay"] != 0))
+    call(adadelta_kernel)(ps, gs, squares, deltas, s, (hp["maximize"], hp["weight_decay"] != 0))
 
 
 def _plans() -> dict[str, tuple[type, Callable]]:

@@ -13,6 +13,7 @@ from torch import Tensor
 from ..sharding import layout
 from . import settings
 from .settings import PRECISION
+from .fused import FusedStep
 from .working import BOOKKEEPING, ROUNDING_STEP, Plan, encode_fresh, open_tensor, plan_for
 
 __all__ = ["PRECISION", "BOOKKEEPING", "ROUNDING_STEP", "Plan", "plan_for", "step_local", "fresh_state",
@@ -86,11 +87,16 @@ def _chunks(wholes: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> li
 
 
 def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scalar: Callable[[Any, str], bool],
-               reducer_for: Callable[[list[Tensor]], Any] | None = None, compile: bool = False) -> None:
+               reducer_for: Callable[[list[Tensor]], Any] | None = None, compile: bool = False,
+               fused_run: Callable[..., list[int]] | None = None) -> None:
     """Run ``run(algorithm, params, grads, states, group, wholes, positions)`` (a group's step on local tensors)
     on float32 working copies where the group's settings ask for them, a chunk of tensors at a time, and put the
     results back in their stored forms. A group whose step reduces over all its tensors (flags, norms) opens
-    them all at once."""
+    them all at once.
+
+    With ``fused_run(algorithm, params, grads, states, group, call)`` (the algorithm's compiled pass, which
+    returns the indices it left), the stored forms are stepped in one compiled graph (:mod:`.fused`) where they
+    can be, without working copies in memory."""
     algorithm, params, grads, states, group, wholes, positions = batch
     if not settings.given(group) and not any(whole.dtype in settings.LOW_PRECISION for whole in wholes):
         run(*batch)  # the common case, decided without building a plan per tensor
@@ -101,7 +107,17 @@ def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scal
         return
     scalars = {key for state in states for key in state if is_scalar(algorithm, key)} | {ROUNDING_STEP}
     together = algorithm.chained(group) or getattr(algorithm, "reduces", False)
-    for chunk in ([list(range(len(params)))] if together else _chunks(wholes, states)):
+    left = list(range(len(params)))
+    if fused_run is not None and not together and FusedStep.fusable(plans):
+        names = [param_name(group, group_index, position) for position in positions]
+        shapes = [tuple(whole.shape) for whole in wholes]
+        offsets = [layout.global_offset(whole) for whole in wholes]
+        call = FusedStep(plans, params, states, names, offsets, shapes, scalars)
+        left = fused_run(algorithm, params, grads, states, group, call)
+        if not left:
+            return
+    for chunk in ([left] if together else [[left[i] for i in c] for c in _chunks([wholes[i] for i in left],
+                                                                                   [states[i] for i in left])]):
         opened = [open_tensor(plans[i], params[i], states[i], param_name(group, group_index, positions[i]),
                               layout.global_offset(wholes[i]), tuple(wholes[i].shape), scalars, compile)
                   for i in chunk]

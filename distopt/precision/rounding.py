@@ -11,7 +11,9 @@ draws what the uninterrupted run drew (the libraries draw from torch's global ge
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -22,15 +24,25 @@ _MULTIPLIERS = (0x7FEB352D, 0x5BD1E995, 0x2C1B3C6D)
 _SHIFTS = (16, 15, 13, 16)
 
 
+@lru_cache(maxsize=None)
+def stream_base(seed: int, name: str) -> int:
+    """The 32-bit hash of the seed and a tensor's name that :func:`stream_key` mixes with the step."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=4).digest(), "little")
+
+
 def stream_key(seed: int, name: str, step: int | Tensor) -> int | Tensor:
     """A 32-bit key for one tensor's draws at one step (stable across processes and Python runs): a hash of the
     seed and the name, mixed with the step. With ``step`` a tensor (the stored counter) the key is a tensor on its
     device, computed there: no value is read back to the host."""
-    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=4).digest()
-    base = int.from_bytes(digest, "little")
+    base = stream_base(seed, name)
     if isinstance(step, Tensor):
-        return _mix((step.to(torch.int64) & _MASK32) ^ base)
+        return keyed(base, step)
     return int(_mix(torch.tensor((step & _MASK32) ^ base, dtype=torch.int64)))
+
+
+def keyed(base: int, step: Tensor) -> Tensor:
+    """:func:`stream_key` of a stored step counter, from its :func:`stream_base` (traceable by the compiler)."""
+    return _mix((step.to(torch.int64) & _MASK32) ^ base)
 
 
 def _mix(x: Tensor) -> Tensor:
@@ -55,11 +67,30 @@ def global_index(local_shape: Sequence[int], offset: Sequence[int], whole_shape:
     return index.expand(tuple(local_shape)) if len(whole_shape) else index
 
 
-def random_bits(key: int, index: Tensor) -> Tensor:
+def _hash(x: Tensor) -> Tensor:
+    """Two xor-shift-multiply rounds over 32-bit values (each output bit flips with probability 0.5 +- 0.007 when
+    one input bit flips, measured): the per-element hash, cheaper than :func:`_mix` to run and to compile."""
+    x = x ^ (x >> 16)
+    x = (x * _MULTIPLIERS[0]) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MULTIPLIERS[2]) & _MASK32
+    return x ^ (x >> 16)
+
+
+def random_bits(key: int | Tensor, index: Tensor, wide: bool = True) -> Tensor:
     """32 random bits (as int64 in ``[0, 2**32)``) for each element index, a pure function of ``key`` and the
-    index. The index's high and low halves both enter, so tensors beyond 2**32 elements draw distinct bits."""
-    low, high = index & _MASK32, index >> 32
-    return _mix(_mix(low ^ key) ^ high)
+    index. With ``wide``, the index's high half enters too, so tensors beyond 2**32 elements draw distinct bits."""
+    bits = _hash((index & _MASK32) ^ key)
+    return _hash(bits ^ (index >> 32)) if wide else bits
+
+
+def element_bits(key: int | Tensor, local_shape: Sequence[int], offset: Sequence[int], whole_shape: Sequence[int],
+                 device: torch.device) -> Tensor:
+    """:func:`random_bits` of each element of a box of a whole tensor, by its position in the whole: the high half
+    of the position enters only where the whole tensor has more than 2**32 elements (a fact of the whole shape, so
+    every rank and every layout decides it alike)."""
+    index = global_index(local_shape, offset, whole_shape, device)
+    return random_bits(key, index, wide=math.prod(whole_shape) > _MASK32)
 
 
 def round_stochastic(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
@@ -85,20 +116,15 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
 
 
 def widen(narrow: Tensor) -> Tensor:
-    """A bfloat16 or float16 tensor as float32, through its bits: inductor folds ``x.to(bf16).float()`` into ``x``
-    (an identity only in exact arithmetic), which would erase every rounding error this module measures."""
-    bits = narrow.view(torch.int16).to(torch.int32)
-    if narrow.dtype == torch.bfloat16:
-        return (bits << 16).view(torch.float32)
-    if narrow.dtype != torch.float16:
-        return narrow.float()
-    sign = torch.where(bits < 0, -1.0, 1.0)
-    exponent = (bits >> 10) & 0x1F
-    mantissa = (bits & 0x3FF).to(torch.float32)
-    normal = torch.ldexp(mantissa + 1024.0, (exponent - 25).to(torch.float32))
-    value = torch.where(exponent == 0, mantissa * 2.0 ** -24, normal)
-    special = torch.where(mantissa == 0, torch.full_like(value, float("inf")), torch.full_like(value, float("nan")))
-    return sign * torch.where(exponent == 31, special, value)
+    """A bfloat16 or float16 tensor as float32 (exact). Inductor folds a round trip ``x.to(bf16).float()`` into
+    ``x`` (an identity only in exact arithmetic), which would erase every rounding error this module measures:
+    every graph that runs these functions compiles with :data:`COMPILE_OPTIONS`, which keeps the round trip."""
+    return narrow.float()
+
+
+#: Options of every compiled graph that rounds (inductor's ``emulate_precision_casts`` keeps ``x.to(bf16).float()``
+#: as the two casts eager runs; without it the compiled encodings lose their rounding errors: test_compiled).
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
 def kahan_split(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

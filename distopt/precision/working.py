@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from . import settings
 from .codecs import DynamicMap, ErrorCorrected, Factored, LinearSR, Plain, blocks
-from .rounding import global_index, kahan_split, random_bits, round_stochastic, stream_key
+from .rounding import COMPILE_OPTIONS, element_bits, global_index, kahan_split, round_stochastic, stream_key
 
 #: Graphs a precision kernel may compile (one per codec, shape and offset): torch's default of 8 is process-wide.
 RECOMPILE_LIMIT = 64
@@ -174,7 +174,7 @@ def _kernel(fn):
             return fn(*args)
         compiled = _COMPILED.get(fn)
         if compiled is None:
-            compiled = _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+            compiled = _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(*args)
     run.eager = fn
@@ -191,7 +191,7 @@ def _decode(codec, parts: dict[str, Tensor], local_shape: tuple[int, ...], offse
 @_kernel
 def _encode(codec, x: Tensor, parts: dict[str, Tensor], key: Tensor, offset: tuple[int, ...],
             whole_shape: tuple[int, ...]) -> None:
-    bits = (random_bits(key, global_index(tuple(x.shape), offset, whole_shape, x.device)) if codec.random
+    bits = (element_bits(key, tuple(x.shape), offset, whole_shape, x.device) if codec.random
             else None)
     codec.encode(x, parts, bits)
 
@@ -205,7 +205,7 @@ def _write(write: str, param: Tensor, work: Tensor, extra: Tensor | None, param_
         param.copy_(value)
         extra.copy_(compensation)
         return
-    bits = random_bits(key, global_index(tuple(param.shape), offset, whole_shape, param.device))
+    bits = element_bits(key, tuple(param.shape), offset, whole_shape, param.device)
     if write == "stochastic":
         param.copy_(round_stochastic(work, param.dtype, bits))
     else:
@@ -277,34 +277,50 @@ class Opened:
                  self._key("param", step) if write != "kahan" else no_key, self.offset, self.whole_shape)
 
 
+def managed_states(plan: Plan, stored: dict[str, Tensor], local_shape: tuple[int, ...],
+                   whole_shape: tuple[int, ...], scalar_keys) -> dict[str, Any]:
+    """``{key: codec}`` of the stored states that open as working copies (the rest pass through as they are)."""
+    managed = {}
+    for key in dict.fromkeys(k.split("::")[0] for k in stored if k not in BOOKKEEPING):
+        if key.startswith(OWNER_PREFIX) or key in scalar_keys:
+            continue
+        codec = plan.codec_for(key, whole_shape)
+        value = stored.get(key)
+        if len(codec.parts(whole_shape)) > 1 or (value.is_floating_point() and tuple(value.shape) == local_shape):
+            managed[key] = codec
+    return managed
+
+
+def open_param(write: str | None, param_codec, param: Tensor, extra: Tensor | None) -> Tensor:
+    """The working copy of a stored parameter written as ``write`` (``extra``: its compensation or correction,
+    where it has one)."""
+    if write == "kahan":
+        return param.float() + extra.float()
+    if write == "ecc":
+        return param_codec.decode({"": param, "::ecc": extra})
+    if write == "stochastic":
+        return param.float()
+    return param
+
+
+def param_extra(plan: Plan, stored: dict[str, Tensor]) -> Tensor | None:
+    """The stored compensation (Kahan) or correction (ECC) of a parameter's write, if it has one."""
+    return stored[KAHAN] if plan.write == "kahan" else stored.get(PARAM_ECC) if plan.write == "ecc" else None
+
+
 def open_tensor(plan: Plan, param: Tensor, stored: dict[str, Tensor], name: str, offset: tuple[int, ...],
                 whole_shape: tuple[int, ...], scalar_keys, compile: bool = False) -> Opened:
     """Float32 working copies of a stored local parameter and its state."""
-    work_state, managed = {}, []
     local_shape = tuple(param.shape)
     working = torch.float64 if param.dtype == torch.float64 else torch.float32
+    managed = managed_states(plan, stored, local_shape, whole_shape, scalar_keys)
+    work_state = {}
     for key in dict.fromkeys(k.split("::")[0] for k in stored if k not in BOOKKEEPING):
-        value = stored.get(key)
-        if key.startswith(OWNER_PREFIX):
-            work_state[key] = value
+        codec = managed.get(key)
+        if codec is None:
+            work_state[key] = stored.get(key)
             continue
-        codec = None if key in scalar_keys else plan.codec_for(key, whole_shape)
-        parts = codec.parts(whole_shape) if codec is not None else {}
-        if codec is not None and (len(parts) > 1 or (value.is_floating_point()
-                                                    and tuple(value.shape) == local_shape)):
-            decoded = _decode(compile, codec, {suffix: stored[key + suffix] for suffix in parts},
-                           local_shape, offset, whole_shape, param.device)
-            work_state[key] = decoded.to(working)
-            managed.append(key)
-        else:
-            work_state[key] = value
-    write = plan.write
-    if write == "kahan":
-        work_param = param.float() + stored[KAHAN].float()
-    elif write == "ecc":
-        work_param = plan.param_codec.decode({"": param, "::ecc": stored[PARAM_ECC]})
-    elif write == "stochastic":
-        work_param = param.float()
-    else:
-        work_param = param
-    return Opened(plan, param, work_param, stored, work_state, tuple(managed), name, offset, whole_shape, compile)
+        parts = {suffix: stored[key + suffix] for suffix in codec.parts(whole_shape)}
+        work_state[key] = _decode(compile, codec, parts, local_shape, offset, whole_shape, param.device).to(working)
+    return Opened(plan, param, open_param(plan.write, plan.param_codec, param, param_extra(plan, stored)), stored, work_state,
+                  tuple(managed), name, offset, whole_shape, compile)

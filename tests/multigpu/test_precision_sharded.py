@@ -44,6 +44,14 @@ CONFIGS = {
 }
 
 
+#: The fused step (compilation on): one compiled graph per group on each rank's shards, whose shapes differ from
+#: one process's; the random draws and the quantization must not depend on them. One config (a compile costs
+#: seconds per rank): stochastic parameter writes and stochastically rounded int8 states on bfloat16 parameters.
+COMPILED = {"compiled/stochastic_rounding+int8_sr": (torch.bfloat16, {"stochastic_rounding": True,
+                                                                     "state_precision": "int8_sr",
+                                                                     "compile": True})}
+
+
 class PrecisionNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -90,7 +98,7 @@ def precision_run(names, mesh_kind, steps: int = 4):
     """Each config of ``names`` on a fresh model: ``steps`` steps of the same full gradients."""
     out = {}
     for name in names:
-        dtype, settings = CONFIGS[name]
+        dtype, settings = {**CONFIGS, **COMPILED}[name]
         model, shadow = _model(dtype, mesh_kind)
         opt = _optimizer(model, settings)
         ck.train(model, shadow, opt, steps, seed=1)
@@ -127,6 +135,15 @@ def test_sharded_equals_one_process_bitwise(ranks, backend, world_size):
             assert set(got) == set(single[name]), name
             for key, value in single[name].items():
                 _same(name, got[key], value, (name, key, world_size))
+
+
+def test_compiled_sharded_equals_one_process(ranks, backend):
+    names = sorted(COMPILED)
+    single = ranks(1, precision_run, names, None)[0]
+    for rank_result in ranks(2, precision_run, names, "fsdp"):
+        for name in names:
+            for key, value in single[name].items():
+                _same(name, rank_result[name][key], value, (name, key, 2))
 
 
 def precision_checkpoint_run(names, path: str, resume: bool):
