@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .rounding import round_stochastic, widen
+from .rounding import global_index, round_stochastic, widen
 
 Parts = dict[str, Tensor]
 
@@ -84,10 +84,15 @@ class ErrorCorrected:
         return {"": (shape, self.narrow), "::ecc": (shape, self.wide)}
 
     def _half_ulp(self, narrow: Tensor) -> Tensor:
-        mantissa, bias = (7, 127) if self.narrow == torch.bfloat16 else (10, 15)
-        exponent = (narrow.view(torch.int16).to(torch.int32) & 0x7FFF) >> mantissa
-        log_ulp = torch.where(exponent == 0, 1 - bias - mantissa, exponent - (bias + mantissa))
-        return torch.exp2((log_ulp - 1).to(torch.float32))
+        """Half the spacing of the narrow dtype at each (finite) value: ``2**(e - mantissa - 1)``, ``e`` the value's
+        binary exponent (the smallest normal one for zeros and subnormals, one past the largest for inf and NaN). The exponent comes from ``log2`` of the
+        value, which is exact here (a narrow value just below a power of two is far enough from it for float32's
+        ``log2``; equal to the exponent bits' on all 65536 patterns of each dtype, tested): reading it from the bits would stop the compiler
+        from vectorizing the step's loop (a 16-bit view does not vectorize)."""
+        mantissa, smallest, top = (7, -126, 128) if self.narrow == torch.bfloat16 else (10, -14, 16)
+        exponent = torch.floor(torch.log2(widen(narrow).abs()))
+        exponent = torch.where(exponent != exponent, top, exponent).clamp(smallest, top)  # inf, NaN: as their bits
+        return torch.exp2(exponent - (mantissa + 1))
 
     def decode(self, parts: Parts, index: Tensor | None = None) -> Tensor:
         narrow = parts[""]
@@ -260,6 +265,7 @@ class LinearSR:
         scale.copy_(step)
 
 
+@lru_cache(maxsize=None)
 def effective_shape(numel: int) -> tuple[int, int]:
     """adv_optm's 2-D view of a flattened tensor for its rank-1 factors: ``(numel // i, i)`` with ``i`` the largest
     divisor of ``numel`` at most its square root."""
@@ -323,15 +329,27 @@ class Factored:
             x = torch.where(unpack_signs(parts["::sign"], index.shape[-1]), x, -x)
         return x
 
-    def partials(self, x: Tensor, index: Tensor, counts: bool) -> Tensor:
-        """This rank's row and column sums of ``|x|`` (zeros where its copy does not count: a replica)."""
-        rows, cols = self._coordinates(index)
+    def partials(self, x: Tensor, offset: tuple[int, ...], counts: bool) -> Tensor:
+        """This rank's row and column sums of ``|x|`` (zeros where its copy does not count: a replica), ``x`` the
+        box of the whole tensor at ``offset``. A box of whole rows (FSDP2's shards) is a contiguous run of the
+        flattened tensor, summed as a dense block of the 2-D view; another box sums by each element's position."""
         n_rows, n_cols = self.view
         out = torch.zeros(n_rows + n_cols, dtype=torch.float32, device=x.device)
-        if counts:
-            magnitude = x.float().abs().flatten()
-            out[:n_rows].index_add_(0, rows.flatten(), magnitude)
-            out[n_rows:].index_add_(0, cols.flatten(), magnitude)
+        if not counts:
+            return out
+        magnitude = x.float().abs().flatten()
+        if tuple(x.shape[1:]) == self.shape[1:] and not any(offset[1:]):
+            start = offset[0] * math.prod(self.shape[1:]) if self.shape else 0
+            lead = start % n_cols
+            block = torch.nn.functional.pad(magnitude, (lead, -(lead + magnitude.numel()) % n_cols))
+            block = block.reshape(-1, n_cols)
+            first = start // n_cols
+            out[first:first + block.shape[0]] = block.sum(1)
+            out[n_rows:] = block.sum(0)
+            return out
+        rows, cols = self._coordinates(global_index(tuple(x.shape), offset, self.shape, x.device))
+        out[:n_rows].index_add_(0, rows.flatten(), magnitude)
+        out[n_rows:].index_add_(0, cols.flatten(), magnitude)
         return out
 
     def finish(self, x: Tensor, parts: Parts, totals: Tensor) -> None:

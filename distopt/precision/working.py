@@ -227,10 +227,6 @@ class Opened:
     whole_shape: tuple[int, ...]
     compile: bool = False
 
-    def index(self) -> Tensor:
-        """Each local element's position in the flattened whole tensor."""
-        return global_index(tuple(self.param.shape), self.offset, self.whole_shape, self.param.device)
-
     def reduced(self) -> list[str]:
         """The managed states whose encoding sums over the ranks (factored ones), in a fixed order."""
         return [key for key in self.managed if getattr(self.plan.codec_for(key, self.whole_shape), "reduces", False)]
@@ -240,8 +236,7 @@ class Opened:
         keys = self.reduced()
         if not keys:
             return torch.zeros(0, device=self.param.device)
-        index = self.index()
-        return torch.cat([self.plan.codec_for(key, self.whole_shape).partials(self.work_state[key], index, counts)
+        return torch.cat([self.plan.codec_for(key, self.whole_shape).partials(self.work_state[key], self.offset, counts)
                           for key in keys])
 
     def _key(self, what: str, step: Tensor) -> Tensor:

@@ -49,6 +49,18 @@ def test_dynamic_maps_are_torchaos():
     assert list(dynamic_map(False, 4)) == list(get_qmap_unsigned())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_ulp_equals_the_exponent_bits_on_every_value(dtype):
+    """The ECC codec reads each narrow value's exponent through ``log2`` (a loop that vectorizes); on all 65536
+    bit patterns, inf and NaN included, it equals the exponent field's definition."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    mantissa, bias = (7, 127) if dtype == torch.bfloat16 else (10, 15)
+    field = (values.view(torch.int16).to(torch.int32) & 0x7FFF) >> mantissa
+    log_ulp = torch.where(field == 0, 1 - bias - mantissa, field - (bias + mantissa))
+    codec = ErrorCorrected("bf16+8" if dtype == torch.bfloat16 else "fp16+8")
+    assert torch.equal(codec._half_ulp(values), torch.exp2((log_ulp - 1).to(torch.float32)))
+
+
 @pytest.mark.parametrize("mode", ["bf16+8", "bf16+16", "fp16+8", "fp16+16"])
 def test_ecc_equals_heavyball_with_the_same_draws(mode, monkeypatch):
     utils = pytest.importorskip("heavyball.utils")
