@@ -116,6 +116,7 @@ def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scal
         left = fused_run(algorithm, params, grads, states, group, call)
         if not left:
             return
+    pending, reducer, place = [], None, {i: n for n, i in enumerate(left)}
     for chunk in ([left] if together else [[left[i] for i in c] for c in _chunks([wholes[i] for i in left],
                                                                                    [states[i] for i in left])]):
         opened = [open_tensor(plans[i], params[i], states[i], param_name(group, group_index, positions[i]),
@@ -125,25 +126,27 @@ def step_local(batch: tuple, group_index: int, run: Callable[..., None], is_scal
             [grads[i].float() if plans[i].active and grads[i].dtype in settings.LOW_PRECISION else grads[i]
              for i in chunk],
             [o.work_state for o in opened], group, [wholes[i] for i in chunk], [positions[i] for i in chunk])
-        close_all(opened, (lambda: reducer_for([wholes[i] for i in chunk])) if reducer_for else None)
-
-
-def close_all(opened: list, reducer_for: Callable[[], Any] | None) -> None:
-    """Close a chunk's working copies; where some state is factored, its row and column sums are summed over the
-    ranks first, in one collective for the chunk (a rank whose copy is a replica adds zeros)."""
-    if not any(o.reduced() for o in opened):
-        for o in opened:
+        if reducer is None and reducer_for is not None and any(o.reduced() for o in opened):
+            reducer = reducer_for([wholes[i] for i in left])
+        for o, i in zip(opened, chunk):
+            if o.reduced():  # a replica's copy adds zeros
+                pending.append((o, o.partials(bool(reducer.weights[place[i]]) if reducer else True)))
             o.close()
+    finish_factors(pending, reducer)
+
+
+def finish_factors(pending: list, reducer: Any) -> None:
+    """Store the factors of a group's factored states: the partial row and column sums of every chunk, summed over
+    the ranks in one collective per group step (the same on every rank: the factored tensors and their order
+    follow from the whole shapes)."""
+    if not pending:
         return
-    reducer = reducer_for() if reducer_for is not None else None
-    weights = reducer.weights if reducer is not None else [True] * len(opened)
-    partials = [o.partials(bool(counts)) for o, counts in zip(opened, weights)]
-    sizes = [p.numel() for p in partials]
-    totals = torch.cat(partials)
+    sizes = [partials.numel() for _, partials in pending]
+    totals = torch.cat([partials for _, partials in pending])
     if reducer is not None and reducer.all_reduce is not None:
         totals = reducer.all_reduce(totals)
-    for o, piece in zip(opened, torch.split(totals, sizes)):
-        o.close(piece)
+    for (opened, _), piece in zip(pending, torch.split(totals, sizes)):
+        opened.finish_factors(piece)
 
 
 def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:

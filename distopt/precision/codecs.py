@@ -352,7 +352,13 @@ class Factored:
         out[n_rows:].index_add_(0, cols.flatten(), magnitude)
         return out
 
-    def finish(self, x: Tensor, parts: Parts, totals: Tensor) -> None:
+    def finish_signs(self, x: Tensor, parts: Parts) -> None:
+        """Store the sign bits of this rank's ``x`` (local: they need no sums)."""
+        if self.signed:
+            parts["::sign"].copy_(pack_signs(x))
+
+    def finish_factors(self, parts: Parts, totals: Tensor) -> None:
+        """Store the factors from :meth:`partials` summed over the ranks."""
         n_rows = self.view[0]
         row, col = totals[:n_rows], totals[n_rows:]
         if self.view[0] < self.view[1]:
@@ -361,5 +367,3 @@ class Factored:
             col = col / col.sum().clamp_min(1e-12)
         parts["::row"].copy_(row)
         parts["::col"].copy_(col)
-        if self.signed:
-            parts["::sign"].copy_(pack_signs(x))

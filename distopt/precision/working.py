@@ -244,21 +244,21 @@ class Opened:
         # compiling again, and no counter is read back to the host on the step's path.
         return stream_key(self.plan.seed, f"{self.name}/{what}", step).to(self.param.device)
 
-    def close(self, totals: Tensor | None = None) -> None:
-        """Write the stepped working copies back into their stored forms (``totals``: :meth:`partials` summed over
-        the ranks, where some state is factored)."""
+    def _parts(self, key: str, codec) -> dict[str, Tensor]:
+        return {suffix: self.stored[key + suffix] for suffix in codec.parts(self.whole_shape)}
+
+    def close(self) -> None:
+        """Write the stepped working copies back into their stored forms and drop them; factored states keep
+        their factors until :meth:`finish_factors` (take :meth:`partials` first)."""
         step = self.stored.get(ROUNDING_STEP)
         if step is not None:
             step.add_(1)
-        at = 0
         no_key = torch.zeros((), dtype=torch.int64, device=self.param.device)
         for key in self.managed:
             codec = self.plan.codec_for(key, self.whole_shape)
-            parts = {suffix: self.stored[key + suffix] for suffix in codec.parts(self.whole_shape)}
+            parts = self._parts(key, codec)
             if getattr(codec, "reduces", False):
-                size = sum(codec.view)
-                codec.finish(self.work_state[key], parts, totals[at:at + size])
-                at += size
+                codec.finish_signs(self.work_state[key], parts)
                 continue
             _encode(self.compile, codec, self.work_state[key], parts,
                  self._key(key, step) if codec.random else no_key, self.offset, self.whole_shape)
@@ -270,6 +270,16 @@ class Opened:
             extra = self.stored[KAHAN] if write == "kahan" else self.stored.get(PARAM_ECC)
             _write(self.compile, write, self.param, self.work_param, extra, self.plan.param_codec,
                  self._key("param", step) if write != "kahan" else no_key, self.offset, self.whole_shape)
+        self.work_state, self.work_param = {}, None  # a step's working copies live no longer than its chunk
+
+    def finish_factors(self, totals: Tensor) -> None:
+        """Store the factored states' factors from :meth:`partials` summed over the ranks."""
+        at = 0
+        for key in self.reduced():
+            codec = self.plan.codec_for(key, self.whole_shape)
+            size = sum(codec.view)
+            codec.finish_factors(self._parts(key, codec), totals[at:at + size])
+            at += size
 
 
 def managed_states(plan: Plan, stored: dict[str, Tensor], local_shape: tuple[int, ...],
