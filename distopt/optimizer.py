@@ -79,6 +79,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._owner: OwnerRoute | None = None
         self._saved = SavedState(self)
         self._ready = False
+        self._precision_seen: dict[int, tuple] = {}
         if isinstance(params, (set, frozenset)):
             raise TypeError("optimizer parameters must be an ordered collection; the order of a set changes "
                             "between runs. Use a list.")
@@ -255,6 +256,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if flags.active(group):  # flags may have been set in param_groups since the last step
                 flags.fill(group)
                 self.check_flags(self.algorithm_of(group), group, group_index)
+            precision.check_unchanged(self.algorithm_of(group), group, group_index, self._precision_seen,
+                                      lambda: any(self.state.get(p) for p in group["params"]))
         if self.max_grad_norm is not None:
             self._clip_grad_norm()
         # Every tensor that runs on its own shard (elementwise groups, and the parameters of matrix groups whose

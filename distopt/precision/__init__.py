@@ -149,6 +149,25 @@ def finish_factors(pending: list, reducer: Any) -> None:
         opened.finish_factors(piece)
 
 
+def check_unchanged(algorithm: Any, group: dict[str, Any], index: int, seen: dict[int, tuple],
+                    has_state: Callable[[], bool]) -> None:
+    """Refuse a group whose precision settings were edited in ``param_groups`` after its states were stored in
+    the old settings' form (decoding them under the new ones would read garbage); before any state, the new
+    settings are checked and taken. ``seen``: the settings each group was last checked with."""
+    now = tuple(settings.value(group, key) for key in PRECISION)
+    entry = seen.get(id(group))
+    if entry is not None and entry[0] is group and entry[1] == now:
+        return
+    if entry is not None and entry[0] is group and has_state():
+        changed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in zip(PRECISION, entry[1], now)
+                            if old != new)
+        raise ValueError(f"param group {index}: precision settings changed after its states were stored "
+                         f"({changed}); the states are in the old form. To change them, save the optimizer's "
+                         "state_dict and load it into an optimizer built with the new settings (it converts)")
+    check_group(algorithm, group, index)
+    seen[id(group)] = (group, now)
+
+
 def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:
     """Raise ``ValueError`` naming the group (and the parameter) where a precision setting is malformed or cannot
     apply."""

@@ -187,3 +187,29 @@ def test_conversion_between_storage_modes_through_load_state_dict():
             tolerance = 0.12 if settings.get("state_precision") == "int4" else 0.01
             assert restored[key].dtype == torch.float32
             assert (restored[key] - original).abs().max() <= tolerance * original.abs().max(), (settings, key)
+
+
+def test_settings_edited_after_states_exist_are_refused_and_nothing_moves():
+    """Editing a precision setting in ``param_groups`` would decode float32 states as int8 codes: refused by name
+    at the next step, before any parameter moves. Before the first step an edit is checked and taken."""
+    p, opt = _run(lambda ps: distopt.AdamW(ps, compile=False, **ADAM), torch.float32, steps=2)
+    before = p.detach().clone()
+    opt.param_groups[0]["state_precision"] = "int8"
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"param group 0: precision settings changed .*state_precision None -> "
+                                         r"'int8'"):
+        opt.step()
+    assert torch.equal(p, before)
+    opt.param_groups[0]["state_precision"] = None  # put back: the step runs again
+    opt.step()
+    assert not torch.equal(p, before)
+
+    fresh = distopt.AdamW([torch.nn.Parameter(START.clone())], compile=False, **ADAM)
+    fresh.param_groups[0]["kahan_sum"] = True  # no state yet: checked now, and refused on float32
+    fresh.param_groups[0]["params"][0].grad = torch.ones_like(START)
+    with pytest.raises(ValueError, match="kahan_sum"):
+        fresh.step()
+    fresh.param_groups[0]["kahan_sum"] = None
+    fresh.param_groups[0]["state_precision"] = "int8"  # taken: the first step stores int8 states
+    fresh.step()
+    assert fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.uint8
