@@ -190,7 +190,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         flags.fill(group)
         algorithm.check(group)
         self.check_flags(algorithm, group, len(self.param_groups))
-        precision.check_group(algorithm, group, len(self.param_groups))
+        precision.check_unchanged(algorithm, group, len(self.param_groups), self._precision_seen, lambda: False)
         self._check_params(group, len(self.param_groups), algorithm)
         self.param_groups.append(group)
         if self._ready and algorithm.kind == MATRIX:

@@ -153,7 +153,8 @@ def check_unchanged(algorithm: Any, group: dict[str, Any], index: int, seen: dic
                     has_state: Callable[[], bool]) -> None:
     """Refuse a group whose precision settings were edited in ``param_groups`` after its states were stored in
     the old settings' form (decoding them under the new ones would read garbage); before any state, the new
-    settings are checked and taken. ``seen``: the settings each group was last checked with."""
+    settings are checked and taken (at construction too, which records them). ``seen``: the settings each group
+    was last checked with."""
     now = tuple(settings.value(group, key) for key in PRECISION)
     entry = seen.get(id(group))
     if entry is not None and entry[0] is group and entry[1] == now:
