@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from . import algos, param_groups, precision, replaced_params
+from .precision import owner_state
 from .algos import compiled as compiled_pass
 from .algos import MATRIX, Algorithm
 from .compile import default_enabled
@@ -270,7 +271,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state,
                              lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]),
-                             self._open_matrix)
+                             self._open_matrix, self._open_owner)
         return loss
 
     def _step_local(self, algorithm: Algorithm, params: list[Tensor], grads: list[Tensor],
@@ -371,6 +372,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return precision.open_whole(self.param_groups[entry.group_index], entry.param, stored, entry.fqn,
                                     lambda key: is_scalar_state(entry.algorithm, key), self._compile)
 
+    def _open_owner(self, entry: MatrixEntry, shape: tuple[int, ...], hp: dict[str, Any], stored: dict[str, Tensor]):
+        """The owner state of a matrix with its compact states as working copies (None where none is compact)."""
+        return owner_state.open_owner(entry.algorithm, shape, hp, entry.param.dtype, stored, entry.fqn,
+                                      precision.settings.value(hp, "precision_seed"), self._compile)
+
     def _matrix_state(self, entry: MatrixEntry) -> dict[str, Tensor]:
         state = self.state[entry.param]
         group = self.param_groups[entry.group_index]
@@ -412,11 +418,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
                      for key, value in fresh.items()}
         if on_owner:
             # Every rank has every key; the owner holds the whole tensors, the others empty placeholders.
+            shape = tuple(param.shape)
             if self._owner is not None and self._owner.owns(param):
-                state.update(algorithm.owner_init(tuple(param.shape), group, param.dtype, local.device))
+                state.update(owner_state.fresh(algorithm, shape, group, param.dtype, local.device))
             else:
                 state.update({key: torch.empty(0, device=local.device)
-                              for key in algorithm.owner_state_keys(tuple(param.shape), group)})
+                              for key in owner_state.stored_entries(algorithm, shape, group, param.dtype)})
+            if owner_state.needs_draws(algorithm, shape, group, param.dtype):
+                state.setdefault(precision.ROUNDING_STEP, torch.zeros((), dtype=torch.int64))
         return state
 
     def _materialize_state(self) -> list[Tensor]:

@@ -8,6 +8,7 @@ and the per-rank routes are computed once; the steady state sends payload only.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from .algos import MatrixAlgorithm, splits
 from .compile import compiling
+from .precision import owner_state
 from .sharding import exchange, layout
 from .sharding.plan import MatrixSpec, Plan, Route, make_plan
 from .transforms import Reducer
@@ -83,8 +85,10 @@ def matrix_spec(meta: layout.ParamMeta, algorithm: MatrixAlgorithm, hp: dict[str
     """What the planner needs of one matrix: its layout, and its algorithm's cost, wire dtype and owner state."""
     wire = algorithm.wire_dtype(hp, param_dtype)
     back = algorithm.return_dtype(hp, param_dtype)
-    return MatrixSpec(meta, algorithm.cost(meta.shape, hp), wire, algorithm.owner_state_bytes(meta.shape, hp,
-                      param_dtype), algorithm.channels(hp), None if back == wire else back)
+    held = sum(math.prod(shape) * dtype.itemsize  # in stored form: compact owner states count as stored
+               for shape, dtype in owner_state.stored_entries(algorithm, meta.shape, hp, param_dtype).values())
+    return MatrixSpec(meta, algorithm.cost(meta.shape, hp), wire, held, algorithm.channels(hp),
+                      None if back == wire else back)
 
 
 class OwnerRoute:
@@ -126,7 +130,8 @@ class OwnerRoute:
         return self.plan.owners[self.index[param]] == self.rank
 
     def step(self, groups: list[dict[str, Any]], state_of: Callable[[MatrixEntry], dict[str, Tensor]],
-             reducer_for: Callable[[list[int]], Reducer], opener: Callable | None = None) -> None:
+             reducer_for: Callable[[list[int]], Reducer], opener: Callable | None = None,
+             owner_opener: Callable | None = None) -> None:
         """One step of every matrix whose parameter has a gradient (the same set on every rank).
 
         A group with flags on runs its shard sections for all its matrices at once, before and after the exchange
@@ -136,6 +141,9 @@ class OwnerRoute:
         # Working copies (float32) of a matrix's parameter and shard-side state, where its group's precision
         # settings ask for them: opened at prepare, closed after finish (see distopt.precision).
         self._opener, self._opened = opener or (lambda entry, stored: None), {}
+        # The owner's compact states (elementwise moments stored in the group's state form), opened as working
+        # copies around each owner call: ``owner_opener(entry, shape, hp, state)`` (None where none is compact).
+        self._owner_opener = owner_opener or (lambda entry, shape, hp, stored: None)
         pieces, states, chains = self._prepare_flagged(active, groups, state_of, reducer_for)
         updates: dict[int, Tensor] = {}
         if self.plan.world_size == 1:
@@ -332,9 +340,14 @@ class OwnerRoute:
         results = {}
         for members in self._batches(owned):
             entry, shape = self.entries[members[0]], self.plan.matrices[members[0]].meta.shape
-            out = entry.algorithm.owner_update([wholes[m] for m in members], [states[m] for m in members],
-                                               self._part_hp(entry, groups), shape,
-                                               [self.entries[m].fqn for m in members])
+            hp = self._part_hp(entry, groups)
+            opened = [self._owner_opener(self.entries[m], shape, hp, states[m]) for m in members]
+            out = entry.algorithm.owner_update([wholes[m] for m in members],
+                                               [states[m] if o is None else o.work for m, o in zip(members, opened)],
+                                               hp, shape, [self.entries[m].fqn for m in members])
+            for o in opened:
+                if o is not None:
+                    o.close()
             results.update(zip(members, out))
         return results
 

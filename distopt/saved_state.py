@@ -33,6 +33,7 @@ from .algos.base import OWNER_PREFIX
 from .owner import group_layout
 from .precision import PRECISION
 from .precision import convert as precision_convert
+from .precision import owner_state
 from .sharding import layout, rows
 from .sharding.rows import OwnerItem
 from .transforms.chain import ALL_FLAG_STATE, flag_state, flag_state_keys, is_scalar_state
@@ -86,8 +87,9 @@ class SavedState:
     def _replicate(self, value: Tensor) -> Tensor:
         return DTensor.from_local(value, self.mesh(), [Replicate()], run_check=False)
 
-    def _owner_items(self, state_of) -> tuple[list[OwnerItem], dict[Tensor, int]]:
-        """Owner entries of every matrix that has state (the same on every rank), and each matrix's index."""
+    def _owner_items(self, state_of, settings_of=None) -> tuple[list[OwnerItem], dict[Tensor, int]]:
+        """Owner entries of every matrix that has state (the same on every rank), in the stored form of its group's
+        settings (``settings_of(m)``: another group's, where given), and each matrix's index."""
         route = self.opt._owner
         if route is None:
             return [], {}
@@ -96,10 +98,11 @@ class SavedState:
             index[entry.param] = m
             if not state_of(entry):
                 continue
-            hp = self.opt.param_groups[entry.group_index]
+            hp = self.opt.param_groups[entry.group_index] if settings_of is None else settings_of(m)
             shape = route.plan.matrices[m].meta.shape
-            for key, (logical, dtype) in entry.algorithm.owner_state(shape, hp, entry.param.dtype).items():
-                items.append(OwnerItem(m, key, tuple(logical), dtype, route.plan.owners[m]))
+            for key, (stored, dtype) in owner_state.stored_entries(entry.algorithm, shape, hp,
+                                                                   entry.param.dtype).items():
+                items.append(OwnerItem(m, key, tuple(stored), dtype, route.plan.owners[m]))
         return items, index
 
     def replan(self, rebuild, successors: dict[int, Tensor] | None = None) -> None:
@@ -196,6 +199,7 @@ class SavedState:
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         new_state: dict[Tensor, dict[str, Tensor]] = {}
         owner_blocks: dict[tuple[int, str], Tensor] = {}
+        saved_settings: dict[Tensor, dict[str, Any]] = {}  # per matrix: the settings its owner state was saved in
         route = self.opt._owner
         matrix_of = {e.param: m for m, e in enumerate(route.entries)} if route is not None else {}
         for saved_id, (param, gi, name) in zip(saved_ids, params):
@@ -209,38 +213,49 @@ class SavedState:
             fresh = self.opt._init_state(algorithm, param, group)
             saved = precision_convert.convert(saved, _saved_group(state_dict, gi), group, param, fresh,
                                               lambda key: is_scalar_state(algorithm, key), _local_part)
+            saved_hp = _with_saved_settings(group, _saved_group(state_dict, gi))
+            # Owner state is checked and gathered in the form it was saved in, and converted on its owner.
+            owner_shapes = (owner_state.stored_entries(algorithm, tuple(param.shape), saved_hp, param.dtype)
+                            if param in matrix_of else {})
+            expected = ({key for key in fresh if not key.startswith(OWNER_PREFIX)} | set(owner_shapes)
+                        if param in matrix_of else set(fresh))
             unsaved = set(algorithm.unsaved_state)
             # A flag's state may be absent (a torch.optim state dict, whose groups keep this optimizer's flags; or a
             # flag the saved group had off, switched on after loading): it starts fresh. So may a compensation
             # or a draw counter that the saved settings did not keep.
             optional = flag_state_keys(algorithm, group) | precision_convert.OPTIONAL
-            missing = sorted(set(fresh) - set(saved) - unsaved - optional)
+            missing = sorted(expected - set(saved) - unsaved - optional)
             # State of a flag that this group no longer runs (switched off) is left behind, not refused.
-            extra = sorted(set(saved) - set(fresh) - unsaved - ALL_FLAG_STATE)
+            extra = sorted(set(saved) - expected - unsaved - ALL_FLAG_STATE)
             if missing or extra:
                 raise StateDictMismatch(f"optimizer state of {name} ({algorithm.name}) does not match: missing "
                                         f"{missing}, unexpected {extra}")
-            owner_shapes = (algorithm.owner_state(tuple(param.shape), group, param.dtype)
-                            if param in matrix_of else {})
-            if not self.opt.state.get(param) and self._is_initial(saved, param, group, algorithm, unsaved):
+            if not self.opt.state.get(param) and self._is_initial(saved, param, saved_hp, algorithm, unsaved):
                 # A state dict of an optimizer that has not stepped (frameworks round-trip one before the first
                 # step): installing it would hold every state tensor unsharded before FSDP shards the model, and
                 # would tell SGD that its first step is past. As in torch.optim, nothing is kept.
                 continue
             skipped = set(algorithm.unsaved_keys(group))  # the step counter is read where a flag's schedule needs it
+            for key in owner_shapes:
+                value = saved[key]
+                if not isinstance(value, Tensor):
+                    raise StateDictMismatch(f"optimizer state {key!r} of {name} is a {type(value).__name__}, not a "
+                                            "tensor")
+                shape, dtype = owner_shapes[key]
+                _check_shape(value, shape, name, key)
+                owner_blocks[(matrix_of[param], key)] = self._my_rows(value, shape).to(dtype)
+            if param in matrix_of:
+                saved_settings[param] = saved_hp
             for key, target in fresh.items():
                 # Keys torch.optim does not keep, and flags' state, may be absent.
-                if key in skipped or (key not in saved and (key in unsaved or key in optional)):
+                if key in skipped or key.startswith(OWNER_PREFIX) and param in matrix_of or (
+                        key not in saved and (key in unsaved or key in optional)):
                     continue
                 value = saved[key]
                 if not isinstance(value, Tensor):
                     raise StateDictMismatch(f"optimizer state {key!r} of {name} is a {type(value).__name__}, not a "
                                             "tensor")
-                if key in owner_shapes:
-                    shape, dtype = owner_shapes[key]
-                    _check_shape(value, shape, name, key)
-                    owner_blocks[(matrix_of[param], key)] = self._my_rows(value, shape).to(dtype)
-                elif is_scalar_state(algorithm, key):
+                if is_scalar_state(algorithm, key):
                     _check_shape(value, tuple(target.shape), name, key)
                     target.copy_(layout.local(value) if isinstance(value, DTensor) else value)
                 else:
@@ -250,7 +265,7 @@ class SavedState:
                 algorithm.restore_unsaved(fresh)
             new_state[param] = fresh
         if route is not None:
-            self._install_owner_state(owner_blocks, new_state, groups)
+            self._install_owner_state(owner_blocks, new_state, groups, saved_settings)
         return new_state, groups
 
     def _is_initial(self, saved: dict[str, Any], param: Tensor, group: dict[str, Any], algorithm,
@@ -273,7 +288,7 @@ class SavedState:
         init = algorithm.local_init if algorithm.kind == MATRIX and not on_owner else algorithm.init
         initial = {**init(whole, group), **flag_state(algorithm, whole, group)}
         if on_owner:
-            initial.update(algorithm.owner_init(tuple(param.shape), group, param.dtype, local.device))
+            initial.update(owner_state.fresh(algorithm, tuple(param.shape), group, param.dtype, local.device))
         for key, value in values.items():
             reference = initial.get(key)
             if not isinstance(value, Tensor) or reference is None or tuple(value.shape) != tuple(reference.shape):
@@ -340,16 +355,32 @@ class SavedState:
         return value[start:start + count]
 
     def _install_owner_state(self, blocks: dict[tuple[int, str], Tensor], new_state: dict[Tensor, dict[str, Tensor]],
-                             groups: list[dict[str, Any]]) -> None:
+                             groups: list[dict[str, Any]], saved_settings: dict[Tensor, dict[str, Any]]) -> None:
+        """Gather the loaded owner state (``blocks``, in the form ``saved_settings`` describe) to the owners of the
+        current plan, and store it there in the form of this optimizer's settings."""
         route = self.opt._owner
-        items, _ = self._owner_items(lambda e: e.param in new_state)
+        items, _ = self._owner_items(lambda e: e.param in new_state,
+                                     lambda m: saved_settings[route.entries[m].param])
         if not _distributed():
             wholes = {(i.matrix, i.key): blocks[(i.matrix, i.key)].clone() for i in items}
         else:
             group, rank, world = self._world()
             wholes = rows.gather(items, blocks, rank, world, group, self._device())
+        by_matrix: dict[int, dict[str, Tensor]] = {}
         for (m, key), whole in wholes.items():
-            new_state[route.entries[m].param][key] = whole
+            by_matrix.setdefault(m, {})[key] = whole
+        for m, saved in by_matrix.items():
+            entry = route.entries[m]
+            shape = route.plan.matrices[m].meta.shape
+            new_state[entry.param].update(owner_state.convert(entry.algorithm, shape, saved_settings[entry.param],
+                                                              groups[entry.group_index], entry.param.dtype, saved))
+
+
+def _with_saved_settings(group: dict[str, Any], saved_group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with the precision settings of the saved group (absent there: the defaults), which say the form
+    its state was stored in."""
+    return {**{k: v for k, v in group.items() if k not in PRECISION},
+            **{k: saved_group[k] for k in PRECISION if k in saved_group}}
 
 
 def _renamed(saved: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:

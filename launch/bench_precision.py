@@ -121,7 +121,28 @@ def _muon() -> list[Candidate]:
     ]
 
 
+def _soap() -> list[Candidate]:
+    """HeavySOAP (HeavyBall's SOAP maths, its moments in the eigenbasis on the owner) with compact moments; the
+    statistics and bases stay float32 in both libraries."""
+    import distopt
+
+    hp = {"lr": 3e-3, "betas": (0.95, 0.95), "shampoo_beta": 0.95, "weight_decay": 0.01,
+          "precondition_frequency": 10, "use_precond_schedule": False}
+
+    def ours(**settings):
+        return lambda ps: distopt.HeavySOAP(ps, **hp, **settings)
+    return [
+        _distopt("HeavySOAP (float32 moments)", ours()),
+        _distopt("HeavySOAP ecc=bf16+8", ours(ecc="bf16+8")),
+        _peer("heavyball.HeavySOAP ecc=bf16+8", _heavyball("HeavySOAP", **hp, ecc="bf16+8")),
+        _distopt("HeavySOAP storage_dtype=bfloat16", ours(storage_dtype="bfloat16")),
+        _peer("heavyball.HeavySOAP storage_dtype=bfloat16", _heavyball("HeavySOAP", **hp, storage_dtype="bfloat16")),
+        _distopt("HeavySOAP state_precision=int8", ours(state_precision="int8")),
+    ]
+
+
 SCENARIOS: dict[str, Callable[[str | None], list[Candidate]]] = {
+    "precision_soap": lambda dion_path: _soap(),
     "precision_states": lambda dion_path: _states(),
     "precision_bf16": lambda dion_path: _bf16_params(),
     "precision_muon": lambda dion_path: _muon(),

@@ -30,6 +30,7 @@ class Adafactor(MatrixAlgorithm):
     vectors and scalars. Defaults of torch.optim.Adafactor."""
 
     name = "adafactor"
+    elementwise_owner_state = frozenset({"row_var", "col_var", "variance"})
     owner_mutates_input = False  # it reads what it receives
     hyperparameters = {"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0, "weight_decay": 0.0,
                        "maximize": False}

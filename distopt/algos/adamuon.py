@@ -54,6 +54,7 @@ class AdaMuon(MatrixAlgorithm):
     ``normuon_variant``. ``eps=None`` or ``ns_eps=None`` mean ``1/sqrt(numel)``, as in adv_optm."""
 
     name = "adamuon"
+    elementwise_owner_state = frozenset({"second_momentum_buffer", "normuon_v"})
     hyperparameters = {"lr": 1e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.0, "cautious_wd": False,
                        "nesterov": True, "nesterov_coef": None, "rms_rescaling": True, "ns_steps": 5,
                        "ns_eps": 1e-7, "ns_coeffs": Muon.hyperparameters["ns_coefficients"], "use_atan2": False,

@@ -327,6 +327,12 @@ class MatrixAlgorithm(Algorithm):
     #: must treat each part alone, shard sections included, with no owner state (which would then be split too).
     spreads_parts: ClassVar[bool] = False
 
+    #: Owner state (names without the ``owner.`` prefix) whose maths is elementwise: moments updated element by
+    #: element in whatever basis they live (a change of basis is a linear map of their values). The group's state
+    #: settings (``storage_dtype``, ``ecc``, ``state_precision``) store these compactly on the owner too; the rest
+    #: (statistics, bases, factors, which enter products and decompositions) keep the algorithm's dtype.
+    elementwise_owner_state: ClassVar[frozenset[str]] = frozenset()
+
     def wire_dtype(self, hp: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype
 

@@ -58,6 +58,7 @@ class NorMuon(MatrixAlgorithm):
     Defaults of dion's NorMuon (``flatten=True`` views a weight of more dimensions as ``(out, rest)``)."""
 
     name = "normuon"
+    elementwise_owner_state = frozenset({"variance_neuron"})
     hyperparameters = {"lr": 0.01, "mu": 0.95, "muon_beta2": 0.95, "weight_decay": 0.01, "epsilon": 1e-8,
                        "nesterov": False, "adjust_lr": "spectral_norm", "flatten": False,
                        "orthogonalization": "polar_express", "owner_dtype": "bfloat16",

@@ -39,8 +39,8 @@ PSGD_DEFAULTS = {"lr": 0.001, "beta": None, "betas": (0.9, 0.999), "weight_decay
                  "precond_lr": 0.1, "q_dtype": "float32", "seed": 0}
 
 #: HeavyBall keywords that select its implementation, not the maths: accepted at their defaults only.
-REFUSED_SWITCHES = {"split": False, "precond_grad_accum": False, "storage_dtype": "float32", "ecc": None,
-                    "param_ecc": None, "finite_differences": False, "hessian_approx": False}
+REFUSED_SWITCHES = {"split": False, "precond_grad_accum": False, "finite_differences": False,
+                    "hessian_approx": False}
 
 #: HeavyBall keywords that change nothing here (caching ``P``, keeping triangles as lines): accepted and ignored.
 IGNORED_SWITCHES = ("cached", "store_triu_as_line", "fallback_to_finite_differences", "hvp_interval")
@@ -129,8 +129,7 @@ class PSGDFamily(ChainedMatrixAlgorithm):
                                                                                   in hp else ()))
         for key, default in REFUSED_SWITCHES.items():
             if hp.get(key, default) != default:
-                why = ("compact states are not supported yet" if key in ("storage_dtype", "ecc", "param_ecc") else
-                       "Hessian-vector products are not offered" if key in ("finite_differences", "hessian_approx")
+                why = ("Hessian-vector products are not offered" if key in ("finite_differences", "hessian_approx")
                        else "this HeavyBall implementation switch is not offered")
                 raise ValueError(f"{self.name}: {key}={hp[key]!r} is not supported ({why}); leave it at {default!r}")
 
@@ -322,6 +321,7 @@ class QSGD(PSGDFamily):
 
 class LATHER(PSGDFamily):
     name, lather = "lather", True
+    elementwise_owner_state = frozenset({"exp_avg", "exp_avg_sq"})  # Adam's moments in the preconditioner's basis
     hyperparameters = {**PSGD_DEFAULTS, "eps": 1e-8, "update_clipping": "trust_region_clip", **REFUSED_SWITCHES}
 
 

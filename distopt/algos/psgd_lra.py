@@ -32,6 +32,11 @@ from .psgd_family import REFUSED_SWITCHES, check_fit_settings, fit_probability
 from .psgd_lra_sums import lra_rank
 
 
+#: Its per-tensor state is the low-rank preconditioner's factors (``U``, ``V``, ``d``), which a compact form would
+#: round every step inside the fit's products: the state settings are refused, as for other algorithms' factors.
+LRA_REFUSED = {**REFUSED_SWITCHES, "storage_dtype": "float32", "ecc": None, "param_ecc": None}
+
+
 class PSGDLRA(Algorithm):
     """HeavyBall's PSGDLRA (``multi_tensor=True``): one low-rank preconditioner over the group's parameters.
     State per tensor: ``step``, ``precond_cumulative``, ``fits`` (scalars), ``exp_avg`` (with ``exp_avg_input``),
@@ -42,7 +47,7 @@ class PSGDLRA(Algorithm):
                        "momentum_into_precond_update": True, "rank": None, "q_dtype": "float32", "delayed": False,
                        "exp_avg_input": True, "eps": 1e-8, "precond_init_scale": None,
                        "precond_init_scale_scale": 1.0, "precond_init_scale_power": None, "precond_lr": 0.1,
-                       "seed": 0, "update_clipping": "trust_region_clip", **REFUSED_SWITCHES}
+                       "seed": 0, "update_clipping": "trust_region_clip", **LRA_REFUSED}
     scalar_state = ("step", "precond_cumulative", "fits")
     reduces = True
 
@@ -58,7 +63,7 @@ class PSGDLRA(Algorithm):
             raise ValueError(f"{self.name}: invalid seed={hp['seed']!r} (must be an int)")
         check_fit_settings(self.name, hp)
         check_bool(self.name, hp, "momentum_into_precond_update", "delayed", "exp_avg_input")
-        for key, default in REFUSED_SWITCHES.items():
+        for key, default in LRA_REFUSED.items():
             if hp.get(key, default) != default:
                 raise ValueError(f"{self.name}: {key}={hp[key]!r} is not supported; leave it at {default!r}")
 

@@ -82,6 +82,7 @@ class Shampoo(ChainedMatrixAlgorithm):
     module's docstring."""
 
     name = "shampoo"
+    elementwise_owner_state = frozenset({"exp_avg", "grafting"})  # the filtered gradient, Adam grafting's moment
     hyperparameters = {"lr": 1e-3, "betas": (0.9, 0.999), "beta3": None, "epsilon": 1e-12, "weight_decay": 0.0,
                        "weight_decay_type": "decoupled", "max_preconditioner_dim": 8192,
                        "precondition_frequency": 100, "start_preconditioning_step": None,

@@ -148,6 +148,7 @@ class SOAP(MatrixAlgorithm):
     renamed_local_state = {f"{OWNER_PREFIX}exp_avg_sq": "exp_avg_sq"}
 
     splits_groups = True  # factor-less parameters run on their shards
+    elementwise_owner_state = frozenset({"exp_avg_sq"})  # Adam's second moment, in the eigenbasis
 
     def on_owner(self, shape: tuple[int, ...], hp: Mapping[str, Any]) -> bool:
         # Without a factor SOAP is Adam in the original basis: elementwise, unless normalize_grads needs the mean

@@ -33,8 +33,7 @@ SOAP_DEFAULTS = {"lr": 3e-3, "betas": (0.9, 0.95), "shampoo_beta": 0.95, "eps": 
                  "precondition_frequency": 2, "max_precond_dim": 2048, "merge_dims": True, "precondition_1d": False}
 
 #: HeavyBall keywords that select its implementation, not the maths: accepted at their defaults only.
-REFUSED_SWITCHES = {"split": False, "precond_grad_accum": False, "use_precond_schedule": False,
-                    "storage_dtype": "float32", "ecc": None, "param_ecc": None}
+REFUSED_SWITCHES = {"split": False, "precond_grad_accum": False, "use_precond_schedule": False}
 
 
 def _key(name: str) -> str:
@@ -76,6 +75,7 @@ class SOAPFamily(ChainedMatrixAlgorithm):
     heavy: ClassVar[bool] = False
     hyperparameters = dict(SOAP_DEFAULTS)
     scalar_state = ("step", "precond_cumulative", "mu_product")
+    elementwise_owner_state = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_slow"})  # moments in the eigenbasis
 
     def check(self, hp: Mapping[str, Any]) -> None:
         super().check(hp)
@@ -91,8 +91,7 @@ class SOAPFamily(ChainedMatrixAlgorithm):
         check_bool(self.name, hp, "merge_dims", "precondition_1d")
         for key, default in REFUSED_SWITCHES.items():
             if hp.get(key, default) != default:
-                why = ("compact states are not supported yet" if key in ("storage_dtype", "ecc", "param_ecc")
-                       else "this HeavyBall implementation switch is not offered")
+                why = "this HeavyBall implementation switch is not offered"
                 raise ValueError(f"{self.name}: {key}={hp[key]!r} is not supported ({why}); leave it at {default!r}")
         if self.inner == "nadam":
             check_nonnegative(self.name, hp, "momentum_decay")

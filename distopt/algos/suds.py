@@ -33,6 +33,7 @@ class SUDSAdamW(MatrixAlgorithm):
     floors ``sqrt(v̂)`` at 1e-8 whatever ``eps`` says, as HeavyBall's does."""
 
     name = "sudsadamw"
+    elementwise_owner_state = frozenset({"fisher_approx", "exp_avg", "exp_avg_sq"})  # as HeavyBall's ecc keeps them
     owner_mutates_input = False  # it reads what it receives
     hyperparameters = {"lr": 0.0025, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0, "precond_lr": 1e-2}
 

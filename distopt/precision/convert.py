@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..sharding import layout
-from .working import BOOKKEEPING, KAHAN, PARAM_ECC, ROUNDING_STEP, Plan, nearest_bits, plan_for
+from .working import BOOKKEEPING, KAHAN, OWNER_PREFIX, PARAM_ECC, ROUNDING_STEP, Plan, nearest_bits, plan_for
 
 
 def same_form(saved_plan: Plan, plan: Plan) -> bool:
@@ -37,7 +37,8 @@ def convert(saved: Mapping[str, Any], saved_group: Mapping[str, Any], group: Map
     if "factored" in (saved_plan.state_mode[2], plan.state_mode[2]):
         raise NotImplementedError("converting states to or from state_precision='factored' on load is not supported "
                                   "yet; load with the saved setting")
-    for key in [k for k in saved if k not in BOOKKEEPING and "::" not in k and not is_scalar(k)]:
+    for key in [k for k in saved if k not in BOOKKEEPING and "::" not in k and not is_scalar(k)
+                and not k.startswith(OWNER_PREFIX)]:  # converted on the owner (owner_state.convert)
         old = saved_plan.codec_for(key, whole_shape)
         new = plan.codec_for(key, whole_shape)
         old_parts = old.parts(whole_shape)

@@ -29,12 +29,13 @@ KAHAN = "kahan_comp"
 PARAM_ECC = "param::ecc"
 ROUNDING_STEP = "rounding_step"
 BOOKKEEPING = (KAHAN, PARAM_ECC, ROUNDING_STEP)
-#: The owner's whole-matrix state (SOAP's bases, PSGD's factors, NorMuon's variances) is never opened here: it lives
-#: on one rank in the algorithm's own dtype (see the README for why it is not compacted).
+#: The owner's whole-matrix state is never opened here: its elementwise moments are opened on the owner
+#: (:mod:`.owner_state`), its preconditioners keep the algorithm's dtype.
 OWNER_PREFIX = "owner."
 #: States that are never negative: quantized with the unsigned maps (torchao's and adv_optm's choice for Adam's v).
 NONNEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "exp_inf", "acc_delta", "sum",
-                         "exp_avg_sq_slow"})
+                         "exp_avg_sq_slow", "grafting", "second_momentum_buffer", "normuon_v", "variance_neuron",
+                         "row_var", "col_var", "variance"})
 #: Copies of the weights (schedule-free's z, Prodigy's p0, the lookahead's slow weights): never quantized.
 WEIGHT_LIKE = frozenset({"z", "p0", "la_param"})
 

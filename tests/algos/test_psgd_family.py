@@ -183,7 +183,6 @@ def test_an_all_zero_first_gradient_starts_from_the_identity():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(storage_dtype="bfloat16"), "storage_dtype"),
     (dict(q_dtype="bfloat16"), "q_dtype"),
     (dict(split=True), "split"),
     (dict(precond_grad_accum=True), "precond_grad_accum"),

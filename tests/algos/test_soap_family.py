@@ -121,8 +121,6 @@ def test_first_step_only_builds_the_statistics_and_state_lives_on_the_owner():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(storage_dtype="bfloat16"), "storage_dtype"),
-    (dict(ecc="bf16+8"), "ecc"),
     (dict(split=True), "split"),
     (dict(use_precond_schedule=True), "use_precond_schedule"),
     (dict(precond_grad_accum=True), "precond_grad_accum"),
