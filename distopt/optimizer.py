@@ -271,7 +271,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._owner is not None:
             self._owner.step(self.param_groups, self._matrix_state,
                              lambda matrices: self._reducer([self._owner.entries[m].param for m in matrices]),
-                             self._open_matrix, self._open_owner)
+                             self._open_matrix, self._open_owner, precision.finish_factors)
         return loss
 
     def _step_local(self, algorithm: Algorithm, params: list[Tensor], grads: list[Tensor],

@@ -131,7 +131,7 @@ class OwnerRoute:
 
     def step(self, groups: list[dict[str, Any]], state_of: Callable[[MatrixEntry], dict[str, Tensor]],
              reducer_for: Callable[[list[int]], Reducer], opener: Callable | None = None,
-             owner_opener: Callable | None = None) -> None:
+             owner_opener: Callable | None = None, factors_finisher: Callable | None = None) -> None:
         """One step of every matrix whose parameter has a gradient (the same set on every rank).
 
         A group with flags on runs its shard sections for all its matrices at once, before and after the exchange
@@ -141,9 +141,11 @@ class OwnerRoute:
         # Working copies (float32) of a matrix's parameter and shard-side state, where its group's precision
         # settings ask for them: opened at prepare, closed after finish (see distopt.precision).
         self._opener, self._opened = opener or (lambda entry, stored: None), {}
+        self._factor_sums: dict[int, tuple[Any, Tensor]] = {}  # factored shard states: partial sums, per matrix
         # The owner's compact states (elementwise moments stored in the group's state form), opened as working
         # copies around each owner call: ``owner_opener(entry, shape, hp, state)`` (None where none is compact).
         self._owner_opener = owner_opener or (lambda entry, shape, hp, stored: None)
+        self._finish_factor_sums = factors_finisher or (lambda pending, reducer: None)
         pieces, states, chains = self._prepare_flagged(active, groups, state_of, reducer_for)
         updates: dict[int, Tensor] = {}
         if self.plan.world_size == 1:
@@ -153,6 +155,7 @@ class OwnerRoute:
                 for members in self._batches(route.owned):
                     self._stream(members, groups, state_of, pieces, states, chains, updates)
             self._finish_chains(chains, updates)
+            self._finish_factors(reducer_for)
             return
         # Several processes: bucket k+1's pieces go out while the owners compute bucket k, and bucket k's results
         # come back while bucket k+1 is computed. At most IN_FLIGHT buckets are out at once, so memory stays
@@ -204,6 +207,7 @@ class OwnerRoute:
             land(back)
         self._finish_parts(pending, groups, states)
         self._finish_chains(chains, updates)
+        self._finish_factors(reducer_for)
 
     def _prepare(self, m: int, groups, state_of, pieces: dict[int, Tensor], states: dict[int, dict[str, Tensor]]
                  ) -> None:
@@ -248,7 +252,24 @@ class OwnerRoute:
     def _close(self, m: int) -> None:
         opened = self._opened.pop(m, None)
         if opened is not None:
+            if opened.reduced():  # factored: the partial sums of this shard, taken before the copies are dropped
+                self._factor_sums[m] = (opened, opened.partials(True))
             opened.close()
+
+    def _finish_factors(self, reducer_for: Callable[[list[int]], Reducer]) -> None:
+        """Close what is still open (a rank whose shard of a matrix is empty gets no result back to finish), and
+        store the factors of the factored shard states from their partial sums, summed over the ranks in one
+        collective per step: every rank opened the same matrices, so the sums line up in matrix order."""
+        for m in sorted(self._opened):
+            self._close(m)
+        if not self._factor_sums:
+            return
+        order = sorted(self._factor_sums)
+        reducer = reducer_for(order)
+        pending = [(opened, sums if counts else torch.zeros_like(sums))  # a replica's copy adds zeros
+                   for (opened, sums), counts in zip((self._factor_sums[m] for m in order), reducer.weights)]
+        self._factor_sums = {}
+        self._finish_factor_sums(pending, reducer)
 
     def _land_part(self, m: int, update: Tensor, pending: dict[Tensor, Tensor]) -> None:
         """Put a part's returned rows into its weight's local update (finished once every part is back)."""

@@ -212,7 +212,8 @@ class SavedState:
                 saved = _renamed(saved, algorithm.renamed_local_state)
             fresh = self.opt._init_state(algorithm, param, group)
             saved = precision_convert.convert(saved, _saved_group(state_dict, gi), group, param, fresh,
-                                              lambda key: is_scalar_state(algorithm, key), _local_part)
+                                              lambda key: is_scalar_state(algorithm, key), _local_part,
+                                              lambda value: _gathered(value) if isinstance(value, DTensor) else value)
             saved_hp = _with_saved_settings(group, _saved_group(state_dict, gi))
             # Owner state is checked and gathered in the form it was saved in, and converted on its owner.
             owner_shapes = (owner_state.stored_entries(algorithm, tuple(param.shape), saved_hp, param.dtype)

@@ -118,6 +118,9 @@ def _muon() -> list[Candidate]:
                                                      state_precision="bf16_sr"), True),
         _peer("adv_optm.Muon_adv int8_sr", _adv_optm("Muon_adv", lr=0.02, weight_decay=0.01,
                                                      state_precision="int8_sr"), True),
+        _distopt("Muon state_precision=factored", ours(state_precision="factored")),
+        _peer("adv_optm.Muon_adv factored", _adv_optm("Muon_adv", lr=0.02, weight_decay=0.01,
+                                                      state_precision="factored"), True),
     ]
 
 
@@ -138,6 +141,7 @@ def _soap() -> list[Candidate]:
         _distopt("HeavySOAP storage_dtype=bfloat16", ours(storage_dtype="bfloat16")),
         _peer("heavyball.HeavySOAP storage_dtype=bfloat16", _heavyball("HeavySOAP", **hp, storage_dtype="bfloat16")),
         _distopt("HeavySOAP state_precision=int8", ours(state_precision="int8")),
+        _distopt("HeavySOAP state_precision=factored", ours(state_precision="factored")),
     ]
 
 

@@ -56,10 +56,10 @@ def open_whole(group: dict[str, Any], param: Tensor, stored: dict[str, Tensor], 
         return None
     plan = plan_for(group, param)
     if not plan.active:
+        counter = stored.get(ROUNDING_STEP)
+        if counter is not None:  # kept for the owner's compact states alone (their dtype is not the parameter's)
+            counter.add_(1)
         return None
-    if plan.state_mode[2] == "factored":
-        raise NotImplementedError(f"parameter {name}: factored states of a matrix that runs on an owner rank are "
-                                  "not supported yet (their row and column sums would need a collective per matrix)")
     scalars = {key for key in stored if is_scalar(key)} | {ROUNDING_STEP}
     return open_tensor(plan, layout.local(param), stored, name, layout.global_offset(param), tuple(param.shape),
                        scalars, compile)
@@ -173,7 +173,6 @@ def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:
     """Raise ``ValueError`` naming the group (and the parameter) where a precision setting is malformed or cannot
     apply."""
     from .. import param_groups
-    from ..algos import MATRIX
 
     try:
         settings.check(algorithm.name, group)
@@ -185,13 +184,7 @@ def check_group(algorithm: Any, group: dict[str, Any], index: int) -> None:
         name = param_groups.describe(group, index, i)
         try:
             settings.check_param(group, param)
-            plan = plan_for(group, param)
-            if (plan.state_mode[2] == "factored" and algorithm.kind == MATRIX
-                    and algorithm.on_owner(tuple(param.shape), group)):
-                raise ValueError(f"state_precision='factored' cannot apply yet to a matrix that {algorithm.name} runs "
-                                 "on its owner rank (its factors' sums would need a collective per matrix); use "
-                                 "'int8', 'int4' or 'bf16_sr' there")
-            _check_blocks(plan, param)
+            _check_blocks(plan_for(group, param), param)
         except ValueError as error:
             raise ValueError(f"{algorithm.name}: parameter {name}: {error}") from None
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .codecs import Plain
-from .rounding import stream_key
+from .rounding import global_index, stream_key
 from .working import OWNER_PREFIX, ROUNDING_STEP, _codec, _decode, _encode, nearest_bits, normalized_mode
 
 Entries = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -70,16 +70,29 @@ def needs_draws(algorithm: Any, shape: tuple[int, ...], hp: Mapping[str, Any], p
     return any(codec.random for codec in codecs(algorithm, shape, hp, param_dtype).values())
 
 
+def _factor(codec: Any, x: Tensor, parts: dict[str, Tensor]) -> None:
+    """A factored state of a whole tensor: its sign bits and the factors of its own row and column sums (the owner
+    holds all of it: no collective)."""
+    codec.finish_signs(x, parts)
+    codec.finish_factors(parts, codec.partials(x, (0,) * x.dim(), True))
+
+
 def encode(codec: Any, value: Tensor, shape: tuple[int, ...]) -> dict[str, Tensor]:
     """``value`` (a whole owner tensor) in ``codec``'s parts, rounded to nearest (a fresh state, a conversion)."""
     parts = {suffix: torch.zeros(s, dtype=d, device=value.device) for suffix, (s, d) in codec.parts(shape).items()}
-    codec.encode(value.float().reshape(shape), parts, nearest_bits(shape, value.device) if codec.random else None)
+    x = value.float().reshape(shape)
+    if getattr(codec, "reduces", False):
+        _factor(codec, x, parts)
+    else:
+        codec.encode(x, parts, nearest_bits(shape, value.device) if codec.random else None)
     return parts
 
 
 def decode(codec: Any, stored: Mapping[str, Tensor], key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     parts = {suffix: stored[key + suffix] for suffix in codec.parts(shape)}
-    return codec.decode(parts).reshape(shape).to(dtype)
+    device = next(iter(parts.values())).device
+    index = global_index(shape, (0,) * len(shape), shape, device) if getattr(codec, "reduces", False) else None
+    return codec.decode(parts, index).reshape(shape).to(dtype)
 
 
 def fresh(algorithm: Any, shape: tuple[int, ...], hp: Mapping[str, Any], param_dtype: torch.dtype,
@@ -140,6 +153,9 @@ class OpenedOwner:
             shape = self.shapes[key]
             parts = {suffix: self.stored[key + suffix] for suffix in codec.parts(shape)}
             value = self.work[key]
+            if getattr(codec, "reduces", False):
+                _factor(codec, value.reshape(shape).float(), parts)
+                continue
             draw = (stream_key(self.seed, f"{self.name}/{key}", step).to(value.device) if codec.random
                     else no_key.to(value.device))
             _encode(self.compile, codec, value.reshape(shape), parts, draw, (0,) * len(shape), shape)
@@ -160,8 +176,8 @@ def open_owner(algorithm: Any, shape: tuple[int, ...], hp: Mapping[str, Any], pa
     parts = {key + suffix for key, codec in compact.items() for suffix in codec.parts(shapes[key])}
     work = {key: value for key, value in stored.items() if key not in parts}
     for key, codec in compact.items():
-        device = stored[key].device
         pieces = {suffix: stored[key + suffix] for suffix in codec.parts(shapes[key])}
+        device = next(iter(pieces.values())).device
         zero = (0,) * len(shapes[key])
         work[key] = _decode(compile, codec, pieces, shapes[key], zero, shapes[key], device).to(entries[key][1])
     return OpenedOwner(stored, work, compact, shapes, name, seed, compile)

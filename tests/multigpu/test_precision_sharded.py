@@ -46,6 +46,10 @@ CONFIGS = {
     "soap/ecc": (torch.float32, {"algorithm": "soap", "ecc": "bf16+8"}),
     "soap/int8_sr": (torch.float32, {"algorithm": "soap", "state_precision": "int8_sr"}),
     "soap/int8": (torch.float32, {"algorithm": "soap", "state_precision": "int8"}),
+    # Factored states of owner matrices: Muon's momentum on the shards (its sums in one collective per step),
+    # SOAP's owner moment factored whole on its owner.
+    "muon/factored": (torch.float32, {"algorithm": "muon", "state_precision": "factored", "owner_dtype": "float32"}),
+    "soap/factored": (torch.float32, {"algorithm": "soap", "state_precision": "factored"}),
 }
 
 
@@ -122,7 +126,7 @@ def precision_run(names, mesh_kind, steps: int = 4):
 
 #: Configs whose encoding sums over the shards: the same sums in another order, so equal to a tolerance (relative
 #: 1e-5 of each tensor's largest value: a few float32 roundings of the sums, amplified by 4 steps of Adam).
-REDUCING = {"factored"}
+REDUCING = {"factored", "muon/factored", "soap/factored"}
 
 
 def _same(name, got, value, context):
@@ -201,6 +205,10 @@ def conversion_run(path: str, phase: str):
         opt = _optimizer(model, {"algorithm": "soap"})
         ck.train(model, shadow, opt, 3, seed=1)
         ck.save(model, opt, f"{path}/float32", True)
+        adamw_model, adamw_shadow = _model(torch.float32, "fsdp")
+        adamw = _optimizer(adamw_model, {})
+        ck.train(adamw_model, adamw_shadow, adamw, 3, seed=1)
+        ck.save(adamw_model, adamw, f"{path}/adamw", True)
         dist.barrier()
         return _snapshot(model, opt)
     model, _ = _model(torch.float32, "fsdp", seed=123)
@@ -211,17 +219,29 @@ def conversion_run(path: str, phase: str):
     stored = {key: value.dtype for key, value in _snapshot(model, compact).items()}
     back = _optimizer(model, {"algorithm": "soap"})
     back.load_state_dict(compact.state_dict())
-    return _snapshot(model, back), stored
+    # Factored states (AdamW: none on owners) need each whole tensor's row and column sums on every rank.
+    adamw_model, _ = _model(torch.float32, "fsdp", seed=123)
+    adamw = _optimizer(adamw_model, {})
+    ck.load(adamw_model, adamw, f"{path}/adamw", True)
+    factored = _optimizer(adamw_model, {"state_precision": "factored"})
+    factored.load_state_dict(adamw.state_dict())
+    adamw_back = _optimizer(adamw_model, {})
+    adamw_back.load_state_dict(factored.state_dict())
+    return _snapshot(model, back), stored, _snapshot(adamw_model, adamw), _snapshot(adamw_model, adamw_back)
 
 
 def test_state_dict_converts_owner_state_between_modes(ranks, backend, tmp_path):
     """float32 states saved on 2 ranks; on 3 and on 1, loaded into int8 states and back into float32 states: within
-    one int8 code of every compact state (1% of its largest value), everything else bitwise."""
+    one int8 code of every compact state (1% of its largest value), everything else bitwise. AdamW's states
+    through factored ones and back: the same on 3 ranks as on 1, bitwise."""
     if backend != "gloo":
         pytest.skip("checkpoint resharding runs on gloo")
     original = ranks(2, conversion_run, str(tmp_path), "save")[0]
+    factored_back = {}
     for world in (3, 1):
-        back, stored = ranks(world, conversion_run, str(tmp_path), "convert")[0]
+        back, stored, adamw, factored_back[world] = ranks(world, conversion_run, str(tmp_path), "convert")[0]
+        rebuilt = [key for key in adamw if key.endswith("exp_avg_sq") and adamw[key].dim() == 2]
+        assert rebuilt and all(not torch.equal(factored_back[world][k], adamw[k]) for k in rebuilt)  # lossy
         assert stored["state/a.weight/owner.exp_avg_sq"] == torch.uint8  # quantized on the owner
         assert stored["state/a.weight/owner.Q.1"] == torch.float32  # the bases are not
         assert set(back) == set(original)
@@ -234,3 +254,6 @@ def test_state_dict_converts_owner_state_between_modes(ranks, backend, tmp_path)
             else:
                 assert torch.equal(back[key], value), (key, world)
         assert compact >= 4
+    # The factors come from the whole tensors, so their conversion does not depend on the world size.
+    for key, value in factored_back[1].items():
+        assert torch.equal(factored_back[3][key], value), key

@@ -189,6 +189,34 @@ def test_conversion_between_storage_modes_through_load_state_dict():
             assert (restored[key] - original).abs().max() <= tolerance * original.abs().max(), (settings, key)
 
 
+def test_conversion_to_and_from_factored_states():
+    """float32 states loaded into factored ones hold the row and column sums of ``|x|`` over adv_optm's 2-D view
+    (here (128, 128); computed here by hand) and the signs of the signed state; loaded back into float32 states,
+    they decode to the rank-1 reconstruction with those signs."""
+    from distopt.precision.codecs import pack_signs
+
+    p, opt = _run(lambda ps: distopt.AdamW(ps, compile=False, **ADAM), torch.float32, steps=5)
+    q = torch.nn.Parameter(p.detach().clone())
+    factored = distopt.AdamW([q], compile=False, state_precision="factored", **ADAM)
+    factored.load_state_dict(opt.state_dict())
+    state = factored.state[q]
+    back = distopt.AdamW([torch.nn.Parameter(p.detach().clone())], compile=False, **ADAM)
+    back.load_state_dict(factored.state_dict())
+    restored = next(iter(back.state.values()))
+    for key in ("exp_avg", "exp_avg_sq"):
+        x = opt.state[p][key]
+        view = x.abs().reshape(128, 128)
+        row, col = view.sum(1), view.sum(0) / view.sum()
+        assert torch.allclose(state[f"{key}::row"], row, rtol=1e-5)
+        assert torch.allclose(state[f"{key}::col"], col, rtol=1e-5)
+        rebuilt = torch.outer(row, col).reshape(x.shape)
+        if key == "exp_avg":
+            assert torch.equal(state["exp_avg::sign"], pack_signs(x))
+            rebuilt = torch.where(x > 0, rebuilt, -rebuilt)
+        assert torch.allclose(restored[key], rebuilt, rtol=1e-5, atol=1e-12 * rebuilt.abs().max())
+        assert not torch.allclose(restored[key], x, rtol=0.01)  # rank one is lossy: the comparison can fail
+
+
 def test_settings_edited_after_states_exist_are_refused_and_nothing_moves():
     """Editing a precision setting in ``param_groups`` would decode float32 states as int8 codes: refused by name
     at the next step, before any parameter moves. Before the first step an edit is checked and taken."""

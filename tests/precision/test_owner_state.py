@@ -129,6 +129,60 @@ def test_compiled_owner_codecs_equal_eager_bitwise():
         assert all(torch.equal(a, b) for a, b in zip(eager, compiled)), settings
 
 
-def test_factored_states_are_refused_on_owner_matrices():
-    with pytest.raises(ValueError, match="factored.*owner"):
-        distopt.SOAP([("w", torch.nn.Parameter(torch.randn(8, 8)))], state_precision="factored")
+
+
+def test_the_owner_draws_advance_when_the_shards_keep_their_form():
+    """bfloat16 parameters written plainly, states in bfloat16: the shard side keeps its form (nothing opens there),
+    but SOAP's owner moment is float32 (its wire dtype) stored as bfloat16, rounded stochastically: the counter its
+    draws come from still advances once per step."""
+    p = torch.nn.Parameter(torch.randn(16, 24).bfloat16())
+    opt = distopt.SOAP([p], compile=False, kahan_sum=False, storage_dtype="bfloat16")
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    state = opt.state[p]
+    assert state["owner.exp_avg_sq"].dtype == state["exp_avg"].dtype == torch.bfloat16
+    assert int(state["rounding_step"]) == 3
+
+
+def _factors_by_hand(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """adv_optm's factors of ``|x|`` for 64 x 256 elements: its 2-D view is (128, 128), the column factor divided by
+    the total."""
+    view = x.abs().reshape(128, 128)
+    return view.sum(1), view.sum(0) / view.sum()
+
+
+def _stepped(make, steps: int):
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(64, 256))
+    opt = make([p])
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(steps):
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return opt.state[p]
+
+
+@pytest.mark.parametrize("algorithm,steps,keys", [
+    ("muon", 1, ("momentum_buffer",)),  # on the shards of a matrix that runs on its owner
+    ("soap", 2, ("exp_avg", "owner.exp_avg_sq")),  # the owner's moment, whole on its owner
+])
+def test_factored_states_of_owner_matrices(algorithm, steps, keys):
+    """Factored states where a matrix runs on an owner: while both runs' states are still equal (Muon after one
+    step; SOAP after two, its first only building statistics), the factors are the row and column sums of the
+    float32 run's state, computed here by hand, and the sign bits its signs."""
+    from distopt.precision.codecs import pack_signs
+
+    hp = {"owner_dtype": "float32"} if algorithm == "muon" else {}
+    ref = _stepped(lambda ps: distopt.DistributedOptimizer(ps, algorithm, compile=False, **hp), steps)
+    factored = _stepped(lambda ps: distopt.DistributedOptimizer(ps, algorithm, compile=False,
+                                                                state_precision="factored", **hp), steps)
+    for key in keys:
+        x = ref[key]
+        assert x.abs().sum() > 0, key
+        row, col = _factors_by_hand(x)
+        assert torch.allclose(factored[f"{key}::row"], row, rtol=1e-5), key
+        assert torch.allclose(factored[f"{key}::col"], col, rtol=1e-5), key
+        if f"{key}::sign" in factored:
+            assert torch.equal(factored[f"{key}::sign"], pack_signs(x)), key
+    assert ("owner.exp_avg_sq::sign" in factored) is False  # a second moment is non-negative: no sign bits
