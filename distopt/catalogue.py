@@ -153,7 +153,7 @@ class NorMuon(DistributedOptimizer):
 
 #: adv_optm keywords of AdaMuon_adv that select what distopt does not run yet, with the value that turns each off.
 _ADAMUON_OFF = {"low_rank_ortho": False, "accelerated_ns": False, "spectral_normalization": False,
-                "centered_wd": 0.0, "factored_2nd": False,
+                "centered_wd": 0.0,
                 "vector_reshape": False, "orthogonal_gradient": "disabled", "compiled_optimizer": False}
 
 

@@ -85,7 +85,7 @@ class FusedStep:
     @staticmethod
     def fusable(plans: Sequence[Plan]) -> bool:
         """Whether a batch's stored forms can be stepped in one graph (factored states sum over ranks first)."""
-        return all(plan.state_mode[2] != "factored" for plan in plans)
+        return all(plan.state_mode[2] != "factored" and not plan.state_mode[4] for plan in plans)
 
     def __call__(self, kernel: Callable) -> Callable:
         return lambda params, grads, *rest: self._run(kernel, params, grads, rest[:-2], rest[-2], rest[-1])

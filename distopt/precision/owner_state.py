@@ -42,7 +42,7 @@ def codecs(algorithm: Any, shape: tuple[int, ...], hp: Mapping[str, Any], param_
         if bare not in allowed:
             continue
         mode = normalized_mode(hp, dtype)
-        if all(m is None for m in mode[:3]):
+        if all(m is None for m in mode[:3]) and not mode[4]:
             continue
         codec = _codec(bare, tuple(logical), mode, dtype)
         if isinstance(codec, Plain) and codec.dtype == dtype and not codec.random:

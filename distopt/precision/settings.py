@@ -12,6 +12,8 @@ Names and meanings follow the library each comes from, so that a user's keywords
 * ``ecc`` (HeavyBall): states stored as a low-precision value plus an error-correction tensor.
 * ``state_precision`` (adv_optm's modes ``"fp32"``, ``"bf16_sr"``, ``"fp16"``, ``"int8_sr"``, ``"factored"``;
   torchao's block-wise ``"int8"`` and ``"int4"``), with ``state_block_size``.
+* ``factored_2nd`` (adv_optm): only the second moments (the non-negative states) factored, the others stored as
+  the rest of the settings say.
 
 A group holds a setting only where it was given. Every setting is checked at construction against every parameter
 of its group: a setting that cannot apply (Kahan summation on a float32 parameter, a quantized state for a complex
@@ -34,6 +36,7 @@ PRECISION: dict[str, Any] = {
     "ecc": None,
     "state_precision": None,
     "state_block_size": None,
+    "factored_2nd": False,
     "precision_seed": 0,
 }
 
@@ -57,7 +60,7 @@ def given(hp: Mapping[str, Any]) -> bool:
 
 def check(algo: str, hp: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the setting and its value if it is malformed or conflicts with another."""
-    for key in ("stochastic_rounding",):
+    for key in ("stochastic_rounding", "factored_2nd"):
         if not isinstance(value(hp, key), bool):
             raise ValueError(f"{algo}: invalid {key}={value(hp, key)!r} (must be True or False)")
     kahan = value(hp, "kahan_sum")
@@ -122,7 +125,8 @@ def check_param(hp: Mapping[str, Any], param: torch.Tensor) -> None:
     if ecc is not None and dtype != _ecc_value_dtype(ecc):
         raise ValueError(f"param_ecc={ecc!r} needs {_ecc_value_dtype(ecc)} parameters (the corrected value is the "
                          f"parameter itself), not {dtype}")
-    compact = any(value(hp, key) is not None for key in ("storage_dtype", "ecc", "state_precision"))
+    compact = (any(value(hp, key) is not None for key in ("storage_dtype", "ecc", "state_precision"))
+               or value(hp, "factored_2nd"))
     if torch.is_complex(param) and (compact or param_write(hp, dtype)):
         raise ValueError("compact states and low-precision writes are defined for real tensors; this parameter is "
                          "complex (use torch.view_as_real)")

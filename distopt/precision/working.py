@@ -53,7 +53,7 @@ class Plan:
 
     @property
     def active(self) -> bool:
-        return self.write is not None or any(m is not None for m in self.state_mode[:3])
+        return self.write is not None or any(m is not None for m in self.state_mode[:3]) or self.state_mode[4]
 
     def codec_for(self, key: str, shape: tuple[int, ...]):
         """The codec of the state ``key`` of a parameter of whole shape ``shape``."""
@@ -75,21 +75,23 @@ def plan_for(hp: Mapping[str, Any], param: Tensor) -> Plan:
 
 
 def normalized_mode(hp: Mapping[str, Any], dtype: torch.dtype) -> tuple:
-    """``(storage_dtype, ecc, state_precision, state_block_size)``, with the choices that store states as the
-    algorithm keeps them anyway (the parameter's dtype) written as None."""
-    storage, ecc, precision, block = (settings.value(hp, key) for key in
-                                      ("storage_dtype", "ecc", "state_precision", "state_block_size"))
+    """``(storage_dtype, ecc, state_precision, state_block_size, factored_2nd)``, with the choices that store states
+    as the algorithm keeps them anyway (the parameter's dtype) written as None."""
+    storage, ecc, precision, block, factored_2nd = (settings.value(hp, key) for key in (
+        "storage_dtype", "ecc", "state_precision", "state_block_size", "factored_2nd"))
     if storage is not None and (settings.STORAGE_DTYPES[storage] == dtype
                                 or (storage == "float32" and dtype == torch.float64)):
         storage = None  # HeavyBall's default "float32" never narrows a float64 state
     if precision == "auto" or (precision == "fp32" and dtype == torch.float32):
         precision = None
-    return storage, ecc, precision, block
+    return storage, ecc, precision, block, bool(factored_2nd)
 
 
 @lru_cache(maxsize=None)  # one object per kind: compiled kernels see the same codec every step
 def _codec(key: str, shape: tuple[int, ...], mode: tuple, param_dtype: torch.dtype):
-    storage, ecc, precision, block = mode
+    storage, ecc, precision, block, factored_2nd = mode
+    if factored_2nd and key in NONNEGATIVE and len(shape) >= 2:
+        return Factored(tuple(shape), False)  # adv_optm's factored_2nd: second moments factored, the rest as set
     if storage is not None:
         dtype = settings.STORAGE_DTYPES[storage]
         return Plain(dtype, stochastic=dtype == torch.bfloat16)  # HeavyBall rounds bf16 stochastically, not fp16

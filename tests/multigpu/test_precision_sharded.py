@@ -35,6 +35,7 @@ CONFIGS = {
     "bf16_sr+kahan": (torch.bfloat16, {"state_precision": "bf16_sr", "kahan_sum": True}),
     # Row and column sums of the whole tensor over the ranks: equal to one process up to the order of the sums.
     "factored": (torch.float32, {"state_precision": "factored"}),
+    "factored_2nd+int8_sr": (torch.float32, {"factored_2nd": True, "state_precision": "int8_sr"}),
     # Muon: the matrices on owners (their momentum and write on the shards), the embedding and vectors on AdamW.
     "muon/kahan": (torch.bfloat16, {"algorithm": "muon"}),
     "muon/stochastic_rounding": (torch.bfloat16, {"algorithm": "muon", "stochastic_rounding": True}),
@@ -126,7 +127,7 @@ def precision_run(names, mesh_kind, steps: int = 4):
 
 #: Configs whose encoding sums over the shards: the same sums in another order, so equal to a tolerance (relative
 #: 1e-5 of each tensor's largest value: a few float32 roundings of the sums, amplified by 4 steps of Adam).
-REDUCING = {"factored", "muon/factored", "soap/factored"}
+REDUCING = {"factored", "factored_2nd+int8_sr", "muon/factored", "soap/factored"}
 
 
 def _same(name, got, value, context):
