@@ -451,11 +451,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if not getattr(algorithm, "schedule_free", False) or group["train_mode"] == mode:
                 continue
             group["train_mode"] = mode
-            for param in group["params"]:
+            group_index = self.param_groups.index(group)
+            for position, param in enumerate(group["params"]):
                 state = self.state.get(param)
-                if state:
-                    algorithm.swap(layout.local(param.detach()), {k: layout.local(v) for k, v in state.items()},
-                                   group, mode)
+                if state:  # through the working copies: a bfloat16 parameter's compensation takes part
+                    precision.rewrite_param(group, group_index, position, param.detach(), state,
+                                            lambda p, s: algorithm.swap(p, s, group, mode),
+                                            lambda key: is_scalar_state(algorithm, key), f"swap/{mode}")
         return self
 
     def eval(self) -> DistributedOptimizer:

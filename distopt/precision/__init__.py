@@ -65,6 +65,29 @@ def open_whole(group: dict[str, Any], param: Tensor, stored: dict[str, Tensor], 
                        scalars, compile)
 
 
+def rewrite_param(group: dict[str, Any], group_index: int, position: int, param: Tensor, stored: dict[str, Tensor],
+                  fn: Callable[[Tensor, dict[str, Tensor]], None], is_scalar: Callable[[str], bool],
+                  what: str) -> None:
+    """Run ``fn(param, state)`` (a change of the parameter alone, such as schedule-free's swap between ``y`` and
+    ``x``) on the working copies where the group's settings ask for them: the parameter with its compensation or
+    correction, the states decoded. The parameter is written back as the group writes it (its draws from the
+    stream ``what``); the states are read, not stored again."""
+    if not settings.given(group) and param.dtype not in settings.LOW_PRECISION:
+        fn(layout.local(param), {k: layout.local(v) for k, v in stored.items()})
+        return
+    plan = plan_for(group, param)
+    local = layout.local(param)
+    stored = {k: layout.local(v) for k, v in stored.items()}
+    if not plan.active:
+        fn(local, stored)
+        return
+    scalars = {key for key in stored if is_scalar(key)} | {ROUNDING_STEP}
+    opened = open_tensor(plan, local, stored, param_name(group, group_index, position), layout.global_offset(param),
+                         tuple(param.shape), scalars)
+    fn(opened.work_param, opened.work_state)
+    opened.write_param(what)
+
+
 def working_grad(opened, grad: Tensor) -> Tensor:
     """The gradient as the working copies take it (float32 where it is bfloat16 or float16)."""
     return grad.float() if opened is not None and grad.dtype in settings.LOW_PRECISION else grad

@@ -275,6 +275,18 @@ class Opened:
                  self._key("param", step) if write != "kahan" else no_key, self.offset, self.whole_shape)
         self.work_state, self.work_param = {}, None  # a step's working copies live no longer than its chunk
 
+    def write_param(self, what: str) -> None:
+        """Write the working parameter back alone (the states untouched, the step counter not advanced); random
+        draws from the stream ``what`` at the current count."""
+        write = self.plan.write
+        if write is not None:
+            step = self.stored.get(ROUNDING_STEP)
+            no_key = torch.zeros((), dtype=torch.int64, device=self.param.device)
+            extra = self.stored[KAHAN] if write == "kahan" else self.stored.get(PARAM_ECC)
+            _write(False, write, self.param, self.work_param, extra, self.plan.param_codec,
+                   self._key(what, step) if write != "kahan" else no_key, self.offset, self.whole_shape)
+        self.work_state, self.work_param = {}, None
+
     def finish_factors(self, totals: Tensor) -> None:
         """Store the factored states' factors from :meth:`partials` summed over the ranks."""
         at = 0

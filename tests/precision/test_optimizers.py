@@ -248,6 +248,34 @@ def test_conversion_to_and_from_factored_states():
         assert not torch.allclose(restored[key], x, rtol=0.01)  # rank one is lossy: the comparison can fail
 
 
+def test_schedule_free_swap_goes_through_the_compensation():
+    """SFAdamW on bfloat16 parameters with Kahan summation and float32 states: ``eval()`` and ``train()`` swap the
+    parameter between ``y`` and ``x`` through its working copy (parameter plus compensation, ``z`` decoded), so
+    the pair tracks the float32 run's ``x`` at every evaluation (measured 0.11-0.24% of the distance moved, bound
+    1%; the swap in bfloat16 alone failed on the float32 ``z``)."""
+    def run(dtype, **settings):
+        p = torch.nn.Parameter(START.clone().to(dtype))
+        opt = distopt.SFAdamW([p], compile=False, lr=1e-3, **settings)
+        gen = torch.Generator().manual_seed(1)
+        evaluated = []
+        for step in range(40):
+            p.grad = (torch.randn(START.shape, generator=gen) * 0.1).to(dtype)
+            opt.step()
+            if step % 10 == 9:
+                opt.eval()
+                comp = opt.state[p].get("kahan_comp")
+                evaluated.append(p.detach().float() + (comp.float() if comp is not None else 0))
+                opt.train()
+        return evaluated, p
+
+    reference, ref_param = run(torch.float32)
+    mine, param = run(torch.bfloat16, state_precision="fp32")
+    moved = (ref_param.detach() - START).abs().mean()
+    for x, ref in zip(mine, reference):
+        assert (x - ref).abs().mean() < 0.01 * moved
+    assert param.dtype == torch.bfloat16
+
+
 def test_settings_edited_after_states_exist_are_refused_and_nothing_moves():
     """Editing a precision setting in ``param_groups`` would decode float32 states as int8 codes: refused by name
     at the next step, before any parameter moves. Before the first step an edit is checked and taken."""
