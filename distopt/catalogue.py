@@ -68,16 +68,38 @@ class StableAdamW(DistributedOptimizer):
                          **flags)
 
 
+def _as_groups(params: Any) -> list[dict[str, Any]]:
+    params = list(params)
+    return [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+
+
+def _adv_optm_rounding(groups: list[dict[str, Any]], stochastic_rounding: bool, flags: dict) -> list[dict[str, Any]]:
+    """adv_optm rounds bfloat16/float16 parameter writes stochastically by default (``stochastic_rounding=True``)
+    and leaves other parameters alone: each group whose parameters are all bfloat16/float16 gets the setting,
+    unless it (or the call) chooses another write."""
+    writes = ("stochastic_rounding", "kahan_sum", "param_ecc")
+    if not stochastic_rounding or any(key in flags for key in writes):
+        return groups
+    for group in groups:
+        group["params"] = list(group["params"])
+        tensors = [entry[1] if isinstance(entry, tuple) else entry for entry in group["params"]]
+        if (tensors and all(isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+                and not any(key in group for key in writes)):
+            group["stochastic_rounding"] = True
+    return groups
+
+
 class Prodigy(DistributedOptimizer):
     """adv_optm's Prodigy_adv (https://arxiv.org/abs/2306.06101): Adam at the step size ``d lr``, ``d`` estimated
     from statistics of every parameter of the group on every rank, with no setting for the sharding (adv_optm's
-    ``fsdp_in_use``). ``d`` lives in the param group (``opt.param_groups[i]["d"]``), one per group. adv_optm's
-    low-precision and factored-state options are not here (see the README's limits)."""
+    ``fsdp_in_use``). ``d`` lives in the param group (``opt.param_groups[i]["d"]``), one per group.
+    ``stochastic_rounding`` is on by default for groups of bfloat16/float16 parameters, as in adv_optm."""
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, beta3=None, d0=1e-6,
                  d_coef=1.0, growth_rate=float("inf"), safeguard_warmup=False, slice_p=11, prodigy_steps=0,
-                 d_limiter=False, nesterov=False, nesterov_coef=None, maximize=False, process_group=None,
-                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+                 d_limiter=False, nesterov=False, nesterov_coef=None, maximize=False, stochastic_rounding=True,
+                 process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        params = _adv_optm_rounding(_as_groups(params), stochastic_rounding, flags)
         super().__init__(params, "prodigy", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, beta3=beta3,
                          d0=d0, d_coef=d_coef, growth_rate=growth_rate, safeguard_warmup=safeguard_warmup,
                          slice_p=slice_p, prodigy_steps=prodigy_steps, d_limiter=d_limiter, nesterov=nesterov,
@@ -86,11 +108,13 @@ class Prodigy(DistributedOptimizer):
 
 
 class SignSGD(DistributedOptimizer):
-    """adv_optm's SignSGD_adv (https://arxiv.org/abs/1802.04434): the sign of an exponential momentum."""
+    """adv_optm's SignSGD_adv (https://arxiv.org/abs/1802.04434): the sign of an exponential momentum.
+    ``stochastic_rounding`` is on by default for groups of bfloat16/float16 parameters, as in adv_optm."""
 
     def __init__(self, params, lr=1e-4, momentum=0.9, weight_decay=0.0, *, nesterov=False, nesterov_coef=None,
-                 normed_momentum=False, maximize=False, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
-                 compile=None, **flags):
+                 normed_momentum=False, maximize=False, stochastic_rounding=True, process_group=None,
+                 bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+        params = _adv_optm_rounding(_as_groups(params), stochastic_rounding, flags)
         super().__init__(params, "signsgd", lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                          nesterov_coef=nesterov_coef, normed_momentum=normed_momentum, maximize=maximize,
                          process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
@@ -98,10 +122,13 @@ class SignSGD(DistributedOptimizer):
 
 class SinkSGD(DistributedOptimizer):
     """adv_optm's SinkSGD_adv (https://arxiv.org/abs/2502.06742): the momentum normalized by Sinkhorn iterations
-    over the rows and columns of each whole matrix, on the matrix's owner; ``sign`` for vectors."""
+    over the rows and columns of each whole matrix, on the matrix's owner; ``sign`` for vectors.
+    ``stochastic_rounding`` is on by default for groups of bfloat16/float16 parameters, as in adv_optm."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0, *, sinkhorn_iterations=5, nesterov=False,
-                 nesterov_coef=None, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compile=None, **flags):
+                 nesterov_coef=None, stochastic_rounding=True, process_group=None, bucket_bytes=DEFAULT_BUCKET_BYTES,
+                 compile=None, **flags):
+        params = _adv_optm_rounding(_as_groups(params), stochastic_rounding, flags)
         super().__init__(params, "sinksgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
                          sinkhorn_iterations=sinkhorn_iterations, nesterov=nesterov, nesterov_coef=nesterov_coef,
                          process_group=process_group, bucket_bytes=bucket_bytes, compile=compile, **flags)
@@ -187,7 +214,8 @@ class AdaMuon(DistributedOptimizer):
     group's ``lr``, in torch.optim.AdamW's arithmetic. Low-rank, CANS, spectral normalization, centered decay and
     OrthoGrad are refused while distopt does not run them. ``stochastic_rounding`` (on by default, as in
     adv_optm) applies to groups of bfloat16/float16 parameters; ``state_precision`` (or ``nnmf_factor``) compacts
-    the shards' momentum (see :mod:`distopt.precision`; the owner's second moment keeps its dtype)."""
+    the shards' momentum and the owner's second moment, ``factored_2nd`` factors the latter alone (see
+    :mod:`distopt.precision`)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0, cautious_wd=False,
                  nesterov=True, nesterov_coef=None, rms_rescaling=True, ns_steps=5, ns_eps=1e-7,
@@ -206,11 +234,7 @@ class AdaMuon(DistributedOptimizer):
                                                           "weight_decay": adam_weight_decay})
         if kwargs.pop("nnmf_factor", False):  # adv_optm's older name of state_precision="factored"
             kwargs["state_precision"] = "factored"
-        if stochastic_rounding:  # adv_optm rounds its bfloat16 parameters stochastically, and leaves the others
-            for group in groups:
-                tensors = [entry[1] if isinstance(entry, tuple) else entry for entry in group["params"]]
-                if tensors and all(t.dtype in (torch.bfloat16, torch.float16) for t in tensors):
-                    group.setdefault("stochastic_rounding", True)
+        groups = _adv_optm_rounding(groups, stochastic_rounding, kwargs)
         super().__init__(groups, "adamuon", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          cautious_wd=cautious_wd, nesterov=nesterov, nesterov_coef=nesterov_coef,
                          rms_rescaling=rms_rescaling, ns_steps=ns_steps, ns_eps=ns_eps, ns_coeffs=ns_coeffs,

@@ -75,3 +75,16 @@ def test_bad_hyperparameters_are_named(name, bad, match):
     with pytest.raises(ValueError, match=match) as info:
         getattr(distopt, name)([torch.zeros(3, requires_grad=True)], **bad)
     assert name.lower() in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["Prodigy", "SignSGD", "SinkSGD", "AdaMuon"])
+def test_bfloat16_writes_round_stochastically_by_default_as_in_adv_optm(name):
+    """adv_optm's ``stochastic_rounding=True`` default: on for groups of bfloat16 parameters, absent for float32
+    ones (where it cannot apply), and a write the call or the group chooses is kept."""
+    low, wide = torch.nn.Parameter(torch.randn(8, 8).bfloat16()), torch.nn.Parameter(torch.randn(8, 8))
+    make = getattr(distopt, name)
+    groups = make([{"params": [low]}, {"params": [wide]}]).param_groups
+    assert groups[0]["stochastic_rounding"] is True and not groups[1].get("stochastic_rounding")
+    assert not make([low], kahan_sum=True).param_groups[0].get("stochastic_rounding")
+    assert not make([{"params": [low], "kahan_sum": True}]).param_groups[0].get("stochastic_rounding")
+    assert not make([low], stochastic_rounding=False).param_groups[0].get("stochastic_rounding")
