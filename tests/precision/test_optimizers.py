@@ -81,33 +81,35 @@ def test_block_quantized_states_against_torchao(bits):
     assert abs(mine_error / theirs_error - 1) < 0.01
 
 
+FACTORED_HP = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+FACTORED_START = torch.randn(48, 96, generator=torch.Generator().manual_seed(5))
+
+
+def _factored_run(make):
+    """20 steps from ``FACTORED_START``: (the parameter, its state)."""
+    p = torch.nn.Parameter(FACTORED_START.clone())
+    opt = make([p])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        p.grad = torch.randn(FACTORED_START.shape, generator=gen)
+        opt.step()
+    return p.detach(), opt.state[p]
+
+
 def test_factored_states_against_adv_optm():
     """adv_optm 2.5.16's ``state_precision="factored"`` (rank-1 factors over its 2-D view of the flattened tensor,
     one sign bit per element of the first moment): the same factors; the sums run in another order (measured
     5.5e-5 of the distance moved at most, bound 1e-3)."""
     adv_optm = pytest.importorskip("adv_optm")
-    hp = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
-    shape = (48, 96)
-    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-
-    def run(make):
-        p = torch.nn.Parameter(start.clone())
-        opt = make([p])
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(20):
-            p.grad = torch.randn(shape, generator=gen)
-            opt.step()
-        return p, opt
-
-    ref, _ = run(lambda ps: distopt.AdamW(ps, compile=False, **hp))
-    theirs, their_opt = run(lambda ps: adv_optm.AdamW_adv(ps, state_precision="factored", **hp))
-    mine, opt = run(lambda ps: distopt.AdamW(ps, compile=False, state_precision="factored", **hp))
+    hp, start = FACTORED_HP, FACTORED_START
+    ref, _ = _factored_run(lambda ps: distopt.AdamW(ps, compile=False, **hp))
+    theirs, their_state = _factored_run(lambda ps: adv_optm.AdamW_adv(ps, state_precision="factored", **hp))
+    mine, state = _factored_run(lambda ps: distopt.AdamW(ps, compile=False, state_precision="factored", **hp))
     moved = (ref - start).abs().mean()
     assert (mine - theirs).abs().max() < 1e-3 * moved
     assert (ref - theirs).abs().mean() > 0.1 * moved  # the factorization is lossy: the comparison can fail
-    state = opt.state[mine]
-    assert state["exp_avg::row"].shape == their_opt.state[theirs]["mu_m_nmf"].shape == (72,)
-    assert torch.allclose(state["exp_avg_sq::row"], their_opt.state[theirs]["mu_v_nmf"], rtol=1e-4)
+    assert state["exp_avg::row"].shape == their_state["mu_m_nmf"].shape == (72,)
+    assert torch.allclose(state["exp_avg_sq::row"], their_state["mu_v_nmf"], rtol=1e-4)
 
 
 def test_factored_second_moment_against_adv_optm():
@@ -116,23 +118,11 @@ def test_factored_second_moment_against_adv_optm():
     float32 run by 0.17 of the distance moved in mean, where ``state_precision="factored"`` (both moments) is
     0.56 off (bound: at least twice)."""
     adv_optm = pytest.importorskip("adv_optm")
-    hp = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
-    shape = (48, 96)
-    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-
-    def run(make):
-        p = torch.nn.Parameter(start.clone())
-        opt = make([p])
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(20):
-            p.grad = torch.randn(shape, generator=gen)
-            opt.step()
-        return p.detach(), opt.state[p]
-
-    ref, _ = run(lambda ps: distopt.AdamW(ps, compile=False, **hp))
-    theirs, their_state = run(lambda ps: adv_optm.AdamW_adv(ps, factored_2nd=True, **hp))
-    mine, state = run(lambda ps: distopt.AdamW(ps, compile=False, factored_2nd=True, **hp))
-    both, _ = run(lambda ps: distopt.AdamW(ps, compile=False, state_precision="factored", **hp))
+    hp, start = FACTORED_HP, FACTORED_START
+    ref, _ = _factored_run(lambda ps: distopt.AdamW(ps, compile=False, **hp))
+    theirs, their_state = _factored_run(lambda ps: adv_optm.AdamW_adv(ps, factored_2nd=True, **hp))
+    mine, state = _factored_run(lambda ps: distopt.AdamW(ps, compile=False, factored_2nd=True, **hp))
+    both, _ = _factored_run(lambda ps: distopt.AdamW(ps, compile=False, state_precision="factored", **hp))
     moved = (ref - start).abs().mean()
     assert (mine - theirs).abs().max() < 1e-3 * moved
     assert state["exp_avg"].dtype == torch.float32 and "exp_avg_sq" not in state
