@@ -34,7 +34,8 @@ from .psgd_lra_sums import lra_rank
 
 #: Its per-tensor state is the low-rank preconditioner's factors (``U``, ``V``, ``d``), which a compact form would
 #: round every step inside the fit's products: the state settings are refused, as for other algorithms' factors.
-LRA_REFUSED = {**REFUSED_SWITCHES, "storage_dtype": "float32", "ecc": None, "param_ecc": None}
+LRA_REFUSED = {**REFUSED_SWITCHES, "storage_dtype": "float32", "ecc": None, "param_ecc": None,
+               "state_precision": None, "factored_2nd": False}
 
 
 class PSGDLRA(Algorithm):

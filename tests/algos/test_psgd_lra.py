@@ -136,6 +136,8 @@ def test_the_rank_defaults_to_log2_of_the_group_size():
     (dict(beta=1.5), "beta"),
     (dict(preconditioner_update_probability=0.0), "preconditioner_update_probability"),
     (dict(storage_dtype="bfloat16"), "storage_dtype"),
+    (dict(state_precision="int8"), "state_precision"),
+    (dict(factored_2nd=True), "factored_2nd"),
     (dict(multi_tensor=False), "multi_tensor"),
     (dict(palm=True), "palm"),
 ])
