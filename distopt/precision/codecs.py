@@ -357,6 +357,11 @@ class Factored:
         if self.signed:
             parts["::sign"].copy_(pack_signs(x))
 
+    def encode_whole(self, x: Tensor, parts: Parts) -> None:
+        """Store a whole tensor (an owner's, held by one rank): its sign bits and the factors of its own sums."""
+        self.finish_signs(x, parts)
+        self.finish_factors(parts, self.partials(x, (0,) * x.dim(), True))
+
     def finish_factors(self, parts: Parts, totals: Tensor) -> None:
         """Store the factors from :meth:`partials` summed over the ranks."""
         n_rows = self.view[0]

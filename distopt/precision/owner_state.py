@@ -70,19 +70,12 @@ def needs_draws(algorithm: Any, shape: tuple[int, ...], hp: Mapping[str, Any], p
     return any(codec.random for codec in codecs(algorithm, shape, hp, param_dtype).values())
 
 
-def _factor(codec: Any, x: Tensor, parts: dict[str, Tensor]) -> None:
-    """A factored state of a whole tensor: its sign bits and the factors of its own row and column sums (the owner
-    holds all of it: no collective)."""
-    codec.finish_signs(x, parts)
-    codec.finish_factors(parts, codec.partials(x, (0,) * x.dim(), True))
-
-
 def encode(codec: Any, value: Tensor, shape: tuple[int, ...]) -> dict[str, Tensor]:
     """``value`` (a whole owner tensor) in ``codec``'s parts, rounded to nearest (a fresh state, a conversion)."""
     parts = {suffix: torch.zeros(s, dtype=d, device=value.device) for suffix, (s, d) in codec.parts(shape).items()}
     x = value.float().reshape(shape)
-    if getattr(codec, "reduces", False):
-        _factor(codec, x, parts)
+    if getattr(codec, "reduces", False):  # factored: the owner holds all of it, no collective
+        codec.encode_whole(x, parts)
     else:
         codec.encode(x, parts, nearest_bits(shape, value.device) if codec.random else None)
     return parts
@@ -154,7 +147,7 @@ class OpenedOwner:
             parts = {suffix: self.stored[key + suffix] for suffix in codec.parts(shape)}
             value = self.work[key]
             if getattr(codec, "reduces", False):
-                _factor(codec, value.reshape(shape).float(), parts)
+                codec.encode_whole(value.reshape(shape).float(), parts)
                 continue
             draw = (stream_key(self.seed, f"{self.name}/{key}", step).to(value.device) if codec.random
                     else no_key.to(value.device))
