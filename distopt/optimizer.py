@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from . import algos, param_groups, precision, replaced_params
+from . import algos, fresh_state, param_groups, precision, replaced_params
 from .precision import owner_state
 from .algos import compiled as compiled_pass
 from .algos import MATRIX, Algorithm
@@ -26,7 +26,7 @@ from .sharding import layout
 from .sharding import exchange
 from .sharding.plan import Plan
 from .transforms import Reducer, flags
-from .transforms.chain import flag_state, flag_state_keys, is_scalar_state, run_elementwise
+from .transforms.chain import flag_state_keys, is_scalar_state, run_elementwise
 from .transforms.flags import FLAGS
 from .transforms.global_clip import clip_grad_norm
 
@@ -388,45 +388,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _flag_state(self, algorithm: Algorithm, param: Tensor, group: dict[str, Any],
                     state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The state of flags switched on after the parameter's first step (or absent from a loaded state dict):
-        fresh, as the flag's first step would make it (HeavyBall does the same)."""
-        fresh = {key: value for key, value in flag_state(algorithm, layout.local(param), group).items()
-                 if key not in state}
-        plan = precision.plan_for(group, param)
-        if plan.active:
-            return precision.fresh_state(plan, fresh, param, layout.local(param),
-                                         lambda key: is_scalar_state(algorithm, key))
-        return {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
-                for key, value in fresh.items()}
+        return fresh_state.missing_flags(algorithm, param, group, state)
 
     def _on_owner(self, param: Tensor) -> bool:
         """Whether ``param`` runs on the owner route (a matrix algorithm that needs the whole matrix)."""
         return self._owner is not None and param in self._owner.index
 
     def _init_state(self, algorithm: Algorithm, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        local = layout.local(param)
-        on_owner = self._on_owner(param)
-        init = algorithm.local_init if algorithm.kind == MATRIX and not on_owner else algorithm.init
-        fresh = {**init(local, group), **flag_state(algorithm, local, group)}
-        if type(algorithm).position_state is not Algorithm.position_state:  # only Scion's needs the search
-            fresh.update(algorithm.position_state(next(i for i, p in enumerate(group["params"]) if p is param)))
-        plan = precision.plan_for(group, param)
-        if plan.active:
-            state = precision.fresh_state(plan, fresh, param, local, lambda key: is_scalar_state(algorithm, key))
-        else:
-            state = {key: value if is_scalar_state(algorithm, key) else layout.like_param(param, value)
-                     for key, value in fresh.items()}
-        if on_owner:
-            # Every rank has every key; the owner holds the whole tensors, the others empty placeholders.
-            shape = tuple(param.shape)
-            if self._owner is not None and self._owner.owns(param):
-                state.update(owner_state.fresh(algorithm, shape, group, param.dtype, local.device))
-            else:
-                state.update({key: torch.empty(0, device=local.device)
-                              for key in owner_state.stored_entries(algorithm, shape, group, param.dtype)})
-            if owner_state.needs_draws(algorithm, shape, group, param.dtype):
-                state.setdefault(precision.ROUNDING_STEP, torch.zeros((), dtype=torch.int64))
-        return state
+        owner = self._owner.owns(param) if self._on_owner(param) else None
+        return fresh_state.initial(algorithm, param, group, owner)
 
     def _materialize_state(self) -> list[Tensor]:
         """Give every parameter without state its initial state (what its first step would create; no parameter
